@@ -1,0 +1,109 @@
+"""The attention seam: one signature, three implementations, chosen per model instance.
+
+    attn(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None)
+    q: (B, Hq, Tq, D)   k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0 (GQA)   ->  (B, Hq, Tq, D)
+
+Query i sits at key index `q_offset + i` (default Tk - Tq: the queries are the last Tq keys).
+Key j is visible to query i when kv_mask[b, j] (False = padding), and, if causal,
+j <= q_offset + i, and, with a sliding window W, (q_offset + i) - j < W. `q_offset` may be an
+int or a 0-d tensor (decode over a static cache, where the shape must not depend on it).
+A query that sees no key (a left-pad position) gets a finite, meaningless output: those rows
+are never read, but a NaN there would leak into other rows through 0 * NaN in the next layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def visibility_mask(Tq: int, Tk: int, device, *, causal: bool, q_offset=None, kv_mask=None,
+                    sliding_window=None):
+    """Boolean (B or 1, 1, Tq, Tk) mask of the keys each query may attend to, or None if all."""
+    if not causal and kv_mask is None and sliding_window is None:
+        return None
+    if q_offset is None:
+        q_offset = Tk - Tq
+    q_pos = torch.arange(Tq, device=device)[:, None] + q_offset  # (Tq, 1)
+    k_pos = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        mask = mask & (k_pos <= q_pos)
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    mask = mask[None, None]  # (1, 1, Tq, Tk)
+    if kv_mask is not None:
+        mask = mask & kv_mask[:, None, None, :].bool()
+    # A query with nothing to see attends to everything instead: finite garbage, not NaN.
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+def _repeat_kv(x, n_rep: int):
+    if n_rep == 1:
+        return x
+    B, H, T, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)  # (B, H*n_rep, T, D)
+
+
+def eager_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
+    """Plain PyTorch attention, written out: the reference the others are checked against."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
+    mask = visibility_mask(q.shape[2], k.shape[2], q.device, causal=causal, q_offset=q_offset,
+                           kv_mask=kv_mask, sliding_window=sliding_window)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def sdpa_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
+    """torch's scaled_dot_product_attention (flash / memory-efficient / math, picked by torch)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    if causal and Tq == Tk and q_offset is None and kv_mask is None and sliding_window is None:
+        # The plain causal case lets torch pick its flash kernel.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = visibility_mask(Tq, Tk, q.device, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
+                           sliding_window=sliding_window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def triton_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
+    """Hand-written Triton kernels: flash attention for prefill and vision, flash-decoding
+    for one query token over a KV cache."""
+    from .kernels import decode_attention, flash_attention
+
+    if q.shape[2] == 1 and causal and isinstance(q_offset, torch.Tensor):
+        return decode_attention(q, k, v, q_offset=q_offset, kv_mask=kv_mask,
+                                sliding_window=sliding_window, scale=scale)
+    return flash_attention(q, k, v, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
+                           sliding_window=sliding_window, scale=scale)
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention}
+
+
+def resolve_attn_implementation(name: str | None, device) -> str:
+    """The seam a new model gets: 'triton' on CUDA, 'sdpa' elsewhere, unless asked for by name."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if name is None:
+        if device.type == "cuda":
+            from .kernels import triton_available
+            return "triton" if triton_available() else "sdpa"
+        return "sdpa"
+    if name not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"attn_implementation={name!r} is not one of {sorted(ATTENTION_FUNCTIONS)}")
+    if name == "triton":
+        from .kernels import triton_available
+        if not triton_available():
+            raise ValueError(
+                "attn_implementation='triton' needs triton and a CUDA device; on CPU set TRITON_INTERPRET=1 "
+                "before importing triton to run the kernels in Triton's interpreter (slow; for tests)."
+            )
+    return name

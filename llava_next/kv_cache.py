@@ -1,0 +1,87 @@
+"""A preallocated KV cache, passed explicitly into the model's forward.
+
+Keys and values of every decoder layer live in two tensors of fixed shape, so a decode step
+has static shapes (it can be captured in a CUDA graph). `kv_mask` records which written
+positions hold real tokens (False for left padding); it is what attention masks with.
+
+Two ways to write, chosen by the type of `cache_pos`:
+  int     (prefill)  tokens go to [cache_pos, cache_pos + T); attention sees keys [0, cache_pos + T).
+  tensor  (decode)   a 0-d device tensor; one token goes to index cache_pos; attention sees the
+                     whole buffer and the causal rule hides what is not written yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
+                 head_dim: int, dtype=torch.float32, device=None):
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, Tmax, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # (B, Tmax)
+        self.length = 0  # positions written by int-position (prefill) calls
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_length: int, dtype=None, device=None) -> "KVCache":
+        cfg = model.config.text_config
+        p = model.lm_head.weight
+        return cls(cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim,
+                   dtype=dtype or p.dtype, device=device or p.device)
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.kv_mask.zero_()
+        self.length = 0
+
+    def mark(self, cache_pos, T: int, attention_mask=None) -> None:
+        """Record which of the T new positions are real tokens (once per forward, not per layer)."""
+        if isinstance(cache_pos, torch.Tensor):  # one decode token per row, always real
+            self.kv_mask.index_fill_(1, cache_pos.reshape(1), True)
+            return
+        end = cache_pos + T
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: writing positions [{cache_pos}, {end}) into a cache of "
+                             f"max_length {self.max_length}; build a larger KVCache")
+        if attention_mask is None:
+            self.kv_mask[:, cache_pos:end] = True
+        elif attention_mask.shape[1] == end:  # past + new tokens, as transformers passes it
+            self.kv_mask[:, :end] = attention_mask.bool()
+        elif attention_mask.shape[1] == T:  # the new tokens only
+            self.kv_mask[:, cache_pos:end] = attention_mask.bool()
+        else:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; expected {T} (the new "
+                             f"tokens) or {end} (the {cache_pos} cached positions plus the new tokens)")
+        self.length = end
+
+    def update(self, layer: int, k, v, cache_pos):
+        """Write k, v (B, Hkv, T, D) of one layer; return that layer's keys and values to attend to."""
+        T = k.shape[2]
+        if isinstance(cache_pos, torch.Tensor):
+            self.k[layer].index_copy_(2, cache_pos.reshape(1), k)
+            self.v[layer].index_copy_(2, cache_pos.reshape(1), v)
+        else:
+            self.k[layer, :, :, cache_pos:cache_pos + T] = k
+            self.v[layer, :, :, cache_pos:cache_pos + T] = v
+        return self.read(layer, cache_pos, T)
+
+    def read(self, layer: int, cache_pos, T: int):
+        """One layer's keys and values up to the T tokens just written at cache_pos."""
+        if isinstance(cache_pos, torch.Tensor):  # static shape: the causal rule hides the unwritten tail
+            return self.k[layer], self.v[layer]
+        return self.k[layer, :, :, :cache_pos + T], self.v[layer, :, :, :cache_pos + T]
+
+    def visible_mask(self, cache_pos, T: int):
+        """kv_mask for the keys `update` returns."""
+        if isinstance(cache_pos, torch.Tensor):
+            return self.kv_mask
+        return self.kv_mask[:, : cache_pos + T]

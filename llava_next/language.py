@@ -1,0 +1,169 @@
+"""One decoder for Llama (Vicuna), Mistral and Yi: RMSNorm, rotate-half RoPE, GQA, SiLU-gated MLP.
+
+Module names equal the checkpoint keys under `language_model.model.` so state_dict() round-trips.
+The families differ only in config values (rope theta, kv heads, vocab, Mistral's sliding window).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from .config import TextConfig
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, use_kernel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.use_kernel = use_kernel
+
+    def forward(self, x):
+        if self.use_kernel and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            from .kernels import rms_norm
+            return rms_norm(x, self.weight, self.eps)
+        h = x.float()  # the variance in fp32 whatever the model dtype, as the reference does
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: TextConfig, device=None):
+    # Same expression as transformers so fp32 inverse frequencies are bit-identical.
+    D = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float, device=device) / D))
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Rope(NamedTuple):
+    """Rotary inputs for one forward. cos/sin are None on the fused Triton path, whose kernel
+    computes the angles from position_ids and inv_freq itself."""
+    position_ids: torch.Tensor  # (B, T)
+    inv_freq: torch.Tensor  # (D/2,)
+    cos: torch.Tensor | None  # (B, T, D)
+    sin: torch.Tensor | None
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, D); cos, sin (B, T, D)
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int, attn_fn):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=b)
+        self.sliding_window = cfg.sliding_window
+        self.attn_fn = attn_fn
+
+    def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if rope.cos is None:
+            # One Triton kernel rotates q and k and writes k, v into the cache.
+            from .kernels import rope_kv_write
+            q = rope_kv_write(q, k, v, rope.position_ids, rope.inv_freq, cache.k[self.layer_idx],
+                              cache.v[self.layer_idx], cache_pos)  # (B, nh, T, hd)
+            k, v = cache.read(self.layer_idx, cache_pos, T)
+        else:
+            q = apply_rope(q.transpose(1, 2), rope.cos, rope.sin)  # (B, nh, T, hd)
+            k = apply_rope(k.transpose(1, 2), rope.cos, rope.sin)  # (B, nkv, T, hd)
+            v = v.transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v, cache_pos)  # (B, nkv, T_past + T, hd)
+        q_offset = cache_pos if cache is not None else None
+        y = self.attn_fn(q, k, v, causal=True, q_offset=q_offset, kv_mask=kv_mask,
+                         sliding_window=self.sliding_window)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig, use_kernel: bool = False):
+        super().__init__()
+        C, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, H, bias=b)
+        self.up_proj = nn.Linear(C, H, bias=b)
+        self.down_proj = nn.Linear(H, C, bias=b)
+        self.use_kernel = use_kernel
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.use_kernel and not (torch.is_grad_enabled() and gate.requires_grad):
+            from .kernels import silu_mul
+            return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int, attn_fn, use_kernels: bool):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels)
+        self.self_attn = LlamaAttention(cfg, layer_idx, attn_fn)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels)
+        self.mlp = LlamaMLP(cfg, use_kernels)
+
+    def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, cache_pos, kv_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig, attn_fn, use_kernels: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_fn, use_kernels)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels)
+        self.use_kernels = use_kernels
+        self.gradient_checkpointing = False
+        # Not a buffer: it must stay fp32 whatever dtype the model is cast to, and a buffer would
+        # be left on the meta device by loading. Computed once per device.
+        self._inv_freq = {}
+
+    def inv_freq(self, device):
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config, device=device)
+        return self._inv_freq[device]
+
+    def forward(self, inputs_embeds, position_ids, cache=None, cache_pos=None, kv_mask=None):
+        """inputs_embeds (B, T, C), position_ids (B, T) -> hidden states (B, T, C) after the final norm."""
+        x = inputs_embeds
+        inv_freq = self.inv_freq(x.device)
+        if self.use_kernels and cache is not None and not torch.is_grad_enabled():
+            rope = Rope(position_ids, inv_freq, None, None)
+        else:
+            rope = Rope(position_ids, inv_freq, *rope_cos_sin(inv_freq, position_ids, x.dtype))
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, cache, cache_pos, kv_mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, cache, cache_pos, kv_mask)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The `language_model.` level of the hub keys: the decoder (`model.`) and `lm_head`."""
+
+    def __init__(self, cfg: TextConfig, attn_fn, use_kernels: bool = False):
+        super().__init__()
+        self.model = LlamaModel(cfg, attn_fn, use_kernels)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -1,0 +1,271 @@
+"""LLaVA-NeXT: CLIP vision tower -> MLP projector -> anyres packing -> Llama/Mistral/Yi decoder.
+
+    pixel_values (N, tiles, 3, S, S) --vision_tower--> (tiles, 1 + p*p, C) --drop CLS, projector-->
+    (tiles, p*p, H) --pack: base tile, then the unpadded tile grid with a newline per row-->
+    (features, H) --written at the <image> positions of the embedded prompt--> decoder -> logits
+
+Attribute names equal the legacy hub keys, so `state_dict()` is the checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .anyres import num_tiles, tile_grid, unpadded_grid
+from .attention import ATTENTION_FUNCTIONS, resolve_attn_implementation
+from .config import LlavaNextConfig
+from .language import LlamaForCausalLM, LlamaRMSNorm
+from .loading import CheckpointError, LazyCheckpoint, check_keys, legacy_key, save_state_dict, weight_files
+from .vision import CLIPVisionModel, LlavaNextMultiModalProjector
+
+IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+    def __getitem__(self, key):  # out["logits"], as with transformers' outputs
+        return getattr(self, key)
+
+
+class LlavaNextForConditionalGeneration(nn.Module):
+    def __init__(self, config: LlavaNextConfig, attn_implementation: str | None = None, device=None):
+        super().__init__()
+        config.validate_for_model()
+        self.config = config
+        self.attn_implementation = resolve_attn_implementation(attn_implementation, device)
+        attn_fn = ATTENTION_FUNCTIONS[self.attn_implementation]
+        vc, tc = config.vision_config, config.text_config
+        self.vision_tower = CLIPVisionModel(vc, config.feature_layers, attn_fn)
+        self.multi_modal_projector = LlavaNextMultiModalProjector(
+            vc.hidden_size * len(config.feature_layers), tc.hidden_size, config.multimodal_projector_bias)
+        self.image_newline = nn.Parameter(torch.empty(tc.hidden_size))
+        self.language_model = LlamaForCausalLM(tc, attn_fn, use_kernels=self.attn_implementation == "triton")
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @property
+    def lm_head(self):
+        return self.language_model.lm_head
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def init_weights(self, std: float = 0.02):
+        """Random weights for a model built from a config (training from scratch, tiny test models)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, LlamaRMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.vision_tower.vision_model.embeddings.class_embedding, std=std)
+        nn.init.normal_(self.image_newline, std=self.config.text_config.hidden_size ** -0.5)
+
+    # ---- images -> features ----------------------------------------------------------------
+
+    def get_image_features(self, pixel_values, image_sizes) -> list[torch.Tensor]:
+        """One (num_features, H) tensor per image, packed as the processor counted its <image> ids."""
+        cfg = self.config
+        sizes = [tuple(int(x) for x in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes)
+                                                    else image_sizes)]
+        tiles = [num_tiles(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+        if pixel_values.dim() == 5:  # (N, max_tiles, 3, S, S): drop each image's padding tiles
+            if pixel_values.shape[0] != len(sizes):
+                raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes has "
+                                 f"{len(sizes)} entries")
+            for i, (n, s) in enumerate(zip(tiles, sizes)):
+                if n > pixel_values.shape[1]:
+                    raise ValueError(f"image {i} of size {s} needs {n} tiles, pixel_values has {pixel_values.shape[1]}")
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)])
+        elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(tiles):
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, tiles, 3, S, S) "
+                             f"or ({sum(tiles)}, 3, S, S) for image_sizes {sizes}")
+        feats = self.vision_tower(pixel_values.to(self.dtype))  # (tiles, 1 + p*p, C * layers)
+        feats = self.multi_modal_projector(feats[:, 1:])  # drop CLS -> (tiles, p*p, H)
+        return [self.pack_image_features(f, s) for f, s in zip(feats.split(tiles), sizes)]
+
+    def pack_image_features(self, feats, image_size):
+        """(1 + gh*gw, p*p, H) tile features -> (p*p + rows * (cols + 1), H): base tile first, then the
+        tile grid reassembled, unpadded to the image's aspect, with `image_newline` ending each row."""
+        cfg = self.config
+        p = cfg.vision_config.patches_per_side
+        gh, gw = tile_grid(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        base, H = feats[0], feats.shape[-1]  # (p*p, H)
+        grid = feats[1:].view(gh, gw, p, p, H).permute(4, 0, 2, 1, 3).reshape(H, gh * p, gw * p)
+        top, bottom, left, right = unpadded_grid(image_size, gh * p, gw * p)
+        grid = grid[:, top:bottom, left:right]  # (H, rows, cols)
+        newline = self.image_newline.to(grid.dtype)[:, None, None].expand(H, grid.shape[1], 1)
+        grid = torch.cat([grid, newline], dim=2)  # (H, rows, cols + 1)
+        return torch.cat([base, grid.flatten(1).transpose(0, 1)])
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, first_chunk: bool = True):
+        """Token embeddings with the image features written at the <image> positions."""
+        embeds = self.language_model.model.embed_tokens(input_ids)  # (B, T, H)
+        image_mask = input_ids == self.config.image_token_index
+        n_tokens = int(image_mask.sum())
+        if pixel_values is None:
+            if n_tokens and first_chunk:
+                raise ValueError(f"input_ids hold {n_tokens} <image> tokens (id {self.config.image_token_index}) "
+                                 "but no pixel_values were given")
+            return embeds
+        if image_sizes is None:
+            raise ValueError("pixel_values were given without image_sizes (the processor returns both)")
+        features = torch.cat(self.get_image_features(pixel_values, image_sizes))  # (features, H)
+        if n_tokens != features.shape[0]:
+            raise ValueError(f"image features and <image> tokens do not match: {n_tokens} <image> tokens in "
+                             f"input_ids, {features.shape[0]} image features from {len(image_sizes)} image(s). "
+                             "Build the inputs with the processor of this checkpoint.")
+        # Batch-major, then sequence order: masked_scatter fills positions in row-major order.
+        return embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None,
+                position_ids=None, cache=None, cache_pos=None, inputs_embeds=None, labels=None,
+                logits_to_keep: int = 0, **unused):
+        """Logits for every position (or the last `logits_to_keep`), and the loss when labels are given.
+
+        attention_mask (B, T) or, with a cache, (B, past + T): 0 marks left padding. Positions
+        come from it (cumsum - 1), so a left-padded row computes as if it were alone.
+        cache: a KVCache; cache_pos: where the T tokens go (int, default cache.length), or a
+        0-d tensor for a static-shape decode step of one token.
+        """
+        if unused:
+            raise TypeError(f"forward() got unexpected arguments: {sorted(unused)}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if cache is not None and cache_pos is None:
+            cache_pos = cache.length
+        first_chunk = cache is None or (not torch.is_tensor(cache_pos) and cache_pos == 0)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, first_chunk)
+        B, T = inputs_embeds.shape[:2]
+
+        if cache is None:
+            kv_mask = attention_mask.bool() if attention_mask is not None else None
+            if position_ids is None:
+                position_ids = _positions(kv_mask, B, T, inputs_embeds.device)
+        else:
+            cache.mark(cache_pos, T, attention_mask)
+            kv_mask = cache.visible_mask(cache_pos, T)
+            if position_ids is None:
+                if torch.is_tensor(cache_pos):  # one token per row: its position is the real tokens so far - 1
+                    position_ids = kv_mask.sum(-1, keepdim=True) - 1
+                else:
+                    position_ids = _positions(kv_mask, B, cache_pos + T, inputs_embeds.device)[:, cache_pos:]
+
+        hidden = self.language_model.model(inputs_embeds, position_ids, cache, cache_pos, kv_mask)  # (B, T, H)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, T, vocab)
+        loss = None
+        if labels is not None:
+            # Next-token prediction: position t predicts label t + 1; mean over labels != -100.
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=IGNORE_INDEX)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # ---- loading and saving ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, torch_dtype=None, dtype=None, low_cpu_mem_usage: bool = True,
+                        attn_implementation: str | None = None, device_map=None, device=None,
+                        revision: str | None = None, **kwargs):
+        """Load a llava-hf checkpoint folder (or hub repo id) from its safetensors files.
+
+        The model is built on the meta device and each tensor is read from the memory-mapped
+        file, cast and moved to its device before being assigned, so host memory stays near one
+        copy of the weights. `low_cpu_mem_usage` is accepted for transformers compatibility; this
+        is always the behaviour.
+        """
+        from .hub import resolve_folder
+
+        if kwargs:
+            raise TypeError(f"from_pretrained() got unexpected arguments: {sorted(kwargs)}")
+        folder = resolve_folder(name_or_path, ["config.json", "*.safetensors", "*.safetensors.index.json"],
+                                revision=revision)
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.exists(config_path):
+            raise CheckpointError(f"no config.json in {folder}")
+        config = LlavaNextConfig.from_json_file(config_path)
+        ckpt = LazyCheckpoint(weight_files(folder))
+        dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config_path, ckpt)
+        device = torch.device(_resolve_device(device if device is not None else device_map))
+
+        with torch.device("meta"):
+            model = cls(config, attn_implementation=attn_implementation, device=device)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        check_keys(expected, ckpt, folder)
+        state = {}
+        for key in expected:
+            t = ckpt.get(key)
+            state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+        return model.eval()
+
+    def save_pretrained(self, folder, max_shard_size="5GB", **kwargs) -> None:
+        """config.json plus safetensors in the legacy hub layout (sharded past max_shard_size)."""
+        os.makedirs(folder, exist_ok=True)
+        d = self.config.to_dict()
+        d["torch_dtype"] = str(self.dtype).replace("torch.", "")
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=2)
+        save_state_dict(self.state_dict(), folder, max_shard_size)
+
+
+def _positions(kv_mask, B: int, T: int, device):
+    """Position ids from the attention mask: real tokens count 0, 1, 2, ...; pads get 0."""
+    if kv_mask is None:
+        return torch.arange(T, device=device).expand(B, T)
+    return (kv_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _resolve_dtype(dtype, config_path, ckpt):
+    if dtype is None or dtype == "auto":
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        named = raw.get("dtype") or raw.get("torch_dtype")
+        return DTYPES.get(named, ckpt.float_dtype()) if isinstance(named, str) else ckpt.float_dtype()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)} or 'auto'")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating torch dtype")
+    return dtype
+
+
+def _resolve_device(device_map):
+    """device_map as transformers takes it for one device: None, 'auto', a device, or {'': device}."""
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map {device_map} spreads the model over several devices; llava-next runs "
+                             "on one device")
+        device_map = devices.pop()
+    if device_map is None:
+        return "cpu"
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, int):
+        return f"cuda:{device_map}"
+    return device_map

@@ -1,0 +1,134 @@
+"""CLIP ViT vision tower. Module names equal the checkpoint keys under `vision_tower.vision_model.`.
+
+Only the layers up to the deepest `vision_feature_layer` are run: LLaVA reads the penultimate
+layer. The later layers and `post_layernorm` are still built and loaded (frozen, they can get no
+gradient) so that a loaded checkpoint saves back whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from .config import VisionConfig
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.patches_per_side ** 2 + 1, cfg.hidden_size)
+        self.image_size = cfg.image_size
+
+    def forward(self, pixel_values):  # (N, 3, S, S)
+        N, _, H, W = pixel_values.shape
+        if H != self.image_size or W != self.image_size:
+            raise ValueError(f"vision tower expects {self.image_size}x{self.image_size} tiles, got {H}x{W}")
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, C, p, p)
+        x = x.flatten(2).transpose(1, 2)  # (N, p*p, C)
+        cls = self.class_embedding.expand(N, 1, -1)
+        x = torch.cat([cls, x], dim=1)  # (N, 1 + p*p, C)
+        return x + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig, attn_fn):
+        super().__init__()
+        C = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.q_proj, self.k_proj = nn.Linear(C, C), nn.Linear(C, C)
+        self.v_proj, self.out_proj = nn.Linear(C, C), nn.Linear(C, C)
+        self.attn_fn = attn_fn
+
+    def forward(self, x):  # (N, T, C)
+        N, T, C = x.shape
+        q = self.q_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, T, hd)
+        k = self.k_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+        y = self.attn_fn(q, k, v, causal=False)  # (N, nh, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(N, T, C))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as CLIP was trained
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig, attn_fn):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg, attn_fn)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig, attn_fn):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, attn_fn) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionTransformer(nn.Module):
+    """Returns the hidden states LLaVA selects, concatenated on channels: (N, 1 + p*p, C * len(layers))."""
+
+    def __init__(self, cfg: VisionConfig, feature_layers: list[int], attn_fn):
+        super().__init__()
+        n = cfg.num_hidden_layers
+        # hidden_states[0] is the embeddings after pre_layrnorm, hidden_states[i] the output of layer i.
+        self.feature_layers = [layer if layer >= 0 else n + 1 + layer for layer in feature_layers]
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's key
+        self.encoder = CLIPEncoder(cfg, attn_fn)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # never run
+        self.num_layers_run = max(self.feature_layers)
+        for module in [*self.encoder.layers[self.num_layers_run:], self.post_layernorm]:
+            module.requires_grad_(False)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values):  # (N, 3, S, S)
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        selected = {0: x} if 0 in self.feature_layers else {}
+        for i, layer in enumerate(self.encoder.layers[: self.num_layers_run], start=1):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+            if i in self.feature_layers:
+                selected[i] = x
+        return torch.cat([selected[i] for i in self.feature_layers], dim=-1)
+
+
+class CLIPVisionModel(nn.Module):
+    """Wrapper whose only job is the `vision_model.` level of the hub key names."""
+
+    def __init__(self, cfg: VisionConfig, feature_layers: list[int], attn_fn):
+        super().__init__()
+        self.vision_model = CLIPVisionTransformer(cfg, feature_layers, attn_fn)
+
+    def forward(self, pixel_values):
+        return self.vision_model(pixel_values)
+
+
+class LlavaNextMultiModalProjector(nn.Module):
+    def __init__(self, in_features: int, hidden_size: int, bias: bool = True):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size, bias=bias)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))  # exact (erf) GELU

@@ -1,0 +1,236 @@
+"""The model test: tiny random checkpoints built and saved by transformers, loaded by our code,
+logits compared in fp32 on every non-pad position."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llava_next import LlavaNextForConditionalGeneration
+from llava_next.loading import CheckpointError
+from tiny import hf_checkpoint, image_inputs, prompt_ids
+
+# A small geometry (56 px tiles of 14 px patches: 4x4 patches a tile) keeps most tests fast;
+# the real 336/14 geometry and a 224/16 one have tests of their own.
+SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+ATOL = 1e-4
+
+
+def compare(hf, folder, image_sizes_per_row, text_lens=None, attn="sdpa", seed=0):
+    """Our logits vs transformers' on a (left-padded) batch; returns the max abs difference."""
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=attn)
+    text_lens = text_lens or [5] * len(image_sizes_per_row)
+    ids, mask = prompt_ids(hf.config, image_sizes_per_row, text_lens, seed=seed)
+    flat_sizes = [s for row in image_sizes_per_row for s in row]
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if flat_sizes:
+        pv, sizes = image_inputs(hf.config, flat_sizes, seed=seed)
+        kw.update(pixel_values=pv, image_sizes=sizes)
+    # transformers' forward numbers positions 0..T-1 unless told; its generate() passes these.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(**kw, position_ids=position_ids).logits
+        got = ours(**kw).logits
+    real = mask.bool()
+    assert got.shape == want.shape
+    diff = (got - want)[real].abs().max().item()
+    assert diff <= ATOL, f"max abs diff {diff}"
+    return diff
+
+
+@pytest.mark.parametrize("family", ["mistral", "vicuna", "yi"])
+def test_families_one_image(tmp_path, family):
+    hf = hf_checkpoint(tmp_path, family, **SMALL)
+    compare(hf, tmp_path, [[(45, 80)]])
+
+
+def test_real_geometry_336_14(tmp_path):
+    hf = hf_checkpoint(tmp_path, "mistral")  # 336 px tiles, the llava-hf pinpoints
+    compare(hf, tmp_path, [[(899, 1024)]])
+
+
+def test_vision_geometry_224_16(tmp_path):
+    hf = hf_checkpoint(tmp_path, "vicuna", image_size=224, patch_size=16,
+                       pinpoints=[[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]])
+    compare(hf, tmp_path, [[(300, 150)]])
+
+
+@pytest.mark.parametrize("layer", [-1, 1, [-2, -3], [0, 2]])
+def test_vision_feature_layer(tmp_path, layer):
+    hf = hf_checkpoint(tmp_path, "mistral", vision_feature_layer=layer, vision_layers=3, **SMALL)
+    compare(hf, tmp_path, [[(70, 50)]])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padded_batch_two_image_sizes(tmp_path, attn):
+    hf = hf_checkpoint(tmp_path, "mistral", **SMALL)
+    compare(hf, tmp_path, [[(45, 80)], [(150, 40)]], text_lens=[3, 9], attn=attn)
+
+
+def test_two_images_in_one_prompt(tmp_path):
+    hf = hf_checkpoint(tmp_path, "vicuna", **SMALL)
+    compare(hf, tmp_path, [[(45, 80), (100, 100)]])
+
+
+def test_text_only_prompt(tmp_path):
+    hf = hf_checkpoint(tmp_path, "yi", **SMALL)
+    compare(hf, tmp_path, [[], []], text_lens=[4, 11])
+
+
+def test_sliding_window(tmp_path):
+    # A window shorter than the prompt, so it changes the result.
+    hf = hf_checkpoint(tmp_path, "mistral", sliding_window=16, **SMALL)
+    compare(hf, tmp_path, [[(45, 80)]], text_lens=[20])
+    compare(hf, tmp_path, [[(45, 80)], [(80, 45)]], text_lens=[2, 30], attn="eager")
+
+
+def test_sharded_weights(tmp_path):
+    hf = hf_checkpoint(tmp_path, "vicuna", max_shard_size="1MB", **SMALL)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    compare(hf, tmp_path, [[(45, 80)]])
+
+
+@pytest.mark.parametrize("layout", ["legacy", "v5_file", "v5_memory"])
+def test_key_layouts(tmp_path, layout):
+    hf = hf_checkpoint(tmp_path / "hf", "mistral", **SMALL)
+    folder = tmp_path / layout
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}  # v5 in-memory names
+    if layout == "v5_file":  # what transformers 5 writes: vision_tower.* without vision_model.
+        state = dict(__import__("safetensors.torch").torch.load_file(tmp_path / "hf" / "model.safetensors"))
+        assert any(k.startswith("vision_tower.embeddings") for k in state)
+    elif layout == "legacy":  # the hub files
+        ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
+        state = {k: v.contiguous() for k, v in ours.state_dict().items()}
+        assert any(k.startswith("vision_tower.vision_model.") for k in state)
+        assert any(k.startswith("language_model.model.") for k in state)
+    else:
+        assert any(k.startswith("model.language_model.") for k in state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    compare(hf, folder, [[(45, 80)]])
+
+
+def test_state_dict_keys_are_the_hub_keys(tmp_path):
+    hf_checkpoint(tmp_path, "mistral", **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    keys = set(ours.state_dict())
+    assert "language_model.lm_head.weight" in keys
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in keys
+    assert "vision_tower.vision_model.pre_layrnorm.weight" in keys
+    assert "vision_tower.vision_model.post_layernorm.weight" in keys  # kept, though never run
+    assert "multi_modal_projector.linear_1.bias" in keys and "image_newline" in keys
+    assert {n for n, _ in ours.named_parameters()} == keys
+
+
+def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    hf = hf_checkpoint(tmp_path / "hf", "yi", **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours", max_shard_size="200KB")
+    assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
+    compare(hf, tmp_path / "ours", [[(45, 80)]])  # our loader reads our files back
+    back = HF.from_pretrained(tmp_path / "ours").eval()  # transformers reads them as it reads the hub's
+    for (k1, v1), (k2, v2) in zip(sorted(hf.state_dict().items()), sorted(back.state_dict().items())):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+
+
+def test_dtype_and_device_arguments(tmp_path):
+    hf_checkpoint(tmp_path, "vicuna", **SMALL)
+    m = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, torch_dtype=torch.bfloat16,
+                                                         low_cpu_mem_usage=True, device_map="cpu")
+    assert m.dtype == torch.bfloat16 and m.device.type == "cpu" and not m.training
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert LlavaNextForConditionalGeneration.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
+
+
+# ---- bad input: clear errors, and never a half-loaded model ---------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    hf = hf_checkpoint(tmp_path, "mistral", **SMALL)
+    return hf, tmp_path
+
+
+def _rewrite(folder, edit):
+    from safetensors.torch import load_file
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_key_is_named(saved):
+    _, folder = saved
+    _rewrite(folder, lambda s: s.pop("multi_modal_projector.linear_2.bias"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): multi_modal_projector.linear_2.bias"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_unexpected_key_is_named(saved):
+    _, folder = saved
+    _rewrite(folder, lambda s: s.__setitem__("language_model.model.extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): language_model.model.extra.weight"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_shape_mismatch_names_key_and_shapes(saved):
+    _, folder = saved
+    _rewrite(folder, lambda s: s.__setitem__("image_newline", torch.zeros(63)))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for image_newline: the model expects \(64,\), "
+                                              r"the checkpoint has \(63,\)"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_truncated_file_is_named(saved):
+    _, folder = saved
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_corrupt_file_is_named(saved):
+    _, folder = saved
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(CheckpointError, match="pickle"):
+        LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_unknown_model_type(saved):
+    _, folder = saved
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown model_type 'gpt2'"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_full_strategy_refused(saved):
+    _, folder = saved
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "full"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'full'.*cannot be packed"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_feature_count_mismatch_says_both_numbers(saved):
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = prompt_ids(hf.config, [[(45, 80)]], [3])
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    n = int((ids == hf.config.image_token_index).sum())
+    ids = ids[:, 1:]  # drops the bos: still n tokens; now drop one image token
+    ids = torch.cat([ids[:, :3], ids[:, 4:]], dim=1)
+    with pytest.raises(ValueError, match=rf"{n - 1} <image> tokens in input_ids, {n} image features"):
+        ours(input_ids=ids, pixel_values=pv, image_sizes=sizes)
