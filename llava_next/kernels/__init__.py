@@ -1,0 +1,58 @@
+"""Triton kernels for generation on a GPU, each beside its launcher and a plain-PyTorch reference.
+
+    flash_attention   prefill / vision attention (causal or not, GQA, padding, sliding window)
+    decode_attention  one query token over a static KV cache (split-K flash-decoding)
+    rope_kv_write     rotary on q and k fused with the KV-cache write
+    rms_norm          LlamaRMSNorm
+    silu_mul          the SwiGLU activation
+
+On CPU the kernels run only under the Triton interpreter: TRITON_INTERPRET=1 must be in the
+environment before this package is first imported (triton.jit reads it when a kernel is
+defined). `triton_available()` says whether the kernels can run here.
+"""
+
+import importlib.util
+import os
+
+__all__ = [
+    "triton_available",
+    "flash_attention", "flash_attention_reference",
+    "decode_attention", "decode_attention_reference",
+    "rope_kv_write", "rope_kv_write_reference",
+    "rms_norm", "rms_norm_reference",
+    "silu_mul", "silu_mul_reference",
+]
+
+
+def triton_available() -> bool:
+    """True when triton is installed and there is something to run it on: a CUDA GPU, or the
+    interpreter (TRITON_INTERPRET=1) for CPU tensors."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if importlib.util.find_spec("triton") is not None:
+    # Imported eagerly (and after the submodules are bound) so that `llava_next.kernels.rms_norm`
+    # is always the function, never the submodule of the same name.
+    from .decode_attention import decode_attention, decode_attention_reference
+    from .flash_attention import flash_attention, flash_attention_reference
+    from .rms_norm import rms_norm, rms_norm_reference
+    from .rope_kv_write import rope_kv_write, rope_kv_write_reference
+    from .swiglu import silu_mul, silu_mul_reference
+else:  # no triton (macOS, Windows): the names exist and say why they cannot run
+
+    def _missing(name):
+        def fn(*args, **kwargs):
+            raise RuntimeError(f"llava_next.kernels.{name} needs triton (pip install triton, Linux only); "
+                               "use the 'sdpa' or 'eager' attention instead")
+
+        fn.__name__ = name
+        return fn
+
+    for _name in __all__[1:]:
+        globals()[_name] = _missing(_name)

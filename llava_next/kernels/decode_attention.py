@@ -1,0 +1,241 @@
+"""Decode attention: one new query token per sequence against a preallocated (static) KV cache.
+
+q (B, Hq, 1, D) sits at key index q_offset[b]; the cache k_cache, v_cache (B, Hkv, Tmax, D) holds
+valid keys at 0..q_offset[b]. Same visibility rules as flash_attention: causal, optional sliding
+window, optional key-padding mask; a row with no visible key gets zeros.
+
+The launch grid depends only on shapes (B, Hkv, Tmax), never on q_offset's value, so a decode
+step can be captured in a CUDA graph and replayed as the cache fills up.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_attention import _offset_arg
+
+# Flash-decoding (Dao et al. 2023), stage 1. With one query per sequence, a program per
+# (batch, head) would leave most of the GPU idle at batch 1, so the cache is also cut along the
+# sequence into NUM_SPLITS slices of SPLIT_LEN keys: grid = (B, Hkv, NUM_SPLITS).
+# GQA: a program takes all GROUP query heads of its kv head as the rows of one tile (padded to
+# BLOCK_H >= 16 rows for tl.dot), so each K/V byte is read from memory exactly once.
+# Each program runs the online softmax over its slice (masked to [window start, q_offset] and
+# by kv_mask) and writes the normalized partial output o_s = acc / l and its log-sum-exp
+# lse_s = m + log2(l) (log2 domain; -inf for a slice that saw no key, e.g. past q_offset).
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, KvMask, QOffset, PartO, PartLse,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskn,
+    stride_offb,
+    stride_pob, stride_poh, stride_pos, stride_pod,
+    stride_plb, stride_plh, stride_pls,
+    GROUP, Tmax, D, q_offset, window, qk_scale, split_len,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr,
+    OFFSET_FROM_PTR: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_h = tl.program_id(1)
+    split = tl.program_id(2)
+    if OFFSET_FROM_PTR:
+        q_offset = tl.load(QOffset + b * stride_offb).to(tl.int32)
+
+    # keys this row may see: [start, end), intersected with this program's slice
+    end = tl.minimum(q_offset + 1, Tmax)
+    start = 0
+    if HAS_WINDOW:
+        start = tl.maximum(q_offset - window + 1, 0)
+    split_lo = split * split_len
+    lo = tl.maximum(split_lo, start)
+    hi = tl.minimum(split_lo + split_len, end)
+    lo_block = split_lo + ((lo - split_lo) // BLOCK_N) * BLOCK_N  # split_lo <= lo; tiles stay aligned
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    h = kv_h * GROUP + offs_h
+    h_ok = offs_h < GROUP
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+
+    m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo_block, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        valid = (offs_n >= lo) & (offs_n < hi)  # keys outside may be garbage (even NaN): never load
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=valid[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=valid[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        if HAS_KV_MASK:
+            keep = tl.load(KvMask + b * stride_maskb + offs_n * stride_maskn, mask=valid, other=0)
+            valid = valid & (keep != 0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N)
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    po_ptrs = PartO + b * stride_pob + h[:, None] * stride_poh + split * stride_pos + offs_d[None, :] * stride_pod
+    tl.store(po_ptrs, acc, mask=h_ok[:, None] & d_ok[None, :])
+    tl.store(PartLse + b * stride_plb + h * stride_plh + split * stride_pls, lse, mask=h_ok)
+
+
+# Stage 2: one program per (batch, query head) merges the NUM_SPLITS partial results,
+#     out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s.
+# Slices with lse = -inf weigh 0 (their o_s is not even read); if every slice is empty the
+# row comes out as zeros.
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    PartO, PartLse, Out,
+    stride_pob, stride_poh, stride_pos, stride_pod,
+    stride_plb, stride_plh, stride_pls,
+    stride_ob, stride_oh, stride_od,
+    H, NUM_SPLITS, D,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(PartLse + b * stride_plb + h * stride_plh + offs_s * stride_pls,
+                  mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # (BLOCK_S,)
+    live = lse > float("-inf")
+    o = tl.load(PartO + b * stride_pob + h * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :] * stride_pod,
+                mask=live[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_S, BLOCK_D)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=offs_d < D)
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _decode_config(B: int, Hkv: int, Tmax: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Split the cache so that B * Hkv * NUM_SPLITS programs cover the SMs a few times over,
+    with at least two K/V tiles per split. Depends on shapes only (CUDA-graph safe)."""
+    if device.type != "cuda":  # the interpreter: small tiles, several splits
+        block_n, programs, num_warps, num_stages = 16, 1, 4, 1
+        min_split = 2 * block_n
+        splits = triton.cdiv(Tmax, min_split)
+        split_len = min_split
+    else:
+        block_n = 32 if dtype == torch.float32 else 64
+        num_warps, num_stages = 4, 3
+        min_split = 2 * block_n
+        target = 4 * _sm_count(device)
+        splits = max(1, min(triton.cdiv(target, B * Hkv), triton.cdiv(Tmax, min_split)))
+        split_len = triton.cdiv(triton.cdiv(Tmax, splits), block_n) * block_n
+        splits = triton.cdiv(Tmax, split_len)
+    return dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
+
+
+def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_window=None, scale=None, config=None):
+    """Attention of one query token per row over a static KV cache (two-stage flash-decoding).
+
+    q (B, Hq, 1, D); k_cache, v_cache (B, Hkv, Tmax, D), any strides; q_offset: 0-d or (B,) int
+    tensor (or int) = cache index of the current token, keys 0..q_offset are valid; kv_mask
+    (B, Tmax) bool, False = padding. Returns (B, Hq, 1, D) in q's dtype.
+    `config` overrides the tile/split choice (benchmark sweeps)."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"decode_attention takes one query token: q must be (B, Hq, 1, D), got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be (B, Hkv, Tmax, D); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, Hq, _, D = q.shape
+    _, Hkv, Tmax, Dk = k_cache.shape
+    if k_cache.shape[0] != B or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on batch or head_dim")
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q and the caches must share a dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if kv_mask is not None and (kv_mask.shape != (B, Tmax) or kv_mask.dtype != torch.bool):
+        raise ValueError(f"kv_mask must be a bool tensor of shape ({B}, {Tmax}); got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+    if q_offset is None:
+        raise ValueError("decode_attention needs q_offset (the cache index of the current token)")
+    if sliding_window is not None and int(sliding_window) <= 0:
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+    offset, offset_t, stride_offb = _offset_arg(q_offset, 0, B)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    cfg = dict(config) if config is not None else _decode_config(B, Hkv, Tmax, q.dtype, q.device)
+    block_n, split_len, splits = cfg.pop("BLOCK_N"), cfg.pop("SPLIT_LEN"), cfg.pop("NUM_SPLITS")
+    block_d = max(16, triton.next_power_of_2(D))
+    group = Hq // Hkv
+    part_o = torch.empty((B, Hq, splits, D), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((B, Hq, splits), device=q.device, dtype=torch.float32)
+    mask_t = kv_mask.view(torch.uint8) if kv_mask is not None else None
+    _decode_split_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache,
+        mask_t if mask_t is not None else q, offset_t if offset_t is not None else q,
+        part_o, part_lse,
+        q.stride(0), q.stride(1), q.stride(3),
+        *k_cache.stride(), *v_cache.stride(),
+        *(mask_t.stride() if mask_t is not None else (0, 0)),
+        stride_offb,
+        *part_o.stride(), *part_lse.stride(),
+        group, Tmax, D, offset, int(sliding_window or 0), scale * 1.4426950408889634, split_len,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_KV_MASK=kv_mask is not None,
+        OFFSET_FROM_PTR=offset_t is not None,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **cfg,
+    )
+    out = torch.empty((B, 1, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, Hq, 1, D)
+    _decode_reduce_kernel[(B, Hq)](
+        part_o, part_lse, out,
+        *part_o.stride(), *part_lse.stride(),
+        out.stride(0), out.stride(1), out.stride(3),
+        Hq, splits, D,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
+
+
+def decode_attention_reference(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_window=None, scale=None):
+    """Plain PyTorch: attend over the whole cache with the visibility rules at q_offset."""
+    from .flash_attention import flash_attention_reference
+
+    return flash_attention_reference(q, k_cache, v_cache, causal=True, q_offset=q_offset, kv_mask=kv_mask,
+                                     sliding_window=sliding_window, scale=scale)

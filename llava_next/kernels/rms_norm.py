@@ -1,0 +1,58 @@
+"""RMSNorm with transformers' LlamaRMSNorm numerics:
+    h = x.float(); h = h * rsqrt(mean(h^2, -1) + eps); y = weight * h.to(x.dtype)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# One program per row: the whole row (N <= 64K) is one tile, so x is read once and y written
+# once. The statistics are fp32; the normalized row is rounded to x's dtype *before* the weight
+# multiply, as in transformers, and the product is formed in fp32 and rounded to the output
+# dtype (torch's type promotion of weight and x), which reproduces torch's low-precision mul.
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, W, Y,
+    stride_xm, stride_ym,
+    N, eps,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / N + eps)
+    h = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_ym + offs, (w * h).to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., N) with a contiguous last dim, weight (N,). Returns weight * normalize(x), in the
+    dtype torch would give `weight * x` (x's dtype when weight matches it)."""
+    N = x.shape[-1]
+    if weight.shape != (N,):
+        raise ValueError(f"rms_norm weight must have shape ({N},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("rms_norm needs the last dim of x and weight contiguous")
+    if N > 65536:
+        raise ValueError(f"rms_norm handles rows of up to 65536 elements, got {N}")
+    x2 = x.reshape(-1, N)  # a view whenever the leading dims allow it
+    y = torch.empty(x2.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    if x2.shape[0] == 0:
+        return y.view(x.shape)
+    block_n = triton.next_power_of_2(N)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, weight, y, x2.stride(0), y.stride(0), N, float(eps),
+        BLOCK_N=block_n, num_warps=min(16, max(1, block_n // 256)),
+    )
+    return y.view(x.shape)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm.forward, verbatim in effect."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
