@@ -51,6 +51,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
             vc.hidden_size * len(config.feature_layers), tc.hidden_size, config.multimodal_projector_bias)
         self.image_newline = nn.Parameter(torch.empty(tc.hidden_size))
         self.language_model = LlamaForCausalLM(tc, attn_fn, use_kernels=self.attn_implementation == "triton")
+        # eos / pad / bos overrides from a checkpoint's generation_config.json (read by from_pretrained).
+        self.generation_config = {}
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -120,10 +122,12 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def embed(self, input_ids, pixel_values=None, image_sizes=None, first_chunk: bool = True):
         """Token embeddings with the image features written at the <image> positions."""
         embeds = self.language_model.model.embed_tokens(input_ids)  # (B, T, H)
+        if pixel_values is None and not first_chunk:  # a decode step: no host sync here
+            return embeds
         image_mask = input_ids == self.config.image_token_index
         n_tokens = int(image_mask.sum())
         if pixel_values is None:
-            if n_tokens and first_chunk:
+            if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} <image> tokens (id {self.config.image_token_index}) "
                                  "but no pixel_values were given")
             return embeds
@@ -184,6 +188,12 @@ class LlavaNextForConditionalGeneration(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):
+        """transformers-shaped generation; see `llava_next.generation.generate` for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, image_sizes, **kwargs)
+
     # ---- loading and saving ----------------------------------------------------------------
 
     @classmethod
@@ -201,7 +211,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected arguments: {sorted(kwargs)}")
-        folder = resolve_folder(name_or_path, ["config.json", "*.safetensors", "*.safetensors.index.json"],
+        folder = resolve_folder(name_or_path, ["config.json", "generation_config.json", "*.safetensors",
+                                              "*.safetensors.index.json"],
                                 revision=revision)
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
@@ -220,6 +231,11 @@ class LlavaNextForConditionalGeneration(nn.Module):
             t = ckpt.get(key)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         model.load_state_dict(state, assign=True, strict=True)
+        gen_path = os.path.join(folder, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path, encoding="utf-8") as f:
+                gen = json.load(f)
+            model.generation_config = {k: gen[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if k in gen}
         return model.eval()
 
     def save_pretrained(self, folder, max_shard_size="5GB", **kwargs) -> None:

@@ -1,0 +1,210 @@
+"""Generation: prefill the prompt into a preallocated KV cache, then decode one token at a time.
+
+`prefill` and `decode_one_token` are plain functions so each can be compiled or captured on its
+own; the decode step has static shapes (the cache position is a device tensor), so it can be
+replayed as a CUDA graph. Logits processing follows transformers' order: repetition penalty,
+then (sampling only) temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+import queue
+import warnings
+
+import torch
+
+from .kv_cache import KVCache
+
+
+@torch.no_grad()
+def prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache):
+    """Run the whole prompt; returns the last position's logits (B, vocab) in fp32."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                image_sizes=image_sizes, cache=cache, cache_pos=0, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def decode_one_token(model, token, cache, cache_pos):
+    """token (B, 1), cache_pos 0-d long tensor -> logits (B, vocab) in fp32. Static shapes."""
+    out = model(input_ids=token, cache=cache, cache_pos=cache_pos)
+    return out.logits[:, -1].float()
+
+
+def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty):
+    """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do."""
+    if repetition_penalty != 1.0:
+        score = logits.gather(1, seen_ids)
+        score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
+        logits = logits.scatter(1, seen_ids, score)
+    if not do_sample:
+        return logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - top_p
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def choose(scores, do_sample, generator=None):
+    if do_sample:
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
+             streamer=None, generator=None, use_cache: bool = True, num_beams: int = 1, **kwargs):
+    """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
+
+    Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
+    Generation ends when every row is finished or after max_new_tokens.
+    """
+    if kwargs:
+        raise TypeError(f"generate() does not support {sorted(kwargs)}")
+    if num_beams != 1 or not use_cache:
+        raise ValueError("llava-next generates with num_beams=1 and a KV cache (use_cache=True) only")
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (the processor's output)")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    cfg = model.config.text_config
+    gen = getattr(model, "generation_config", None) or {}
+    eos = eos_token_id if eos_token_id is not None else gen.get("eos_token_id", cfg.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id", cfg.pad_token_id)
+    if pad is None:
+        pad = eos[0] if eos else 0
+
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    context = cfg.max_position_embeddings
+    if T > context:
+        raise ValueError(f"the prompt has {T} tokens, more than the model's context of {context}")
+    if T + max_new_tokens > context:
+        warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context ({context}); "
+                      f"generating at most {context - T} tokens")
+        max_new_tokens = context - T
+    if streamer is not None:
+        if B != 1:
+            raise ValueError("a streamer needs a batch of one prompt")
+        streamer.put(input_ids.cpu())
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+
+    cache = KVCache.for_model(model, B, T + max_new_tokens)
+    out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)
+    out[:, :T] = input_ids
+    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
+
+    logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
+    cache_pos = torch.tensor(T, device=device)
+    n = 0
+    while n < max_new_tokens:
+        token = choose(process_logits(logits, out[:, :T + n], **sampling), do_sample, generator)
+        token = torch.where(unfinished, token, torch.full_like(token, pad))
+        out[:, T + n] = token
+        n += 1
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if eos:
+            unfinished &= ~torch.isin(token, eos_t)
+            if not unfinished.any():
+                break
+        if n == max_new_tokens:
+            break
+        logits = decode_one_token(model, token[:, None], cache, cache_pos)
+        cache_pos += 1
+    if streamer is not None:
+        streamer.end()
+    return out[:, :T + n]
+
+
+class TextStreamer:
+    """Prints text as it is generated: `generate(..., streamer=TextStreamer(tokenizer))`.
+
+    Text is decoded from all new ids each time and only the stable part is emitted: never a
+    trailing U+FFFD (a character whose bytes are split over tokens) and, mid-line, only up to the
+    last space, since the next token can still change how the last word decodes.
+    """
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, **decode_kwargs):
+        self.tokenizer, self.skip_prompt, self.decode_kwargs = tokenizer, skip_prompt, decode_kwargs
+        self.ids, self.printed, self.next_is_prompt = [], 0, True
+
+    def put(self, value):
+        if value.dim() > 1:
+            if value.shape[0] > 1:
+                raise ValueError("TextStreamer only supports a batch of one")
+            value = value[0]
+        if self.skip_prompt and self.next_is_prompt:
+            self.next_is_prompt = False
+            return
+        self.next_is_prompt = False
+        self.ids.extend(value.tolist())
+        text = self.tokenizer.decode(self.ids, **self.decode_kwargs)
+        if text.endswith("\n"):
+            piece, self.ids, self.printed = text[self.printed:], [], 0
+        elif text.endswith("\ufffd"):
+            return
+        else:
+            stable = text.rfind(" ") + 1
+            if stable <= self.printed:
+                return
+            piece, self.printed = text[self.printed:stable], stable
+        self.on_text(piece, stream_end=False)
+
+    def end(self):
+        text = self.tokenizer.decode(self.ids, **self.decode_kwargs) if self.ids else ""
+        piece = text[self.printed:]
+        self.ids, self.printed, self.next_is_prompt = [], 0, True
+        self.on_text(piece, stream_end=True)
+
+    def on_text(self, text: str, stream_end: bool = False):
+        print(text, flush=True, end="" if not stream_end else None)
+
+
+class TextIteratorStreamer(TextStreamer):
+    """Yields text pieces from another thread: start generate in a Thread, iterate this."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
+        self.queue, self.timeout, self._stop = queue.Queue(), timeout, object()
+
+    def on_text(self, text: str, stream_end: bool = False):
+        if text:
+            self.queue.put(text, timeout=self.timeout)
+        if stream_end:
+            self.queue.put(self._stop, timeout=self.timeout)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        value = self.queue.get(timeout=self.timeout)
+        if value is self._stop:
+            raise StopIteration
+        return value
+
+
+__all__ = ["generate", "prefill", "decode_one_token", "TextStreamer", "TextIteratorStreamer"]

@@ -1,0 +1,139 @@
+"""Greedy generation token for token against transformers' generate; sampling and stopping rules."""
+
+import pytest
+import torch
+
+from llava_next import KVCache, LlavaNextForConditionalGeneration
+from llava_next.generation import process_logits
+from tiny import hf_checkpoint, image_inputs, prompt_ids
+
+SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+
+
+def both_generate(hf, ours, image_sizes_per_row, text_lens, **kw):
+    ids, mask = prompt_ids(hf.config, image_sizes_per_row, text_lens)
+    flat = [s for row in image_sizes_per_row for s in row]
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if flat:
+        pv, sizes = image_inputs(hf.config, flat)
+        inputs.update(pixel_values=pv, image_sizes=sizes)
+    want = hf.generate(**inputs, do_sample=False, **kw)
+    got = ours.generate(**inputs, **kw)
+    return want, got, ids.shape[1]
+
+
+@pytest.fixture(scope="module", params=["mistral", "vicuna"])
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = hf_checkpoint(folder, request.param, **SMALL)
+    return hf, LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_greedy_single_prompt(pair):
+    want, got, _ = both_generate(*pair, [[(45, 80)]], [6], max_new_tokens=24)
+    assert torch.equal(got, want)
+
+
+def test_greedy_left_padded_batch_of_two_images(pair):
+    want, got, T = both_generate(*pair, [[(45, 80)], [(150, 40)]], [3, 9], max_new_tokens=24)
+    assert torch.equal(got, want)
+
+
+def test_greedy_text_only(pair):
+    want, got, _ = both_generate(*pair, [[], []], [5, 12], max_new_tokens=16)
+    assert torch.equal(got, want)
+
+
+def test_left_padded_row_equals_row_alone(pair):
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    batch = ours.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes,
+                          max_new_tokens=12)
+    real = mask[0].bool()
+    alone = ours.generate(input_ids=ids[:1, real], pixel_values=pv[:1, :3], image_sizes=sizes[:1], max_new_tokens=12)
+    assert torch.equal(batch[0, ids.shape[1]:], alone[0, real.sum():])
+
+
+def test_repetition_penalty_matches_transformers(pair):
+    want, got, _ = both_generate(*pair, [[(45, 80)]], [6], max_new_tokens=16, repetition_penalty=1.3)
+    assert torch.equal(got, want)
+
+
+def test_eos_stops_each_row_and_pads_it(pair):
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    free = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    T = ids.shape[1]
+    eos = int(free[0, T + 2])  # make row 0's third new token its eos
+    out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=5)
+    assert out[0, T + 2] == eos and (out[0, T + 3:] == 5).all()
+    row1 = free[1, T:]
+    stop = (row1 == eos).nonzero()
+    end = int(stop[0]) + 1 if len(stop) else 10
+    assert torch.equal(out[1, T:T + end], row1[:end])
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                       pad_token_id=5)
+    assert torch.equal(out, want)
+
+
+def test_sampling_is_reproducible_with_a_seed(pair):
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40,
+              top_p=0.9, eos_token_id=[])
+    torch.manual_seed(123)
+    a = ours.generate(**kw)
+    torch.manual_seed(123)
+    b = ours.generate(**kw)
+    torch.manual_seed(7)
+    c = ours.generate(**kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampling_warpers_match_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    seen = torch.randint(0, 50, (3, 7))
+    want = logits.clone()
+    for proc in [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(10),
+                 TopPLogitsWarper(0.8)]:
+        want = proc(seen, want)
+    got = process_logits(logits, seen, do_sample=True, temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.2)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+    """Prefill + static-shape decode steps give the logits of one full forward."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    extra = torch.randint(3, 1000, (2, 4))
+    full_ids = torch.cat([ids, extra], 1)
+    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    with torch.no_grad():
+        full = ours(input_ids=full_ids, attention_mask=full_mask, pixel_values=pv, image_sizes=sizes).logits
+        cache = KVCache.for_model(ours, 2, full_ids.shape[1] + 3)
+        T = ids.shape[1]
+        steps = [ours(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, cache=cache).logits]
+        for i in range(4):
+            steps.append(ours(input_ids=extra[:, i:i + 1], cache=cache, cache_pos=torch.tensor(T + i)).logits)
+    got = torch.cat(steps, 1)
+    real = full_mask.bool()
+    assert (got - full)[real].abs().max() < 1e-4
+
+
+def test_prompt_longer_than_context_is_refused(pair):
+    _, ours = pair
+    n = ours.config.text_config.max_position_embeddings + 1
+    with pytest.raises(ValueError, match=f"prompt has {n} tokens, more than the model's context"):
+        ours.generate(input_ids=torch.ones(1, n, dtype=torch.long), max_new_tokens=1)
+
+
+def test_unknown_generate_argument(pair):
+    _, ours = pair
+    with pytest.raises(TypeError, match="num_return_sequences"):
+        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), num_return_sequences=2)
