@@ -1,0 +1,153 @@
+"""flash_attention against its plain-PyTorch reference on odd shapes.
+
+On CPU the kernel runs under the Triton interpreter (fp32, fp16; the interpreter gets bf16
+wrong); on a GPU the same tests run compiled, in bf16 too, plus realistic shapes."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+pytest.importorskip("triton")
+
+from llava_next.kernels import flash_attention, flash_attention_reference  # noqa: E402
+from llava_next.kernels.flash_attention import _attn_fwd_kernel, _flash_attention_forward  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+if not CUDA and type(_attn_fwd_kernel).__name__ != "InterpretedFunction":
+    pytest.fail("llava_next.kernels was imported before TRITON_INTERPRET=1 was set; set it in the "
+                "environment (or tests/conftest.py) so the kernels run under the interpreter on CPU",
+                pytrace=False)
+
+
+def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, layout="bthd", seed=0):
+    """q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D). layout 'bthd': transposed views of (B, T, H, D)
+    tensors, as the model passes them; 'bhtd': contiguous; 'sliced': views into wider buffers."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(H, T):
+        if layout == "bthd":
+            return torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+        if layout == "bhtd":
+            return torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
+        return torch.randn(B, T, H, D + 24, generator=g).to(DEVICE, dtype)[..., 3:D + 3].transpose(1, 2)
+
+    return rand(Hq, Tq), rand(Hkv, Tk), rand(Hkv, Tk)
+
+
+def check(q, k, v, **kw):
+    out = flash_attention(q, k, v, **kw)
+    ref = flash_attention_reference(q.float(), k.float(), v.float(), **kw)  # fp32 reference
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref, **TOL[q.dtype])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "Tq,Tk,D,causal",
+    [
+        (129, 129, 64, True),  # prefill, ragged last block
+        (129, 129, 128, False),  # vision tower
+        (7, 7, 40, True),  # D not a power of two
+        (1, 129, 64, True),  # one query at the bottom-right
+        (7, 129, 80, True),  # chunk of queries after a prefix
+        (33, 33, 96, False),
+    ],
+)
+def test_flash_matches_reference(Tq, Tk, D, causal, dtype):
+    q, k, v = make_qkv(2, 6, 3, Tq, Tk, D, dtype)
+    check(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [None, 17])
+def test_flash_left_padding(dtype, window):
+    B, T, D = 2, 129, 40
+    q, k, v = make_qkv(B, 6, 3, T, T, D, dtype)
+    kv_mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    kv_mask[1, :50] = False  # row 1 is left-padded by 50 tokens
+    out = check(q, k, v, causal=True, kv_mask=kv_mask, sliding_window=window)
+    # the padding queries of row 1 see no key at all: zeros, not NaN
+    assert out[1, :, :50].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_sliding_window(dtype):
+    q, k, v = make_qkv(1, 6, 3, 129, 129, 64, dtype, layout="bhtd")
+    for window in (1, 5, 64):
+        check(q, k, v, causal=True, sliding_window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_q_offset_forms(dtype):
+    B, Tq, Tk, D = 2, 7, 129, 64
+    q, k, v = make_qkv(B, 6, 3, Tq, Tk, D, dtype)
+    for off in (40, torch.tensor(40, device=DEVICE), torch.tensor([40], device=DEVICE)):
+        out = check(q, k, v, causal=True, q_offset=off)
+    per_row = torch.tensor([3, 100], device=DEVICE)
+    check(q, k, v, causal=True, q_offset=per_row, sliding_window=9)
+    # None means bottom-right aligned: q_offset = Tk - Tq
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True), flash_attention(q, k, v, causal=True, q_offset=Tk - Tq))
+    del out
+
+
+@pytest.mark.parametrize("layout", ["bthd", "bhtd", "sliced"])
+def test_flash_strides(layout):
+    q, k, v = make_qkv(2, 6, 3, 33, 33, 40, torch.float16, layout=layout)
+    check(q, k, v, causal=True)
+
+
+def test_flash_gqa_equals_repeated_kv():
+    q, k, v = make_qkv(1, 6, 2, 33, 33, 64, torch.float32)
+    grouped = flash_attention(q, k, v, causal=True)
+    repeated = flash_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True)
+    torch.testing.assert_close(grouped, repeated, atol=1e-6, rtol=1e-6)
+
+
+def test_flash_lse_for_backward():
+    q, k, v = make_qkv(2, 6, 3, 33, 33, 40, torch.float32)
+    kv_mask = torch.ones(2, 33, dtype=torch.bool, device=DEVICE)
+    kv_mask[0, :5] = False
+    _, lse = _flash_attention_forward(q, k, v, True, kv_mask=kv_mask, store_lse=True)
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 40 ** 0.5
+    visible = torch.ones(33, 33, dtype=torch.bool, device=DEVICE).tril() & kv_mask[:, None, None, :]
+    ref = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), -1) / torch.log(torch.tensor(2.0))
+    ref = ref.masked_fill(ref == float("-inf"), float("inf"))  # rows that see nothing store +inf
+    torch.testing.assert_close(lse, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_input_errors():
+    q, k, v = make_qkv(1, 6, 4, 7, 7, 64, torch.float32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        flash_attention(q, k, v, causal=True)
+    q, k, v = make_qkv(1, 6, 3, 7, 7, 64, torch.float32)
+    with pytest.raises(ValueError, match="kv_mask"):
+        flash_attention(q, k, v, causal=True, kv_mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="dtype"):
+        flash_attention(q, k.half(), v.half(), causal=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="realistic shapes only compiled on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,T,D,causal",
+    [(1, 32, 8, 1500, 128, True), (5, 16, 16, 577, 64, False), (2, 32, 32, 300, 128, True), (1, 40, 8, 250, 128, True)],
+)
+def test_flash_realistic_cuda(B, Hq, Hkv, T, D, causal, dtype):
+    q, k, v = make_qkv(B, Hq, Hkv, T, T, D, dtype)
+    out = flash_attention(q, k, v, causal=causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(Hq // Hkv, 1), v.float().repeat_interleave(Hq // Hkv, 1), is_causal=causal)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])

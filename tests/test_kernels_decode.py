@@ -1,0 +1,144 @@
+"""decode_attention (split-K flash-decoding over a static KV cache) against its reference."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+pytest.importorskip("triton")
+
+from llava_next.kernels import decode_attention, decode_attention_reference, flash_attention  # noqa: E402
+from llava_next.kernels.decode_attention import _decode_split_kernel  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+if not CUDA and type(_decode_split_kernel).__name__ != "InterpretedFunction":
+    pytest.fail("llava_next.kernels was imported before TRITON_INTERPRET=1 was set; set it in the "
+                "environment (or tests/conftest.py) so the kernels run under the interpreter on CPU",
+                pytrace=False)
+
+
+def make_step(B, Hq, Hkv, Tmax, D, dtype, seed=0):
+    """q (B, Hq, 1, D) and caches (B, Hkv, Tmax, D); q is a transposed view like the model's."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, Hq, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, Tmax, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, Tmax, D, generator=g).to(DEVICE, dtype)
+    return q, k, v
+
+
+def check(q, k, v, **kw):
+    out = decode_attention(q, k, v, **kw)
+    ref = decode_attention_reference(q.float(), k.float(), v.float(), **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref, **TOL[q.dtype])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "Hq,Hkv,Tmax,D,offset",
+    [
+        (6, 3, 129, 64, [128, 5]),  # GQA, per-row lengths, a full cache
+        (6, 3, 129, 40, 60),  # D not a power of two, one offset for the batch
+        (4, 4, 7, 64, [0, 6]),  # MHA, first token
+        (8, 1, 33, 128, [20, 32]),  # MQA
+    ],
+)
+def test_decode_matches_reference(Hq, Hkv, Tmax, D, offset, dtype):
+    q, k, v = make_step(2, Hq, Hkv, Tmax, D, dtype)
+    check(q, k, v, q_offset=torch.tensor(offset, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_padding_and_window(dtype):
+    B, Tmax, D = 2, 129, 40
+    q, k, v = make_step(B, 6, 3, Tmax, D, dtype)
+    kv_mask = torch.ones(B, Tmax, dtype=torch.bool, device=DEVICE)
+    kv_mask[1, :50] = False  # row 1 is left-padded
+    offset = torch.tensor([100, 70], device=DEVICE)
+    check(q, k, v, q_offset=offset, kv_mask=kv_mask)
+    check(q, k, v, q_offset=offset, kv_mask=kv_mask, sliding_window=17)
+    check(q, k, v, q_offset=offset, kv_mask=kv_mask, sliding_window=30)  # row 1: window reaches the pads
+    kv_mask[1] = False  # a row with nothing to see: zeros
+    out = check(q, k, v, q_offset=offset, kv_mask=kv_mask)
+    assert out[1].abs().max().item() == 0.0
+
+
+def test_decode_ignores_garbage_past_the_offset():
+    """A static cache past q_offset holds whatever was there (torch.empty): even NaN must not leak."""
+    q, k, v = make_step(2, 6, 3, 129, 64, torch.float16)
+    offset = torch.tensor([40, 90], device=DEVICE)
+    ref = decode_attention(q, k, v, q_offset=offset)
+    for b, o in enumerate(offset.tolist()):
+        k[b, :, o + 1:] = float("nan")
+        v[b, :, o + 1:] = float("nan")
+    torch.testing.assert_close(decode_attention(q, k, v, q_offset=offset), ref, atol=0, rtol=0)
+
+
+def test_decode_offset_forms_and_flash_agree():
+    q, k, v = make_step(2, 6, 3, 65, 64, torch.float32)
+    a = decode_attention(q, k, v, q_offset=30)
+    b = decode_attention(q, k, v, q_offset=torch.tensor(30, device=DEVICE))
+    c = flash_attention(q, k[:, :, :31], v[:, :, :31], causal=True)  # bottom-right: query at key 30
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("split_len,block_n", [(16, 16), (32, 16), (64, 32), (160, 32)])
+def test_decode_split_choices_agree(split_len, block_n):
+    """The answer must not depend on how the cache is cut (one split, many, ragged last)."""
+    Tmax = 150
+    q, k, v = make_step(2, 6, 3, Tmax, 40, torch.float32)
+    offset = torch.tensor([149, 77], device=DEVICE)
+    cfg = dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=-(-Tmax // split_len), num_warps=4, num_stages=1)
+    out = decode_attention(q, k, v, q_offset=offset, sliding_window=50, config=cfg)
+    ref = decode_attention_reference(q, k, v, q_offset=offset, sliding_window=50)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_decode_input_errors():
+    q, k, v = make_step(1, 6, 3, 9, 64, torch.float32)
+    with pytest.raises(ValueError, match="one query token"):
+        decode_attention(q.expand(1, 6, 2, 64), k, v, q_offset=3)
+    with pytest.raises(ValueError, match="q_offset"):
+        decode_attention(q, k, v, q_offset=None)
+    with pytest.raises(ValueError, match="q_offset"):
+        decode_attention(q, k, v, q_offset=torch.tensor([1, 2, 3], device=DEVICE))
+
+
+@pytest.mark.skipif(not CUDA, reason="realistic shapes only compiled on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,D", [(1, 32, 8, 128), (32, 32, 8, 128), (4, 32, 32, 128), (3, 40, 8, 128)])
+def test_decode_realistic_cuda(B, Hq, Hkv, D, dtype):
+    Tmax = 3072
+    q, k, v = make_step(B, Hq, Hkv, Tmax, D, dtype)
+    offset = torch.randint(0, Tmax, (B,), device=DEVICE)
+    check(q, k, v, q_offset=offset)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_decode_cuda_graph_replay():
+    """The grid does not depend on q_offset's value: capture once, replay at other lengths."""
+    q, k, v = make_step(2, 32, 8, 1024, 128, torch.bfloat16)
+    offset = torch.tensor([10, 20], device=DEVICE)
+    decode_attention(q, k, v, q_offset=offset)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, q_offset=offset)
+    for new in ([10, 20], [500, 3], [1023, 700]):
+        offset.copy_(torch.tensor(new))
+        graph.replay()
+        ref = decode_attention_reference(q.float(), k.float(), v.float(), q_offset=offset)
+        torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])

@@ -1,0 +1,141 @@
+"""rope_kv_write, rms_norm and silu_mul against their plain-PyTorch references (and the first
+two against transformers, the definition of the semantics)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+pytest.importorskip("triton")
+
+from llava_next.kernels import (  # noqa: E402
+    rms_norm,
+    rms_norm_reference,
+    rope_kv_write,
+    rope_kv_write_reference,
+    silu_mul,
+    silu_mul_reference,
+)
+from llava_next.kernels.rms_norm import _rms_norm_kernel  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+if not CUDA and type(_rms_norm_kernel).__name__ != "InterpretedFunction":
+    pytest.fail("llava_next.kernels was imported before TRITON_INTERPRET=1 was set; set it in the "
+                "environment (or tests/conftest.py) so the kernels run under the interpreter on CPU",
+                pytrace=False)
+
+
+def inv_freq(D, theta=10000.0):
+    return 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=DEVICE) / D)
+
+
+def qkv_views(B, T, Hq, Hkv, D, dtype, seed=0):
+    """q (B, T, Hq, D), k, v (B, T, Hkv, D) as column slices of one fused projection output."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    return q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+
+
+# ---------------------------------------------------------------- rope_kv_write
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,D,cache_pos", [(1, 64, 17), (7, 40, 0), (7, 128, 5), (129, 64, 0)])
+def test_rope_kv_write_matches_reference(T, D, cache_pos, dtype):
+    B, Hq, Hkv, Tmax = 2, 6, 3, 160
+    q, k, v = qkv_views(B, T, Hq, Hkv, D, dtype)
+    # row 1 is left-padded by 3: its positions are shifted; row 0 sits deep in a long context
+    position_ids = torch.stack([torch.arange(T) + 3000 + cache_pos, torch.arange(T) - 3 + cache_pos]).clamp(min=0)
+    position_ids = position_ids.to(DEVICE)
+    sentinel = torch.full((B, Hkv, Tmax, D), 7.0, dtype=dtype, device=DEVICE)
+    k_cache, v_cache = sentinel.clone(), sentinel.clone()
+    k_ref, v_ref = sentinel.clone(), sentinel.clone()
+    pos_arg = torch.tensor(cache_pos, device=DEVICE) if cache_pos else cache_pos  # tensor and int forms
+    q_rot = rope_kv_write(q, k, v, position_ids, inv_freq(D), k_cache, v_cache, pos_arg)
+    q_want = rope_kv_write_reference(q, k, v, position_ids, inv_freq(D), k_ref, v_ref, cache_pos)
+    assert q_rot.shape == (B, Hq, T, D) and q_rot.dtype == dtype
+    torch.testing.assert_close(q_rot, q_want, **TOL[dtype])
+    torch.testing.assert_close(k_cache, k_ref, **TOL[dtype])  # includes the untouched slots
+    torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0)
+
+
+def test_rope_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, T, Hq, Hkv, D = 2, 7, 6, 3, 64
+    q, k, v = qkv_views(B, T, Hq, Hkv, D, torch.float32)
+    position_ids = torch.stack([torch.arange(T) + 40, torch.arange(T)]).to(DEVICE)
+    freqs = position_ids.float()[:, :, None] * inv_freq(D)[None, None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), emb.cos(), emb.sin())
+    k_cache = torch.zeros(B, Hkv, 16, D, device=DEVICE)
+    v_cache = torch.zeros(B, Hkv, 16, D, device=DEVICE)
+    q_rot = rope_kv_write(q, k, v, position_ids, inv_freq(D), k_cache, v_cache, 2)
+    torch.testing.assert_close(q_rot, q_hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache[:, :, 2:2 + T], k_hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_cache[:, :, 2:2 + T], v.transpose(1, 2), atol=0, rtol=0)
+
+
+def test_rope_kv_write_errors():
+    q, k, v = qkv_views(1, 7, 6, 3, 64, torch.float32)
+    cache = torch.zeros(1, 3, 8, 64, device=DEVICE)
+    pos = torch.arange(7, device=DEVICE)[None]
+    with pytest.raises(ValueError, match="overflows the cache"):
+        rope_kv_write(q, k, v, pos, inv_freq(64), cache, cache.clone(), 2)
+    with pytest.raises(ValueError, match="inv_freq"):
+        rope_kv_write(q, k, v, pos, inv_freq(32), cache, cache.clone(), 0)
+
+
+# ---------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 40), (2, 7, 129), (2, 3, 4096)])
+def test_rms_norm_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(shape, generator=g)).to(DEVICE, dtype)
+    w = torch.randn(shape[-1], generator=g).to(DEVICE, dtype)
+    y = rms_norm(x, w, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, rms_norm_reference(x, w, 1e-6), **TOL[dtype])
+
+
+def test_rms_norm_fp32_weight_and_strided_rows():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=g))
+    x = torch.randn(7, 200, generator=g).to(DEVICE, torch.float16)[:, 13:109]  # row stride 200
+    y = rms_norm(x, norm.weight.detach(), 1e-5)
+    want = norm(x)
+    assert y.dtype == want.dtype == torch.float32  # fp32 weight * fp16 row promotes, as in torch
+    torch.testing.assert_close(y, want, atol=2e-3, rtol=2e-3)
+
+
+# ---------------------------------------------------------------- silu_mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 40), (2, 7, 129), (3, 2500)])
+def test_silu_mul_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    gate_up = (4 * torch.randn(*shape[:-1], 2 * shape[-1], generator=g)).to(DEVICE, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)  # column slices of one fused projection
+    y = silu_mul(gate, up)
+    assert y.shape == gate.shape and y.dtype == dtype
+    torch.testing.assert_close(y, silu_mul_reference(gate, up), **TOL[dtype])
+    eager = torch.nn.functional.silu(gate) * up  # rounds twice: within about one ulp
+    torch.testing.assert_close(y, eager, **TOL[dtype])
