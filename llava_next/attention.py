@@ -64,14 +64,24 @@ def eager_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_win
 def sdpa_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
     """torch's scaled_dot_product_attention (flash / memory-efficient / math, picked by torch)."""
     Tq, Tk = q.shape[2], k.shape[2]
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    gqa = {}
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_GQA:  # torch >= 2.5 reads the shared kv heads in place
+            gqa = {"enable_gqa": True}
+        else:
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    if q_offset is not None and not isinstance(q_offset, torch.Tensor) and q_offset == Tk - Tq:
+        q_offset = None
     if causal and Tq == Tk and q_offset is None and kv_mask is None and sliding_window is None:
         # The plain causal case lets torch pick its flash kernel.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     mask = visibility_mask(Tq, Tk, q.device, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
                            sliding_window=sliding_window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 def triton_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +178,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
                 else:
                     position_ids = _positions(kv_mask, B, cache_pos + T, inputs_embeds.device)[:, cache_pos:]
 
+        if not torch.is_tensor(cache_pos) and kv_mask is not None and bool(kv_mask.all()):
+            kv_mask = None  # no padding: lets attention take its plain causal path
         hidden = self.language_model.model(inputs_embeds, position_ids, cache, cache_pos, kv_mask)  # (B, T, H)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -199,13 +202,13 @@ class LlavaNextForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, torch_dtype=None, dtype=None, low_cpu_mem_usage: bool = True,
                         attn_implementation: str | None = None, device_map=None, device=None,
-                        revision: str | None = None, **kwargs):
+                        revision: str | None = None, progress: bool = False, **kwargs):
         """Load a llava-hf checkpoint folder (or hub repo id) from its safetensors files.
 
         The model is built on the meta device and each tensor is read from the memory-mapped
         file, cast and moved to its device before being assigned, so host memory stays near one
         copy of the weights. `low_cpu_mem_usage` is accepted for transformers compatibility; this
-        is always the behaviour.
+        is always the behaviour. `progress=True` shows a progress bar on stderr.
         """
         from .hub import resolve_folder
 
@@ -227,7 +230,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         expected = {k: v.shape for k, v in model.state_dict().items()}
         check_keys(expected, ckpt, folder)
         state = {}
-        for key in expected:
+        for key in _progress(expected, progress, f"loading {os.path.basename(os.path.normpath(folder))}"):
             t = ckpt.get(key)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         model.load_state_dict(state, assign=True, strict=True)
@@ -246,6 +249,16 @@ class LlavaNextForConditionalGeneration(nn.Module):
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
         save_state_dict(self.state_dict(), folder, max_shard_size)
+
+
+def _progress(items, show: bool, desc: str):
+    if not show:
+        return items
+    try:
+        from tqdm.auto import tqdm  # installed with huggingface_hub
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit=" tensors", file=sys.stderr, leave=False)
 
 
 def _positions(kv_mask, B: int, T: int, device):

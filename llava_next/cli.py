@@ -1,0 +1,219 @@
+"""The `llava-next` command: `generate` answers one question about an image, `chat` talks.
+
+    llava-next generate --image cat.jpg --prompt "What is shown in this image?"
+    llava-next chat --image cat.jpg          (then type; /image PATH attaches another image)
+
+Bad arguments print one line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+DTYPES = ["auto", "float32", "float16", "bfloat16"]
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: one line on stderr, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llava-next", description="LLaVA-NeXT in plain PyTorch: ask questions about images.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    common = Parser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
+    common.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights dtype; auto = float16 on CUDA, float32 on CPU")
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    common.add_argument("--attn", default=None, choices=["eager", "sdpa", "triton"],
+                        help="attention implementation (default: triton on CUDA, sdpa on CPU)")
+    common.add_argument("--max-new-tokens", type=int, default=512)
+    common.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    common.add_argument("--temperature", type=float, default=1.0)
+    common.add_argument("--top-k", type=int, default=50)
+    common.add_argument("--top-p", type=float, default=1.0)
+    common.add_argument("--repetition-penalty", type=float, default=1.0)
+    common.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    common.add_argument("--prompt-format", default=None, choices=["mistral", "vicuna", "chatml"],
+                        help="prompt template (default: the checkpoint's)")
+    common.add_argument("--system", default=None, help="system message")
+    g = sub.add_parser("generate", parents=[common], help="answer one prompt about an image (streams the answer)")
+    g.add_argument("--image", action="append", default=[], help="image path or http(s) URL; repeatable")
+    g.add_argument("--prompt", required=True)
+    c = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat; /image PATH attaches an image")
+    c.add_argument("--image", action="append", default=[], help="image for the first message")
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        if args.command == "generate":
+            return run_generate(args)
+        return run_chat(args)
+    except UsageError as e:
+        print(f"llava-next: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before loading gigabytes."""
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    for image in args.image:
+        if not image.startswith(("http://", "https://")) and not os.path.isfile(image):
+            raise UsageError(f"image file not found: {image}")
+    if not os.path.isdir(args.model) and (args.model.count("/") != 1 or args.model.startswith((".", "/", "~"))):
+        raise UsageError(f"model {args.model!r}: no such folder, and not a hub id like {DEFAULT_MODEL}")
+    device = args.device
+    import torch
+
+    if device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here")
+    if args.dtype == "auto":
+        args.dtype = "float16" if args.device.startswith("cuda") else "float32"
+
+
+def load(args):
+    import torch
+
+    from .hub import HubError
+    from .loading import CheckpointError
+    from .model import LlavaNextForConditionalGeneration
+    from .processing import LlavaNextProcessor
+
+    try:
+        processor = LlavaNextProcessor.from_pretrained(args.model)
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            args.model, torch_dtype=getattr(torch, args.dtype), device_map=args.device,
+            attn_implementation=args.attn, progress=True)
+    except (HubError, CheckpointError, OSError, ValueError) as e:
+        raise UsageError(str(e).replace("\n", " ")) from None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    return processor, model
+
+
+def open_image(ref: str):
+    from PIL import Image
+
+    if ref.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(ref, timeout=30) as r:
+                data = r.read()
+        except OSError as e:
+            raise UsageError(f"cannot download {ref}: {e}") from None
+        try:
+            return Image.open(io.BytesIO(data))
+        except OSError:
+            raise UsageError(f"{ref} is not an image") from None
+    return ref  # a path: the processor opens it and names it in any error
+
+
+def answer(processor, model, conversation, images, args) -> str:
+    """Stream the reply to stdout and return it."""
+    from .generation import TextStreamer
+
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, prompt_format=args.prompt_format)
+    try:
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    n, context = inputs["input_ids"].shape[1], model.config.text_config.max_position_embeddings
+    if n >= context:
+        raise UsageError(f"the prompt is {n} tokens, the model's context is {context}: use fewer or smaller images "
+                         "or a shorter prompt")
+    inputs = inputs.to(model.device)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(**inputs, max_new_tokens=min(args.max_new_tokens, context - n), do_sample=args.do_sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty, streamer=streamer)
+    return processor.decode(out[0, n:], skip_special_tokens=True).strip()
+
+
+def user_turn(text: str, n_images: int) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+def with_system(conversation, system):
+    return ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + conversation
+
+
+def run_generate(args) -> int:
+    images = [open_image(i) for i in args.image]
+    processor, model = load(args)
+    answer(processor, model, with_system([user_turn(args.prompt, len(images))], args.system), images, args)
+    return 0
+
+
+def run_chat(args) -> int:
+    processor, model = load(args)
+    conversation, images = [], [open_image(i) for i in args.image]
+    pending = len(images)  # images not yet placed in a user turn
+    print("Chat with LLaVA-NeXT. /image PATH attaches an image to your next message, /reset starts over, "
+          "/quit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            conversation, images, pending = [], [], 0
+            continue
+        if line.startswith("/image"):
+            ref = line[len("/image"):].strip()
+            if not ref or (not ref.startswith(("http://", "https://")) and not os.path.isfile(ref)):
+                print(f"image file not found: {ref or '(none given)'}", file=sys.stderr)
+                continue
+            try:
+                images.append(open_image(ref))
+            except UsageError as e:
+                print(e, file=sys.stderr)
+                continue
+            pending += 1
+            continue
+        conversation.append(user_turn(line, pending))
+        print("assistant> ", end="", flush=True)
+        try:
+            reply = answer(processor, model, with_system(conversation, args.system), images, args)
+        except UsageError as e:  # the turn is dropped; its images stay attached for the next try
+            print(f"\nerror: {e}", file=sys.stderr)
+            conversation.pop()
+            continue
+        pending = 0
+        conversation.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
