@@ -1,0 +1,293 @@
+"""The text tokenizer of a LLaVA-NeXT checkpoint: sentencepiece plus the added tokens.
+
+Ids equal transformers' `LlamaTokenizer(legacy=True)` (the tokenizer LLaVA was trained with):
+the text is split on added and special tokens (`<image>`, `<s>`, `</s>`, `<unk>`, `<pad>`,
+`<|im_start|>`, ...), and each piece of text between them goes through sentencepiece on its own,
+so each gets its own dummy prefix: "[INST] <image>\\nWhat" -> `[INST]▁`, `<image>`, `▁\\nWhat`.
+Decoding follows transformers' decoder chain: pieces joined, `▁` -> space, byte pieces -> UTF-8,
+one leading space dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import sentencepiece as spm
+import torch
+
+from .hub import resolve_folder
+from .image_processing import BatchFeature
+
+FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+@dataclass
+class AddedToken:
+    content: str
+    special: bool = True
+    lstrip: bool = False  # swallow the whitespace before the token
+    rstrip: bool = False  # swallow the whitespace after it
+
+
+class LlavaNextTokenizer:
+    """sentencepiece `tokenizer.model` + added tokens, with transformers' legacy Llama ids.
+
+    `tokenizer(text or texts, padding=False, return_tensors=None)` -> BatchFeature(input_ids,
+    attention_mask); `decode(ids, skip_special_tokens=False)`; `padding_side` "left" or "right".
+    """
+
+    def __init__(self, model_file: str, added_tokens: dict[int, AddedToken] | None = None,
+                 bos_token: str | None = "<s>", eos_token: str | None = "</s>", unk_token: str | None = "<unk>",
+                 pad_token: str | None = None, additional_special_tokens=(), add_bos_token: bool = True,
+                 add_eos_token: bool = False, padding_side: str = "left"):
+        self.sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        self.padding_side = padding_side
+        # Whether sentencepiece puts a `▁` in front of every text: decoding drops it again.
+        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("▁")
+        self._added: dict[str, int] = {}
+        self._added_by_id: dict[int, AddedToken] = {}
+        self._splitter = None  # (tokens, regex), rebuilt when the tokens change
+        for token_id, token in sorted((added_tokens or {}).items()):
+            self._add(token, int(token_id))
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        self.additional_special_tokens = list(additional_special_tokens)
+        for name in SPECIAL_NAMES:  # named special tokens the vocabulary lacks get new ids, as in transformers
+            self._ensure(getattr(self, name))
+        for token in self.additional_special_tokens:
+            self._ensure(token)
+
+    def _add(self, token: AddedToken, token_id: int) -> None:
+        self._added[token.content] = token_id
+        self._added_by_id[token_id] = token
+
+    def _ensure(self, content: str | None) -> None:
+        if content is not None and content not in self._added and self._piece_id(content) is None:
+            self._add(AddedToken(content), len(self))
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    # ---- vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """sentencepiece pieces, without the added tokens (transformers' meaning)."""
+        return self.sp.get_piece_size()
+
+    def __len__(self) -> int:
+        return max(self.vocab_size, max(self._added_by_id, default=-1) + 1)
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            if tokens in self._added:
+                return self._added[tokens]
+            i = self._piece_id(tokens)
+            return i if i is not None else self.unk_token_id
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            if ids in self._added_by_id:
+                return self._added_by_id[ids].content
+            return self.sp.id_to_piece(ids) if 0 <= ids < self.vocab_size else None
+        return [self.convert_ids_to_tokens(int(i)) for i in ids]
+
+    def _token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.convert_tokens_to_ids(token)
+
+    bos_token_id = property(lambda self: self._token_id(self.bos_token))
+    eos_token_id = property(lambda self: self._token_id(self.eos_token))
+    unk_token_id = property(lambda self: self._token_id(self.unk_token) if self.unk_token else self.sp.unk_id())
+    pad_token_id = property(lambda self: self._token_id(self.pad_token))
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        named = [getattr(self, n) for n in SPECIAL_NAMES] + self.additional_special_tokens
+        added = [t.content for t in self._added_by_id.values() if t.special]
+        return list(dict.fromkeys(t for t in named + added if t is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.convert_tokens_to_ids(t) for t in self.all_special_tokens]
+
+    # ---- encoding ----------------------------------------------------------------------------
+
+    def _split(self, text: str) -> list[str | int]:
+        """Text pieces and token ids, in order: the added/special tokens cut the text."""
+        tokens = frozenset(self._added) | frozenset(self.all_special_tokens)
+        if self._splitter is None or self._splitter[0] != tokens:  # pad_token etc. may be set later
+            # Longest first, so that the regex's leftmost match is also the longest one there.
+            alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True) if t)
+            self._splitter = tokens, re.compile(alternatives or r"(?!)")
+        parts, pos, strip_next = [], 0, False
+        for m in self._splitter[1].finditer(text):
+            token = self._added_by_id.get(self._added.get(m.group()), AddedToken(m.group()))
+            before = text[pos:m.start()]
+            before = before.lstrip() if strip_next else before
+            parts += [before.rstrip() if token.lstrip else before, self.convert_tokens_to_ids(m.group())]
+            pos, strip_next = m.end(), token.rstrip
+        rest = text[pos:]
+        parts.append(rest.lstrip() if strip_next else rest)
+        return [p for p in parts if p != ""]  # empty text between two tokens encodes to nothing
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = []
+        for part in self._split(text):
+            ids += [part] if isinstance(part, int) else self.sp.encode(part)
+        if add_special_tokens:
+            ids = [self.bos_token_id] * self.add_bos_token + ids + [self.eos_token_id] * self.add_eos_token
+        return ids
+
+    def __call__(self, text, padding=False, return_tensors: str | None = None, add_special_tokens: bool = True,
+                 padding_side: str | None = None, **unused) -> BatchFeature:
+        if isinstance(text, str):
+            ids = [self.encode(text, add_special_tokens)]
+        else:
+            ids = [self.encode(t, add_special_tokens) for t in text]
+        out = self.pad(ids, padding=padding, return_tensors=return_tensors, padding_side=padding_side)
+        if isinstance(text, str) and return_tensors is None:
+            out = BatchFeature({k: v[0] for k, v in out.items()})
+        return out
+
+    def pad(self, ids: list[list[int]], padding=True, return_tensors: str | None = None,
+            padding_side: str | None = None) -> BatchFeature:
+        """BatchFeature(input_ids, attention_mask) from id lists; padding=True pads to the longest."""
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        masks = [[1] * len(x) for x in ids]
+        longest = max((len(x) for x in ids), default=0)
+        if padding in (True, "longest") and any(len(x) < longest for x in ids):
+            if self.pad_token_id is None:
+                raise ValueError("padding needs a pad token and this tokenizer has none; set one, e.g. "
+                                 "`tokenizer.pad_token = tokenizer.unk_token`")
+            for i in range(len(ids)):
+                fill = longest - len(ids[i])
+                if side == "left":
+                    ids[i], masks[i] = [self.pad_token_id] * fill + ids[i], [0] * fill + masks[i]
+                else:
+                    ids[i], masks[i] = ids[i] + [self.pad_token_id] * fill, masks[i] + [0] * fill
+        elif padding not in (False, True, "longest", "do_not_pad"):
+            raise ValueError(f"padding={padding!r} is not supported; use True ('longest') or False")
+        if return_tensors == "pt":
+            if len({len(x) for x in ids}) > 1:
+                raise ValueError(f"texts encode to different lengths {sorted({len(x) for x in ids})}; "
+                                 "pass padding=True to return one tensor")
+            return BatchFeature(input_ids=torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
+                                attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(ids), -1))
+        return BatchFeature(input_ids=ids, attention_mask=masks)
+
+    # ---- decoding ----------------------------------------------------------------------------
+
+    def decode(self, ids, skip_special_tokens: bool = False, **unused) -> str:
+        if torch.is_tensor(ids):
+            ids = ids.reshape(-1).tolist()
+        skip = set(self.all_special_ids) if skip_special_tokens else ()
+        out, byte_run = [], bytearray()
+        for i in map(int, ids):
+            if i in skip:
+                continue
+            if i not in self._added_by_id and 0 <= i < self.vocab_size and self.sp.is_byte(i):
+                byte_run.append(int(self.sp.id_to_piece(i)[3:5], 16))  # "<0x0A>" -> 10
+                continue
+            if byte_run:
+                out.append(_bytes_to_text(byte_run))
+                byte_run = bytearray()
+            token = self.convert_ids_to_tokens(i)
+            if token is not None:  # ids past the vocabulary (the model's padding rows) are dropped
+                out.append(token.replace("▁", " "))
+        if byte_run:
+            out.append(_bytes_to_text(byte_run))
+        text = "".join(out)
+        return text[1:] if self._dummy_prefix and text.startswith(" ") else text
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **unused) -> list[str]:
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+    # ---- reading and writing ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision: str | None = None, **overrides) -> "LlavaNextTokenizer":
+        """From a folder or hub repo id with `tokenizer.model` and transformers' tokenizer json files."""
+        folder = resolve_folder(name_or_path, FILES, revision=revision)
+        model_file = os.path.join(folder, "tokenizer.model")
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"{folder} has no tokenizer.model; this tokenizer reads sentencepiece models "
+                                    "(a folder with only tokenizer.json is not supported)")
+        config = _read_json(folder, "tokenizer_config.json")
+        special_map = _read_json(folder, "special_tokens_map.json")
+        added = {int(i): AddedToken(t["content"], t.get("special", True), t.get("lstrip", False),
+                                    t.get("rstrip", False))
+                 for i, t in config.get("added_tokens_decoder", {}).items()}
+        names = {n: _content(config[n]) for n in SPECIAL_NAMES if n in config}
+        names.update({n: _content(special_map[n]) for n in SPECIAL_NAMES if n in special_map})  # it wins
+        extra = [_content(t) for key in ("additional_special_tokens", "extra_special_tokens")
+                 for source in (config, special_map) for t in (source.get(key) or [])]
+        extra = list(dict.fromkeys(extra))
+        for content, i in _read_json(folder, "added_tokens.json").items():  # the older format
+            added.setdefault(int(i), AddedToken(content, special=content in extra or content in names.values()))
+        kwargs = dict(added_tokens=added, additional_special_tokens=extra,
+                      add_bos_token=config.get("add_bos_token", True), add_eos_token=config.get("add_eos_token", False),
+                      padding_side=config.get("padding_side", "left"), **names)
+        return cls(model_file, **{**kwargs, **overrides})
+
+    def save_pretrained(self, folder) -> None:
+        """tokenizer.model, tokenizer_config.json and special_tokens_map.json, as transformers writes them."""
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+            f.write(self.sp.serialized_model_proto())
+        named = {n: getattr(self, n) for n in SPECIAL_NAMES if getattr(self, n) is not None}
+        decoder = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": False, "rstrip": t.rstrip,
+                            "single_word": False, "special": t.special}
+                   for i, t in sorted(self._added_by_id.items())}
+        config = {"add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
+                  "added_tokens_decoder": decoder, "additional_special_tokens": self.additional_special_tokens,
+                  "clean_up_tokenization_spaces": False, "legacy": True, "padding_side": self.padding_side,
+                  "tokenizer_class": "LlamaTokenizer", **named}
+        _write_json(folder, "tokenizer_config.json", config)
+        _write_json(folder, "special_tokens_map.json",
+                    {**named, "additional_special_tokens": self.additional_special_tokens})
+
+    def __repr__(self):
+        return (f"LlavaNextTokenizer(vocab_size={self.vocab_size}, added={len(self._added)}, "
+                f"bos={self.bos_token!r}, eos={self.eos_token!r}, pad={self.pad_token!r}, "
+                f"padding_side={self.padding_side!r})")
+
+
+def _bytes_to_text(run: bytearray) -> str:
+    # transformers' ByteFallback: a run that is not valid UTF-8 becomes one U+FFFD per byte.
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
+
+
+def _content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _write_json(folder: str, name: str, data: dict) -> None:
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
