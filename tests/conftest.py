@@ -2,6 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before
+# anything imports triton (it is read when @triton.jit decorates).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Real images, tokenizer models and checkpoint configs live beside the checkout, read-only.
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
