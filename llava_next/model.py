@@ -191,6 +191,15 @@ class LlavaNextForConditionalGeneration(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def gradient_checkpointing_enable(self, vision: bool = True, language: bool = True):
+        """Recompute each decoder layer's / vision layer's activations in backward instead of storing
+        them (training only: it is off under no_grad and in eval mode)."""
+        self.vision_tower.vision_model.gradient_checkpointing = vision
+        self.language_model.model.gradient_checkpointing = language
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing_enable(vision=False, language=False)
+
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):
         """transformers-shaped generation; see `llava_next.generation.generate` for the arguments."""
         from .generation import generate

@@ -26,7 +26,7 @@ from .flash_attention import _offset_arg
 # lse_s = m + log2(l) (log2 domain; -inf for a slice that saw no key, e.g. past q_offset).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_offset", "window"])
 def _decode_split_kernel(
     Q, K, V, KvMask, QOffset, PartO, PartLse,
     stride_qb, stride_qh, stride_qd,
@@ -36,7 +36,8 @@ def _decode_split_kernel(
     stride_offb,
     stride_pob, stride_poh, stride_pos, stride_pod,
     stride_plb, stride_plh, stride_pls,
-    GROUP, Tmax, D, q_offset, window, qk_scale, split_len,
+    GROUP, Tmax, q_offset, window, qk_scale, split_len,
+    HEAD_DIM: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_KV_MASK: tl.constexpr,
     OFFSET_FROM_PTR: tl.constexpr,
@@ -66,7 +67,7 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     h = kv_h * GROUP + offs_h
     h_ok = offs_h < GROUP
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
     k_base = K + b * stride_kb + kv_h * stride_kh
@@ -210,7 +211,8 @@ def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_win
         *(mask_t.stride() if mask_t is not None else (0, 0)),
         stride_offb,
         *part_o.stride(), *part_lse.stride(),
-        group, Tmax, D, offset, int(sliding_window or 0), scale * 1.4426950408889634, split_len,
+        group, Tmax, offset, int(sliding_window or 0), scale * 1.4426950408889634, split_len,
+        HEAD_DIM=D,
         HAS_WINDOW=sliding_window is not None,
         HAS_KV_MASK=kv_mask is not None,
         OFFSET_FROM_PTR=offset_t is not None,

@@ -40,9 +40,10 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q, q_pos,
     k_base, v_base, mask_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
-    qk_scale, window, Tk, D,
+    qk_scale, window, Tk,
     lo, hi,
     offs_n0, offs_d,
+    HEAD_DIM: tl.constexpr,
     MASK_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
@@ -58,11 +59,11 @@ def _attn_fwd_inner(
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
         if MASK_BLOCK:
             in_k = offs_n < Tk
-            kt = tl.load(kt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
-            v = tl.load(v_ptrs, mask=in_k[:, None] & (offs_d[None, :] < D), other=0.0)
+            kt = tl.load(kt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=in_k[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         elif PAD_D:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
             kt = tl.load(kt_ptrs)
             v = tl.load(v_ptrs)
@@ -80,8 +81,10 @@ def _attn_fwd_inner(
             qk = tl.where((keep != 0)[None, :], qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if MASK_BLOCK or HAS_KV_MASK:
-            # a row with nothing visible yet keeps m = -inf; subtract 0 instead of -inf (NaN)
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead of -inf (NaN)
+        if MASK_BLOCK:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        elif HAS_KV_MASK:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
@@ -94,7 +97,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "window"])  # no recompiles per length
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, KvMask, QOffset,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -104,8 +107,9 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_maskb, stride_maskn,
     stride_offb,
-    H, GROUP, Tq, Tk, D,
+    H, GROUP, Tq, Tk,
     q_offset, window, qk_scale,
+    HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_KV_MASK: tl.constexpr,
@@ -135,7 +139,7 @@ def _attn_fwd_kernel(
     q_pos = q_offset + offs_m  # key index each query row sits at
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D), other=0.0)
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     mask_base = KvMask + b * stride_maskb
@@ -160,31 +164,31 @@ def _attn_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    PAD_D: tl.constexpr = BLOCK_D != D
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     if HAS_WINDOW:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
-            qk_scale, window, Tk, D, lo, full_lo, offs_n0, offs_d,
+            qk_scale, window, Tk, lo, full_lo, offs_n0, offs_d, HEAD_DIM,
             True, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION,
         )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
-        qk_scale, window, Tk, D, full_lo, full_hi, offs_n0, offs_d,
+        qk_scale, window, Tk, full_lo, full_hi, offs_n0, offs_d, HEAD_DIM,
         False, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
-        qk_scale, window, Tk, D, diag_lo, hi, offs_n0, offs_d,
+        qk_scale, window, Tk, diag_lo, hi, offs_n0, offs_d, HEAD_DIM,
         True, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION,
     )
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
     if STORE_LSE:
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=offs_m < Tq)
@@ -279,8 +283,9 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
         *(lse.stride() if lse is not None else (0, 0, 0)),
         *(mask_t.stride() if mask_t is not None else (0, 0)),
         stride_offb,
-        Hq, Hq // Hkv, Tq, Tk, D,
+        Hq, Hq // Hkv, Tq, Tk,
         offset, int(sliding_window or 0), scale * 1.4426950408889634,
+        HEAD_DIM=D,
         CAUSAL=bool(causal),
         HAS_WINDOW=sliding_window is not None,
         HAS_KV_MASK=kv_mask is not None,

@@ -21,7 +21,7 @@ import triton.language as tl
 # rounds after each product: the two agree to about one ulp).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "cache_pos"])  # decode steps reuse one binary
 def _rope_kv_write_kernel(
     Q, K, V, PosIds, InvFreq, KCache, VCache, QOut, CachePos,
     stride_qb, stride_qt, stride_qh, stride_qd,
