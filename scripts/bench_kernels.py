@@ -1,0 +1,245 @@
+"""Benchmark the Triton kernels against torch SDPA / the eager references on the same inputs.
+
+    python scripts/bench_kernels.py                  # on a GPU, bf16
+    python scripts/bench_kernels.py --sweep          # also try alternative tile configs
+    python scripts/bench_kernels.py --json out.json  # keep the numbers
+    python scripts/bench_kernels.py --device cpu     # seconds-long smoke run (Triton interpreter)
+
+Attention is reported in TFLOP/s (causal counts half the square), everything else in GB/s of
+the minimal bytes each op must move (decode: the valid K/V cache once). ratio = baseline time /
+our time, so > 1 means the kernel wins.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--json", help="write the rows to this JSON file")
+    p.add_argument("--sweep", action="store_true", help="also time alternative tile configs (GPU)")
+    return p.parse_args()
+
+
+args = parse_args()
+if args.device == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from llava_next.kernels import (  # noqa: E402
+    decode_attention,
+    flash_attention,
+    rms_norm,
+    rms_norm_reference,
+    rope_kv_write,
+    rope_kv_write_reference,
+    silu_mul,
+    silu_mul_reference,
+)
+from llava_next.kernels.decode_attention import _decode_config  # noqa: E402
+from llava_next.kernels.flash_attention import _flash_attention_forward  # noqa: E402
+
+GPU = args.device == "cuda"
+DEV = args.device
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+if not GPU:
+    DTYPE = torch.float16  # the interpreter gets bf16 wrong
+ROWS = []
+
+
+def bench(fn):
+    """Milliseconds per call: median of triton's do_bench on a GPU, one timed call on CPU."""
+    if GPU:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def row(kernel, shape, unit, work, ours, base_name, base, note=""):
+    """work: FLOPs (unit TFLOP/s) or bytes (unit GB/s)."""
+    scale = 1e12 if unit == "TFLOP/s" else 1e9
+    r = dict(kernel=kernel, shape=shape, unit=unit, ours_ms=ours, ours=work / (ours * 1e-3) / scale,
+             baseline=base_name, base_ms=base, base=work / (base * 1e-3) / scale if base else None,
+             ratio=base / ours if base else None, note=note)
+    ROWS.append(r)
+    return r
+
+
+def print_table():
+    head = f"{'kernel':<16}{'shape':<34}{'ours ms':>9}{'ours':>10}  {'unit':<8}{'baseline':<18}{'base ms':>9}{'base':>10}{'ratio':>7}  note"
+    print(head)
+    print("-" * len(head))
+    for r in ROWS:
+        base = f"{r['base']:10.4g}" if r["base"] is not None else f"{'-':>10}"
+        base_ms = f"{r['base_ms']:9.3f}" if r["base_ms"] is not None else f"{'-':>9}"
+        ratio = f"{r['ratio']:7.2f}" if r["ratio"] is not None else f"{'-':>7}"
+        print(f"{r['kernel']:<16}{r['shape']:<34}{r['ours_ms']:9.3f}{r['ours']:10.4g}  {r['unit']:<8}"
+              f"{r['baseline']:<18}{base_ms}{base}{ratio}  {r['note']}")
+
+
+def sdpa_gqa(q, k, v, causal, mask=None):
+    """torch SDPA with kv heads shared natively when this torch supports it."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    try:
+        F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], attn_mask=None, enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        k2, v2 = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # expanded outside the timing
+        return lambda: F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask, is_causal=causal)
+
+
+def bench_attention(name, B, Hq, Hkv, T, D, causal):
+    q = torch.randn(B, Hq, T, D, device=DEV, dtype=DTYPE)
+    k = torch.randn(B, Hkv, T, D, device=DEV, dtype=DTYPE)
+    v = torch.randn(B, Hkv, T, D, device=DEV, dtype=DTYPE)
+    flops = 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
+    ours = bench(lambda: flash_attention(q, k, v, causal=causal))
+    base = bench(sdpa_gqa(q, k, v, causal)) if GPU else None
+    shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
+    row(name, shape, "TFLOP/s", flops, ours, "torch SDPA" if GPU else "-", base)
+    if args.sweep and GPU:
+        best = None
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+                             (128, 32, 4, 4), (128, 128, 8, 3), (64, 128, 4, 3)]:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            try:
+                ms = bench(lambda: _flash_attention_forward(q, k, v, causal, config=cfg))
+            except Exception as e:  # e.g. out of shared memory for this tile
+                print(f"  sweep {name} {cfg}: failed ({type(e).__name__})")
+                continue
+            tf = flops / (ms * 1e-3) / 1e12
+            print(f"  sweep {name} BM{bm} BN{bn} w{w} s{s}: {ms:.3f} ms {tf:.1f} TFLOP/s")
+            best = max(best or (0, None), (tf, cfg), key=lambda x: x[0])
+        if best and best[1]:
+            print(f"  sweep {name} best: {best[1]} {best[0]:.1f} TFLOP/s")
+
+
+def bench_decode(B, Hq, Hkv, L, Tmax, D):
+    q = torch.randn(B, Hq, 1, D, device=DEV, dtype=DTYPE)
+    k_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
+    v_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
+    offset = torch.full((B,), L - 1, device=DEV, dtype=torch.int64)
+    elem = k_cache.element_size()
+    nbytes = 2 * B * Hkv * L * D * elem + 2 * B * Hq * D * elem  # valid K and V once, q in, out
+    ours = bench(lambda: decode_attention(q, k_cache, v_cache, q_offset=offset))
+    base = None
+    if GPU:  # SDPA over the valid slice of the cache (the most favourable baseline)
+        k_valid, v_valid = k_cache[:, :, :L], v_cache[:, :, :L]
+        base = bench(sdpa_gqa(q, k_valid, v_valid, False))
+    cfg = _decode_config(B, Hkv, Tmax, DTYPE, q.device)
+    note = f"splits={cfg['NUM_SPLITS']}x{cfg['SPLIT_LEN']}"
+    if GPU:
+        peak = peak_bandwidth_gbs()
+        if peak:
+            note += f", {100 * nbytes / (ours * 1e-3) / 1e9 / peak:.0f}% of {peak / 1e3:.2f} TB/s"
+    row("decode_attn", f"B{B} H{Hq}/{Hkv} L{L}/{Tmax} D{D}", "GB/s", nbytes, ours,
+        "SDPA on cache" if GPU else "-", base, note)
+    if args.sweep and GPU:
+        for block_n, warps, stages, mult in [(64, 4, 3, 4), (32, 4, 4, 4), (64, 4, 4, 8), (128, 8, 3, 4), (64, 4, 3, 2)]:
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            splits = max(1, min(-(-mult * sms // (B * Hkv)), -(-Tmax // (2 * block_n))))
+            split_len = -(-(-(-Tmax // splits)) // block_n) * block_n
+            cfg = dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=-(-Tmax // split_len),
+                       num_warps=warps, num_stages=stages)
+            try:
+                ms = bench(lambda: decode_attention(q, k_cache, v_cache, q_offset=offset, config=cfg))
+            except Exception as e:
+                print(f"  sweep decode B{B} {cfg}: failed ({type(e).__name__})")
+                continue
+            print(f"  sweep decode B{B} BN{block_n} w{warps} s{stages} splits{cfg['NUM_SPLITS']}: "
+                  f"{ms * 1e3:.1f} us {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+
+
+def peak_bandwidth_gbs():
+    name = torch.cuda.get_device_name()
+    for key, gbs in (("H200", 4800), ("H100", 3350), ("A100", 2039), ("L40", 864)):
+        if key in name:
+            return gbs
+    return None
+
+
+def bench_rope(B, T, Hq, Hkv, D, Tmax):
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEV, dtype=DTYPE)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+    pos = torch.arange(T, device=DEV)[None].expand(B, T) + 100
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
+    k_cache = torch.zeros(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
+    v_cache = torch.zeros_like(k_cache)
+    pos_t = torch.tensor(7, device=DEV)
+    nbytes = 2 * B * T * (Hq + 2 * Hkv) * D * qkv.element_size()
+    ours = bench(lambda: rope_kv_write(q, k, v, pos, inv, k_cache, v_cache, pos_t))
+    base = bench(lambda: rope_kv_write_reference(q, k, v, pos, inv, k_cache, v_cache, 7))
+    row("rope_kv_write", f"B{B} T{T} H{Hq}/{Hkv} D{D}", "GB/s", nbytes, ours, "eager reference", base)
+
+
+def bench_rms_norm(M, N):
+    x = torch.randn(M, N, device=DEV, dtype=DTYPE)
+    w = torch.randn(N, device=DEV, dtype=DTYPE)
+    nbytes = 2 * M * N * x.element_size() + N * w.element_size()
+    ours = bench(lambda: rms_norm(x, w, 1e-5))
+    base = bench(lambda: rms_norm_reference(x, w, 1e-5))
+    row("rms_norm", f"{M}x{N}", "GB/s", nbytes, ours, "eager reference", base)
+
+
+def bench_silu_mul(M, N):
+    gate_up = torch.randn(M, 2 * N, device=DEV, dtype=DTYPE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    nbytes = 3 * M * N * gate.element_size()
+    ours = bench(lambda: silu_mul(gate, up))
+    base = bench(lambda: F.silu(gate) * up)
+    row("silu_mul", f"{M}x{N}", "GB/s", nbytes, ours, "eager silu*up", base)
+
+
+def main():
+    if GPU and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu for the interpreter smoke test")
+    torch.manual_seed(0)
+    if GPU:
+        print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {DTYPE}")
+        bench_attention("prefill_attn", 1, 32, 8, 3000, 128, True)
+        bench_attention("prefill_attn", 1, 32, 32, 3000, 128, True)
+        bench_attention("vision_attn", 5, 16, 16, 577, 64, False)
+        for B in (1, 8, 32):
+            bench_decode(B, 32, 8, 3000, 3072, 128)
+        bench_decode(32, 32, 32, 3000, 3072, 128)
+        bench_rope(1, 3000, 32, 8, 128, 4096)
+        bench_rope(32, 1, 32, 8, 128, 4096)
+        bench_rms_norm(3000, 4096)
+        bench_rms_norm(32, 4096)
+        bench_silu_mul(3000, 14336)
+        bench_silu_mul(32, 14336)
+    else:  # interpreter smoke: tiny shapes, timings meaningless
+        print(f"CPU smoke run under the Triton interpreter ({DTYPE}); times are not performance")
+        bench_attention("prefill_attn", 1, 4, 2, 40, 64, True)
+        bench_attention("vision_attn", 1, 2, 2, 33, 40, False)
+        bench_decode(2, 4, 2, 50, 64, 64)
+        bench_rope(1, 5, 4, 2, 64, 16)
+        bench_rms_norm(4, 256)
+        bench_silu_mul(4, 256)
+    print_table()
+    if args.json:
+        meta = dict(device=torch.cuda.get_device_name() if GPU else "cpu-interpreter", torch=torch.__version__,
+                    dtype=str(DTYPE))
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=ROWS), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
