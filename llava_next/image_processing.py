@@ -158,6 +158,9 @@ class LlavaNextImageProcessor:
         if not images:
             raise ValueError("no images given")
         T = self.tile_size
+        for image in images:
+            if isinstance(image, Image.Image):
+                image.load()  # decode a lazily opened image once, here: threads would race on it
         # Decoding, PIL resizes and numpy gathers release the GIL: threads use every core.
         with ThreadPoolExecutor(max_workers=min(self.num_threads, 2 * len(images))) as pool:
             loaded = list(pool.map(self.load_rgb, images, [f"image {i}" for i in range(len(images))]))

@@ -1,0 +1,190 @@
+"""Our sentencepiece tokenizer against transformers' legacy Llama tokenizer (see oracle_processor)."""
+
+import json
+
+import pytest
+import torch
+
+from llava_next.tokenizer import LlavaNextTokenizer
+from oracle_processor import added_token, oracle_decoder, oracle_tokenizer, write_checkpoint
+
+CORPUS = [
+    "", " ", "  ", "\n", "\t", "\n\n", " \n ", "a", "Hello world", " leading space", "trailing space ",
+    "  two leading", "two trailing  ", "line one\nline two", "tab\tseparated\tvalues", "mixed \t\n whitespace",
+    "1234567890", "3.14159 and 2,718", "x = 42; y = -7", "1st 2nd 3rd 10th", "Ünïcödé çåfé", "日本語のテキスト",
+    "Привет, мир", "emoji 😀🎉👍🏽 and text", "🤖", "e\u0301 vs é", "ﬁ ligature", "zero\u200bwidth",
+    "<image>", "<image>\n", "\n<image>", " <image> ", "<image>word", "word<image>", "a<image>b<image>c",
+    "<image><image>", "<image>\n<image>\nTwo images.", "[INST] <image>\nWhat is shown in this image? [/INST]",
+    "USER: <image>\nDescribe the image:\nASSISTANT:", "<s>", "</s>", "<unk>", "<s> starts", "ends</s>",
+    "a</s>b", "<s><s></s>", "x <unk> y", "<pad>", "pad<pad>pad", "<|im_start|>user\nhi<|im_end|>",
+    "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>assistant\n", "<<SYS>>\nS\n<</SYS>>\n\n",
+    " A chart. </s>[INST] Explain. [/INST]", "<im", "image>", "<image", "<ima ge>", "code:\n    def f(x):\n        return x",
+    "URL https://example.com/a?b=c&d=e", "\u00a0non-breaking", "a" * 300, "  \n\t  ",
+]
+
+
+@pytest.fixture(scope="module", params=["mistral", "llama"])
+def pair(request, tmp_path_factory):
+    folder = write_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    return LlavaNextTokenizer.from_pretrained(folder), oracle_tokenizer(folder), folder
+
+
+def test_corpus_is_large_enough():
+    assert len(CORPUS) >= 50
+
+
+def test_ids_match_reference(pair):
+    ours, oracle, _ = pair
+    for text in CORPUS:
+        assert ours.encode(text) == oracle(text)["input_ids"], repr(text)
+        assert ours(text)["input_ids"] == oracle(text)["input_ids"], repr(text)
+
+
+def test_decode_matches_reference(pair):
+    ours, _, folder = pair
+    decoder = oracle_decoder(folder)
+    for text in CORPUS:
+        ids = ours.encode(text)
+        assert ours.decode(ids) == decoder.decode(ids), repr(text)
+        assert ours.decode(ids, skip_special_tokens=True) == decoder.decode(ids, skip_special_tokens=True), repr(text)
+    batch = [ours.encode(t) for t in CORPUS[:8]]
+    assert ours.batch_decode(batch, skip_special_tokens=True) == decoder.batch_decode(batch, skip_special_tokens=True)
+
+
+def test_reference_prompt_ids_and_decoding(tmp_path):
+    # REFERENCE.md's externally written ids for the mistral prompt: a lone "▁" on both sides of <image>.
+    ours = LlavaNextTokenizer.from_pretrained(write_checkpoint(tmp_path, "mistral"))
+    ids = ours.encode("[INST] <image>\nWhat is shown in this image? [/INST]")
+    assert ids[:9] == [1, 733, 16289, 28793, 28705, 32000, 28705, 13, 3195]
+    assert ours.decode(ids, skip_special_tokens=True) == "[INST]  \nWhat is shown in this image? [/INST]"
+    assert ours.decode(torch.tensor([ids])) == ours.decode(ids)
+
+
+def test_special_token_ids(pair):
+    ours, oracle, _ = pair
+    assert (ours.bos_token_id, ours.eos_token_id, ours.unk_token_id) == (1, 2, 0)
+    assert ours.pad_token_id == oracle.pad_token_id and ours.pad_token == oracle.pad_token
+    assert ours.convert_tokens_to_ids("<image>") == 32000
+    assert sorted(ours.all_special_ids) == sorted(oracle.all_special_ids)
+    assert len(ours) == len(oracle)
+    assert ours.convert_ids_to_tokens([1, 32000, 13]) == oracle.convert_ids_to_tokens([1, 32000, 13])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_reference(pair, side):
+    ours, oracle, _ = pair
+    texts = ["short", "a somewhat longer text with <image> inside", "", "mid length\ntext"]
+    a = ours(texts, padding=True, return_tensors="pt", padding_side=side)
+    oracle.padding_side = side
+    b = oracle(texts, padding=True, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    ours.padding_side = side  # the attribute works the same as the argument
+    assert torch.equal(ours(texts, padding=True, return_tensors="pt")["input_ids"], a["input_ids"])
+    ours.padding_side = "left"
+
+
+def test_unpadded_batch_and_errors(pair):
+    ours, _, _ = pair
+    out = ours(["a", "b c d"])
+    assert [len(x) for x in out["input_ids"]] == [len(ours.encode("a")), len(ours.encode("b c d"))]
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(["a", "b c d"], return_tensors="pt")
+
+
+def test_save_and_reload(pair, tmp_path):
+    ours, _, _ = pair
+    ours.save_pretrained(tmp_path)
+    again = LlavaNextTokenizer.from_pretrained(tmp_path)
+    for text in CORPUS:
+        assert again.encode(text) == ours.encode(text), repr(text)
+    assert (again.pad_token, again.padding_side, len(again)) == (ours.pad_token, ours.padding_side, len(ours))
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text())["bos_token"] == "<s>"
+
+
+def test_older_files_added_tokens_json_and_special_tokens_map(tmp_path):
+    folder = write_checkpoint(tmp_path / "new", "mistral")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes())
+    (old / "added_tokens.json").write_text(json.dumps({"<image>": 32000, "<pad>": 32001}))
+    (old / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>"}, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "additional_special_tokens": ["<image>"]}))
+    a, b = LlavaNextTokenizer.from_pretrained(old), LlavaNextTokenizer.from_pretrained(folder)
+    for text in CORPUS:
+        assert a.encode(text) == b.encode(text), repr(text)
+    assert a.decode(a.encode("x<image>y"), skip_special_tokens=True) == "x y"  # "y" got its own "▁"
+
+
+def test_missing_model_file_is_explained(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        LlavaNextTokenizer.from_pretrained(tmp_path)
+
+
+def test_padding_without_pad_token_is_explained(tmp_path):
+    folder = write_checkpoint(tmp_path, "llama")
+    tok = LlavaNextTokenizer.from_pretrained(folder, pad_token=None)
+    with pytest.raises(ValueError, match="pad token"):
+        tok(["a", "b c"], padding=True)
+    tok.pad_token = tok.unk_token
+    assert tok(["a", "b c"], padding=True, return_tensors="pt")["input_ids"][0, 0] == 0
+
+
+def test_lstrip_rstrip_tokens_like_reference(tmp_path):
+    from tokenizers import AddedToken
+
+    folder = write_checkpoint(tmp_path, "mistral")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["32002"] = {**added_token("<mark>"), "lstrip": True, "rstrip": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = LlavaNextTokenizer.from_pretrained(folder)
+    oracle = oracle_tokenizer(write_checkpoint(tmp_path / "plain", "mistral"))
+    oracle.add_tokens([AddedToken("<mark>", lstrip=True, rstrip=True, normalized=False, special=True)],
+                      special_tokens=True)
+    for text in ["a <mark> b", "a\n<mark>\n\nb", "<mark>  x", "x  <mark>"]:
+        assert ours.encode(text) == oracle(text)["input_ids"], repr(text)
+
+
+# ---- Yi-style (34b): a small sentencepiece model trained here -------------------------------------
+
+YI_CORPUS = ["<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is this?<|im_end|>"
+             "<|im_start|>assistant\n", "<|im_start|>user\nhi<|im_end|>", " leading", "trailing ", "数字 123",
+             "emoji 😀", "<image>\n<image>\nTwo", "a<|im_end|>b", "<|startoftext|>text<|endoftext|>", "", "\n\n"]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no-dummy-prefix", "dummy-prefix"])
+def yi_folder(request, tmp_path_factory):
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("yi")
+    lines = ["The assistant answers questions about images.", "What is shown in this image? A chart.",
+             "Describe the picture in detail, please.", "数字と文字 123 456", "user assistant system"] * 40
+    (folder / "corpus.txt").write_text("\n".join(lines))
+    # Yi's layout: unk 0, <|startoftext|> 1, <|endoftext|> 2, reserved 3..5, <|im_start|> 6, <|im_end|> 7.
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, add_dummy_prefix=request.param,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, bos_piece="<|startoftext|>", eos_piece="<|endoftext|>",
+        control_symbols=["<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>"],
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2)
+    added = {"0": added_token("<unk>"), "1": added_token("<|startoftext|>"), "2": added_token("<|endoftext|>"),
+             "6": added_token("<|im_start|>"), "7": added_token("<|im_end|>"), "400": added_token("<image>")}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, "legacy": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
+        "padding_side": "left", "tokenizer_class": "LlamaTokenizer"}))
+    return folder
+
+
+def test_yi_style_tokenizer(yi_folder):
+    ours = LlavaNextTokenizer.from_pretrained(yi_folder)
+    assert ours.vocab_size == 400 and ours.convert_tokens_to_ids("<image>") == ours.vocab_size
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 7, 0)
+    assert ours.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [6, 7]
+    oracle = oracle_tokenizer(yi_folder)
+    for text in YI_CORPUS:
+        assert ours.encode(text) == oracle(text)["input_ids"], repr(text)
+    text = "<|im_start|>assistant\nA chart.<|im_end|>"
+    assert ours.decode(ours.encode(text), skip_special_tokens=True) == "assistant\nA chart."
