@@ -63,11 +63,14 @@ def choose(scores, do_sample, generator=None):
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
-             streamer=None, generator=None, use_cache: bool = True, num_beams: int = 1, **kwargs):
+             streamer=None, generator=None, use_cache: bool = True, num_beams: int = 1,
+             cuda_graph: bool = False, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens.
+    cuda_graph=True (CUDA only) replays the decode step as a CUDA graph, captured on first use for
+    a batch size and kept on the model for later calls that fit its cache.
     """
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
@@ -109,7 +112,16 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
 
-    cache = KVCache.for_model(model, B, T + max_new_tokens)
+    if cuda_graph and device.type == "cuda":
+        graphed = getattr(model, "_graphed_decode", None)
+        if graphed is None or not graphed.fits(B, T + max_new_tokens):
+            model._graphed_decode = graphed = None  # free the old graph's cache first
+            graphed = model._graphed_decode = GraphedDecode(model, B, -(-(T + max_new_tokens) // 256) * 256)
+        cache, step = graphed.cache, graphed
+        cache.reset()
+    else:
+        cache = KVCache.for_model(model, B, T + max_new_tokens)
+        step = lambda token, pos: decode_one_token(model, token, cache, pos)  # noqa: E731
     out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)
     out[:, :T] = input_ids
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
@@ -133,11 +145,41 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 break
         if n == max_new_tokens:
             break
-        logits = decode_one_token(model, token[:, None], cache, cache_pos)
+        logits = step(token[:, None], cache_pos)
         cache_pos += 1
     if streamer is not None:
         streamer.end()
     return out[:, :T + n]
+
+
+class GraphedDecode:
+    """decode_one_token captured in a CUDA graph and replayed: one launch per new token instead of
+    one per kernel. It owns its KV cache, since the graph reads and writes those exact buffers."""
+
+    def __init__(self, model, batch_size: int, max_length: int):
+        device = model.device
+        self.cache = KVCache.for_model(model, batch_size, max_length)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.tensor(max_length - 1, device=device)  # a scratch slot for warm-up and capture
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compiles the Triton kernels and settles the allocator before capture
+                decode_one_token(model, self.token, self.cache, self.pos)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_one_token(model, self.token, self.cache, self.pos)
+        self.cache.reset()
+
+    def fits(self, batch_size: int, length: int) -> bool:
+        return self.cache.batch_size == batch_size and self.cache.max_length >= length
+
+    def __call__(self, token, pos):
+        self.token.copy_(token)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits  # overwritten by the next replay
 
 
 class TextStreamer:

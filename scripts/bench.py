@@ -1,0 +1,284 @@
+"""End-to-end speed on one GPU: time to first token and decode speed, ours vs transformers.
+
+Random weights at the real shapes of a llava-hf checkpoint (speed does not depend on the values);
+both models get the same weights. Reports, for one 672x672 image plus a ~30-token question:
+  - time to first token (TTFT), ours split into vision tower, projector and language-model prefill
+  - decode ms/token at batch 1, 8, 32 (256 new tokens, eos disabled), as (t(N) - t(1)) / (N - 1)
+  - peak GPU memory
+  - decode as a percentage of the memory-bandwidth roofline: bytes one step must read (weights
+    + the KV cache) over the spec bandwidth and over a measured device-to-device copy
+and the same TTFT / decode numbers for transformers' LlavaNextForConditionalGeneration (sdpa) in
+the same process. Prints a table and writes JSON (default bench/results/<card>-<date>.json).
+
+    python scripts/bench.py                          # mistral-7b shapes, bf16, CUDA
+    python scripts/bench.py --preset vicuna-13b --no-hf
+    python scripts/bench.py --device cpu --preset tiny --new-tokens 8   # smoke mode (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from llava_next.anyres import num_image_tokens, num_tiles  # noqa: E402
+from llava_next.config import LlavaNextConfig  # noqa: E402
+from llava_next.generation import prefill  # noqa: E402
+from llava_next.kv_cache import KVCache  # noqa: E402
+from llava_next.loading import legacy_key  # noqa: E402
+from llava_next.model import LlavaNextForConditionalGeneration  # noqa: E402
+
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+              num_attention_heads=16, image_size=336, patch_size=14)
+# The architecture of each llava-hf checkpoint (REFERENCE.md's table).
+PRESETS = {
+    "mistral-7b": dict(text=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
+                                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                 rope_theta=1e6, vocab_size=32064, sliding_window=None, max_position_embeddings=32768,
+                                 rms_norm_eps=1e-5), image_token_index=32000),
+    "vicuna-7b": dict(text=dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, rope_theta=1e4, vocab_size=32064,
+                                max_position_embeddings=4096, rms_norm_eps=1e-5), image_token_index=32000),
+    "vicuna-13b": dict(text=dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                 num_attention_heads=40, num_key_value_heads=40, rope_theta=1e4, vocab_size=32064,
+                                 max_position_embeddings=4096, rms_norm_eps=1e-5), image_token_index=32000),
+    "34b": dict(text=dict(model_type="llama", hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
+                          num_attention_heads=56, num_key_value_heads=8, rope_theta=5e6, vocab_size=64064,
+                          max_position_embeddings=4096, rms_norm_eps=1e-5), image_token_index=64000),
+    # CPU smoke test: the same code paths at toy sizes (28 px tiles of 14 px patches).
+    "tiny": dict(text=dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, vocab_size=32064,
+                           sliding_window=None, max_position_embeddings=4096, rms_norm_eps=1e-5),
+                 vision=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14),
+                 pinpoints=[[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]], image=(56, 56),
+                 image_token_index=32000),
+}
+SPEC_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM datasheets
+
+
+def config_for(preset: str) -> dict:
+    p = PRESETS[preset]
+    return dict(text_config=p["text"], vision_config=p.get("vision", VISION), image_token_index=p["image_token_index"],
+                image_grid_pinpoints=p.get("pinpoints", PINPOINTS), vision_feature_layer=-2,
+                vision_feature_select_strategy="default")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, runs: int) -> float:
+    """Median wall time of fn() in seconds, synchronised around each run (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def build_ours(cfg_dict, device, dtype, attn):
+    config = LlavaNextConfig.from_dict(cfg_dict)
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(config, attn_implementation=attn, device=device)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    return model.eval()
+
+
+def build_hf(cfg_dict, ours, device, dtype):
+    """transformers' model with our weights, copied by name."""
+    from transformers import LlavaNextConfig as HFConfig
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    d = json.loads(json.dumps(cfg_dict))
+    t = d["text_config"]
+    t["rope_parameters"] = {"rope_type": "default", "rope_theta": t.pop("rope_theta")}
+    config = HFConfig(**d)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = HF._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    ours_state = ours.state_dict()
+    with torch.no_grad():
+        for k, v in hf.state_dict().items():
+            v.copy_(ours_state[legacy_key(k)])
+    return hf.eval()
+
+
+def inputs_for(cfg_dict, image_hw, question_tokens: int, batch: int, device, dtype):
+    vc = cfg_dict["vision_config"]
+    S, patch = vc["image_size"], vc["patch_size"]
+    pins = cfg_dict["image_grid_pinpoints"]
+    n_img = num_image_tokens(image_hw, pins, S, patch)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(100, 20000, (question_tokens,), generator=g).tolist()
+    row = [1] + text[:5] + [cfg_dict["image_token_index"]] * n_img + text[5:]
+    ids = torch.tensor([row] * batch, device=device)
+    tiles = num_tiles(image_hw, pins, S)
+    pv = torch.randn(1, tiles, 3, S, S, generator=g).to(device, dtype).expand(batch, -1, -1, -1, -1).contiguous()
+    sizes = torch.tensor([list(image_hw)] * batch)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_sizes=sizes)
+
+
+def copy_bandwidth(device) -> float | None:
+    """Measured device-to-device copy bandwidth, bytes read + written per second."""
+    if device.type != "cuda":
+        return None
+    a = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), device, 10)
+    return 2 * a.numel() * 4 / t
+
+
+def decode_bytes(model, batch: int, context: int) -> int:
+    """Bytes one decode step must read: every language-model weight except the embedding table
+    (of which only `batch` rows), plus the whole KV cache up to `context`."""
+    lm = model.language_model
+    emb = lm.model.embed_tokens.weight
+    weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    weights += batch * emb.shape[1] * emb.element_size()
+    tc = model.config.text_config
+    kv = batch * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * tc.head_dim * emb.element_size()
+    return weights + kv
+
+
+def measure_ours(model, cfg_dict, args, device, dtype):
+    res = {}
+    one = inputs_for(cfg_dict, args.image, args.question_tokens, 1, device, dtype)
+    T = one["input_ids"].shape[1]
+    res["prompt_tokens"] = T
+    tiles = one["pixel_values"][0]
+    with torch.no_grad():
+        feats = model.vision_tower(tiles)
+        res["vision_ms"] = 1e3 * timed(lambda: model.vision_tower(tiles), device, args.runs)
+        res["projector_ms"] = 1e3 * timed(lambda: model.multi_modal_projector(feats[:, 1:]), device, args.runs)
+    cache = KVCache.for_model(model, 1, T + 1)
+
+    def first_token():
+        cache.reset()
+        return prefill(model, one["input_ids"], one["attention_mask"], one["pixel_values"], one["image_sizes"],
+                       cache).argmax(-1)
+
+    res["ttft_ms"] = 1e3 * timed(first_token, device, args.runs)
+    res["lm_prefill_ms"] = res["ttft_ms"] - res["vision_ms"] - res["projector_ms"]
+    res["decode_ms_per_token"] = {}
+    graph = device.type == "cuda" and not args.no_graph
+    for b in args.batches:
+        inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
+        gen = lambda n: model.generate(**inp, max_new_tokens=n, eos_token_id=[], cuda_graph=graph)  # noqa: E731
+        gen(args.new_tokens)  # warm-up: kernels compiled, graph captured for this batch size
+        t1 = timed(lambda: gen(1), device, args.runs)
+        tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
+        res["decode_ms_per_token"][b] = 1e3 * (tn - t1) / (args.new_tokens - 1)
+        res.setdefault("decode_bytes_per_step", {})[b] = decode_bytes(model, b, T + args.new_tokens // 2)
+    return res
+
+
+def measure_hf(hf, cfg_dict, args, device, dtype):
+    res = {}
+    one = inputs_for(cfg_dict, args.image, args.question_tokens, 1, device, dtype)
+    kw = dict(do_sample=False)
+    res["ttft_ms"] = 1e3 * timed(lambda: hf.generate(**one, max_new_tokens=1, **kw), device, args.runs)
+    res["decode_ms_per_token"] = {}
+    for b in args.batches:
+        inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
+        gen = lambda n: hf.generate(**inp, max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
+        t1 = timed(lambda: gen(1), device, args.runs)
+        tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
+        res["decode_ms_per_token"][b] = 1e3 * (tn - t1) / (args.new_tokens - 1)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mistral-7b", choices=list(PRESETS))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--attn", default=None, help="our attention (default triton on CUDA, sdpa on CPU)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--question-tokens", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. when both do not fit)")
+    ap.add_argument("--no-graph", action="store_true", help="decode without CUDA graph capture")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
+    args = ap.parse_args()
+    args.image = tuple(PRESETS[args.preset].get("image", (672, 672)))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py: CUDA is not available; use --device cpu --preset tiny for the smoke mode")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cfg_dict = config_for(args.preset)
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    ours = build_ours(cfg_dict, device, dtype, args.attn)
+    r_ours = measure_ours(ours, cfg_dict, args, device, dtype)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    r_hf = None
+    if not args.no_hf:
+        hf = build_hf(cfg_dict, ours, device, dtype)
+        r_hf = measure_hf(hf, cfg_dict, args, device, dtype)
+        del hf
+    copy_bw = copy_bandwidth(device)
+    spec = next((v for k, v in SPEC_BANDWIDTH.items() if k in card), None)
+
+    result = dict(card=card, date=datetime.date.today().isoformat(), preset=args.preset, dtype=str(dtype),
+                  attn=ours.attn_implementation, cuda_graph=device.type == "cuda" and not args.no_graph,
+                  image=list(args.image), new_tokens=args.new_tokens, torch=torch.__version__,
+                  ours=r_ours, transformers=r_hf, peak_gpu_memory_gib=peak,
+                  copy_bandwidth_bytes_per_s=copy_bw, spec_bandwidth_bytes_per_s=spec)
+    roof = {}
+    for b, ms in r_ours["decode_ms_per_token"].items():
+        achieved = r_ours["decode_bytes_per_step"][b] / (ms / 1e3)
+        roof[b] = dict(achieved_bytes_per_s=achieved, pct_of_spec=100 * achieved / spec if spec else None,
+                       pct_of_copy=100 * achieved / copy_bw if copy_bw else None)
+    result["roofline"] = roof
+
+    print(f"\n{args.preset} shapes, {dtype}, {card}, attention {ours.attn_implementation}, "
+          f"prompt {r_ours['prompt_tokens']} tokens ({args.image[1]}x{args.image[0]} image + "
+          f"{args.question_tokens}-token question), {args.new_tokens} new tokens")
+    print(f"TTFT ours {r_ours['ttft_ms']:.1f} ms = vision {r_ours['vision_ms']:.1f} + projector "
+          f"{r_ours['projector_ms']:.2f} + LM prefill {r_ours['lm_prefill_ms']:.1f}"
+          + (f";  transformers {r_hf['ttft_ms']:.1f} ms ({r_hf['ttft_ms'] / r_ours['ttft_ms']:.2f}x)" if r_hf else ""))
+    print(f"{'batch':>5} {'ours ms/tok':>12} {'tok/s/row':>10} {'hf ms/tok':>10} {'speedup':>8} "
+          f"{'% spec BW':>10} {'% copy BW':>10}")
+    for b in args.batches:
+        o = r_ours["decode_ms_per_token"][b]
+        h = r_hf["decode_ms_per_token"][b] if r_hf else None
+        rf = roof[b]
+        fmt = lambda x, spec=".1f": format(x, spec) if x is not None else "-"  # noqa: E731
+        print(f"{b:>5} {o:>12.2f} {1e3 / o:>10.1f} {fmt(h, '.2f'):>10} {fmt(h / o if h else None, '.2f'):>8} "
+              f"{fmt(rf['pct_of_spec']):>10} {fmt(rf['pct_of_copy']):>10}")
+    if peak is not None:
+        print(f"peak GPU memory (ours): {peak:.1f} GiB")
+
+    out = args.out
+    if out is None and device.type == "cuda":
+        name = card.replace("NVIDIA ", "").replace(" ", "-")
+        out = os.path.join(ROOT, "bench", "results", f"{name}-{result['date']}-{args.preset}.json")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
