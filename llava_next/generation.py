@@ -114,7 +114,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
     if cuda_graph and device.type == "cuda":
         graphed = getattr(model, "_graphed_decode", None)
-        if graphed is None or not graphed.fits(B, T + max_new_tokens):
+        if graphed is None or not graphed.fits(model, B, T + max_new_tokens):
             model._graphed_decode = graphed = None  # free the old graph's cache first
             graphed = model._graphed_decode = GraphedDecode(model, B, -(-(T + max_new_tokens) // 256) * 256)
         cache, step = graphed.cache, graphed
@@ -172,8 +172,10 @@ class GraphedDecode:
             self.logits = decode_one_token(model, self.token, self.cache, self.pos)
         self.cache.reset()
 
-    def fits(self, batch_size: int, length: int) -> bool:
-        return self.cache.batch_size == batch_size and self.cache.max_length >= length
+    def fits(self, model, batch_size: int, length: int) -> bool:
+        k = self.cache.k
+        return (self.cache.batch_size == batch_size and self.cache.max_length >= length
+                and k.dtype == model.dtype and k.device == model.device)
 
     def __call__(self, token, pos):
         self.token.copy_(token)

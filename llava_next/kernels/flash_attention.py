@@ -205,9 +205,9 @@ def _fwd_config(block_d: int, tq: int, dtype: torch.dtype, device: torch.device)
     if device.type != "cuda":  # the interpreter: small tiles keep the masked paths exercised
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    elif block_d <= 64:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    elif block_d <= 64:  # 8 warps: ~130 registers; 4 warps sit at the 255 cliff
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if tq <= 64:  # short query blocks (chunked prefill, speculative decode): don't waste rows
