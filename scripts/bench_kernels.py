@@ -129,6 +129,21 @@ def bench_attention(name, B, Hq, Hkv, T, D, causal):
             print(f"  sweep {name} best: {best[1]} {best[0]:.1f} TFLOP/s")
 
 
+def bench_attention_backward(name, B, Hq, Hkv, T, D, causal):
+    """Backward alone: dq, dk, dv from a saved forward (2.5x the forward FLOPs)."""
+    q, k, v = (torch.randn(B, H, T, D, device=DEV, dtype=DTYPE, requires_grad=True) for H in (Hq, Hkv, Hkv))
+    dout = torch.randn(B, Hq, T, D, device=DEV, dtype=DTYPE)
+    flops = 2.5 * 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
+    out = flash_attention(q, k, v, causal=causal)
+    ours = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+    base = None
+    if GPU:
+        ref = sdpa_gqa(q, k, v, causal)()
+        base = bench(lambda: torch.autograd.grad(ref, (q, k, v), dout, retain_graph=True))
+    shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
+    row(name, shape, "TFLOP/s", flops, ours, "torch SDPA bwd" if GPU else "-", base)
+
+
 def bench_decode(B, Hq, Hkv, L, Tmax, D):
     q = torch.randn(B, Hq, 1, D, device=DEV, dtype=DTYPE)
     k_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
@@ -215,6 +230,7 @@ def main():
         bench_attention("prefill_attn", 1, 32, 8, 3000, 128, True)
         bench_attention("prefill_attn", 1, 32, 32, 3000, 128, True)
         bench_attention("vision_attn", 5, 16, 16, 577, 64, False)
+        bench_attention_backward("attn_backward", 1, 32, 8, 3000, 128, True)
         for B in (1, 8, 32):
             bench_decode(B, 32, 8, 3000, 3072, 128)
         bench_decode(32, 32, 32, 3000, 3072, 128)
@@ -228,6 +244,7 @@ def main():
         print(f"CPU smoke run under the Triton interpreter ({DTYPE}); times are not performance")
         bench_attention("prefill_attn", 1, 4, 2, 40, 64, True)
         bench_attention("vision_attn", 1, 2, 2, 33, 40, False)
+        bench_attention_backward("attn_backward", 1, 2, 1, 33, 40, True)
         bench_decode(2, 4, 2, 50, 64, 64)
         bench_rope(1, 5, 4, 2, 64, 16)
         bench_rms_norm(4, 256)

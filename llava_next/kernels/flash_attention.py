@@ -194,10 +194,6 @@ def _attn_fwd_kernel(
         tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=offs_m < Tq)
 
 
-def _on_interpreter(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
 def _fwd_config(block_d: int, tq: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes per head dim. Hopper (H100/H200) numbers: 128 query rows per program on two
     warpgroups for wgmma, K/V tiles of 64 keys triple-buffered (3 x 32 KiB at D=128 fits in
@@ -300,12 +296,300 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
     return out, lse
 
 
+# Backward (FlashAttention-2). With P = exp2(logits * log2e * scale - lse) recomputed from the
+# stored log-sum-exp and delta_i = sum_d dO_id O_id (a preprocessing pass):
+#     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
+# Two kernels avoid atomics: one program per key block accumulates dK, dV over every query
+# head of its GQA group and every query block that can see it; one program per query block
+# accumulates dQ over its visible key blocks. Every tile is masked with the full visibility rule
+# (the backward is for training, where the speed of the boundary tiles matters less).
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_deltab, stride_deltah, stride_deltam,
+    H, Tq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + b * stride_deltab + h * stride_deltah + offs_m * stride_deltam, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_visible(q_pos, offs_n, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) causal / sliding-window visibility of keys offs_n to queries at q_pos."""
+    visible = (q_pos[:, None] >= -2147483647) & (offs_n[None, :] >= 0)
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        visible = visible & (q_pos[:, None] - offs_n[None, :] < window)
+    return visible
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "window"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, KvMask, QOffset,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh, stride_lm,
+    stride_maskb, stride_maskn,
+    stride_offb,
+    HKV, GROUP, Tq, Tk,
+    q_offset, window, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr,
+    OFFSET_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    kv_h = pid_bh % HKV
+    if OFFSET_FROM_PTR:
+        q_offset = tl.load(QOffset + b * stride_offb).to(tl.int32)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Tk
+    kv_tile = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_tile, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_tile, other=0.0)
+    keep = n_ok
+    if HAS_KV_MASK:
+        keep = keep & (tl.load(KvMask + b * stride_maskb + offs_n * stride_maskn, mask=n_ok, other=0) != 0)
+
+    # query rows that can see some key of this block: [m_lo, m_hi)
+    m_lo = 0
+    m_hi = Tq
+    if CAUSAL:
+        m_lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        m_hi = tl.minimum(m_hi, start_n + BLOCK_N - 1 + window - q_offset)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = kv_h * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        l_base = Lse + b * stride_lb + h * stride_lh
+        d_base = Delta + b * stride_lb + h * stride_lh
+        for start_m in range(m_lo, m_hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < Tq
+            q_tile = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_tile, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_tile, other=0.0)
+            lse = tl.load(l_base + offs_m * stride_lm, mask=m_ok, other=float("inf"))
+            delta = tl.load(d_base + offs_m * stride_lm, mask=m_ok, other=0.0)
+            visible = _attn_visible(q_offset + offs_m, offs_n, window, CAUSAL, HAS_WINDOW)  # (BLOCK_M, BLOCK_N)
+            visible = visible & keep[None, :] & m_ok[:, None]
+
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            p_t = tl.where(tl.trans(visible), tl.exp2(qk_t * qk_scale - lse[None, :]), 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_tile)
+    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_tile)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "window"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, KvMask, QOffset,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lb, stride_lh, stride_lm,
+    stride_maskb, stride_maskn,
+    stride_offb,
+    H, GROUP, Tq, Tk,
+    q_offset, window, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr,
+    OFFSET_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = pid_bh // H
+    h = pid_bh % H
+    kv_h = h // GROUP
+    if OFFSET_FROM_PTR:
+        q_offset = tl.load(QOffset + b * stride_offb).to(tl.int32)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    q_tile = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_tile, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=q_tile, other=0.0)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=m_ok, other=0.0)
+    q_pos = q_offset + offs_m
+
+    # key blocks visible to some row of this block: [lo, hi)
+    lo = 0
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(hi, q_offset + start_m + BLOCK_M)
+    if HAS_WINDOW:
+        lo = (tl.maximum(q_offset + start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Tk
+        kv_tile = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_tile, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_tile, other=0.0)
+        visible = _attn_visible(q_pos, offs_n, window, CAUSAL, HAS_WINDOW) & n_ok[None, :]
+        if HAS_KV_MASK:
+            keep = tl.load(KvMask + b * stride_maskb + offs_n * stride_maskn, mask=n_ok, other=0)
+            visible = visible & (keep != 0)[None, :]
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.where(visible, tl.exp2(qk * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_tile)
+
+
+def _bwd_config(dtype: torch.dtype, device: torch.device) -> dict:
+    """(dK/dV tiles, dQ tiles). The dK/dV program keeps a tall key tile and streams thin query
+    tiles, the dQ program the other way round (as in the Triton tutorial's backward)."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return small, dict(small)
+    return (dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
+
+
+def _flash_attention_backward(dout, q, k, v, out, lse, causal, q_offset, kv_mask, sliding_window, scale):
+    """dq, dk, dv for the forward above (lse from _flash_attention_forward(store_lse=True))."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    offset, offset_t, stride_offb = _offset_arg(q_offset, Tk - Tq, B)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    block_d = max(16, triton.next_power_of_2(D))
+    mask_t = kv_mask.view(torch.uint8) if kv_mask is not None else None
+    mask_arg = mask_t if mask_t is not None else q
+    mask_strides = mask_t.stride() if mask_t is not None else (0, 0)
+    offset_arg = offset_t if offset_t is not None else q
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None,
+                 HAS_KV_MASK=kv_mask is not None, OFFSET_FROM_PTR=offset_t is not None,
+                 BLOCK_D=block_d, DOT_PRECISION=precision)
+
+    delta = torch.empty_like(lse)
+    _attn_bwd_preprocess_kernel[(B * Hq, triton.cdiv(Tq, 64))](
+        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), Hq, Tq,
+        HEAD_DIM=D, BLOCK_M=64, BLOCK_D=block_d,
+    )
+    dq = torch.empty((B, Tq, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    dk = torch.empty((B, Tk, Hkv, D), device=k.device, dtype=k.dtype).transpose(1, 2)
+    dv = torch.empty((B, Tk, Hkv, D), device=v.device, dtype=v.dtype).transpose(1, 2)
+    window = int(sliding_window or 0)
+    qk_scale = scale * 1.4426950408889634
+    cfg_kv, cfg_q = _bwd_config(q.dtype, q.device)
+    cfg_kv, cfg_q = dict(cfg_kv), dict(cfg_q)
+    bm, bn = cfg_kv.pop("BLOCK_M"), cfg_kv.pop("BLOCK_N")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, mask_arg, offset_arg,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
+        *mask_strides, stride_offb,
+        Hkv, Hq // Hkv, Tq, Tk, offset, window, qk_scale, scale,
+        BLOCK_M=bm, BLOCK_N=bn, **flags, **cfg_kv,
+    )
+    bm, bn = cfg_q.pop("BLOCK_M"), cfg_q.pop("BLOCK_N")
+    _attn_bwd_dq_kernel[(B * Hq, triton.cdiv(Tq, bm))](
+        q, k, v, dout, lse, delta, dq, mask_arg, offset_arg,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *lse.stride(),
+        *mask_strides, stride_offb,
+        Hq, Hq // Hkv, Tq, Tk, offset, window, qk_scale, scale,
+        BLOCK_M=bm, BLOCK_N=bn, **flags, **cfg_q,
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: the forward stores the per-row log-sum-exp, the backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, q_offset, kv_mask, sliding_window, scale):
+        out, lse = _flash_attention_forward(q, k, v, causal, q_offset, kv_mask, sliding_window, scale, store_lse=True)
+        offset_t = q_offset if isinstance(q_offset, torch.Tensor) else None
+        ctx.save_for_backward(q, k, v, out, lse, kv_mask, offset_t)
+        ctx.args = (causal, None if offset_t is not None else q_offset, sliding_window, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, kv_mask, offset_t = ctx.saved_tensors
+        causal, q_offset, sliding_window, scale = ctx.args
+        if offset_t is not None:
+            q_offset = offset_t
+        dq, dk, dv = _flash_attention_backward(dout, q, k, v, out, lse, causal, q_offset, kv_mask, sliding_window, scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
 def flash_attention(q, k, v, *, causal: bool, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
     """softmax(q k^T * scale + mask) v with GQA, causal / sliding-window / key-padding masks.
 
     q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D), any strides; returns (B, Hq, Tq, D) in q's dtype.
     q_offset: key index of query 0 (None: Tk - Tq; int; or 0-d / (1,) / (B,) int tensor).
-    kv_mask: (B, Tk) bool, False = padding key. Rows that see no key come out as zeros."""
+    kv_mask: (B, Tk) bool, False = padding key. Rows that see no key come out as zeros.
+    Differentiable in q, k, v (a FlashAttention-2 backward) when grad mode is on."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return FlashAttentionFunction.apply(q, k, v, causal, q_offset, kv_mask, sliding_window, scale)
     out, _ = _flash_attention_forward(q, k, v, causal, q_offset, kv_mask, sliding_window, scale)
     return out
 

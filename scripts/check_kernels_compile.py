@@ -1,0 +1,145 @@
+"""Compile every kernel for Hopper (sm_90) without a GPU and report what the compiler made of it.
+
+The Triton interpreter runs kernels as numpy and forgives things the compiler does not (a
+constexpr computed from a runtime int, say). This script compiles the kernels the way a launch
+on an H100 would (strides of 1 as constants, 16-byte alignment hints) and prints, per variant,
+registers, spills, shared memory and whether the loads are pipelined (cp.async) and the dots run
+on wgmma. It needs triton's bundled ptxas/cuobjdump, not a driver.
+
+    python scripts/check_kernels_compile.py           # all variants
+    python scripts/check_kernels_compile.py --quick   # one variant per kernel
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from llava_next.kernels import decode_attention as _da  # noqa: E402,F401  (binds the submodules)
+
+da = sys.modules["llava_next.kernels.decode_attention"]
+fa = sys.modules["llava_next.kernels.flash_attention"]
+rk = sys.modules["llava_next.kernels.rope_kv_write"]
+rn = sys.modules["llava_next.kernels.rms_norm"]
+sw = sys.modules["llava_next.kernels.swiglu"]
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOAT_ARGS = {"qk_scale", "eps", "attn_scaling"}
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3):
+    """Compile as a real launch would specialize it: head-dim strides == 1 become constants,
+    pointers and the other strides carry the divisible-by-16 hint."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(jitfn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.startswith("stride_") and (name.endswith("d") or name == "stride_maskn"):
+            sig[name], consts[name] = "constexpr", 1
+        elif name.startswith("stride_"):
+            sig[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    src = ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def report(label, kernel):
+    ptx = kernel.asm["ptx"]
+    usage = "?"
+    cuobjdump = os.path.join(BIN, "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        usage = " ".join(w for line in out.splitlines() if "REG:" in line for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
+    print(f"{label:<58} {usage:<24} smem={kernel.metadata.shared // 1024:>4} KiB  "
+          f"wgmma={'yes' if 'wgmma.mma_async' in ptx else 'no ':<3} mma.sync={'yes' if 'mma.sync' in ptx else 'no ':<3} "
+          f"cp.async={'yes' if 'cp.async' in ptx else 'no'}")
+
+
+def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, config=None):
+    block_d = max(16, triton.next_power_of_2(D))
+    import torch
+
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    cfg = dict(config or fa._fwd_config(block_d, 4096, tdt, torch.device("cuda")))
+    bm, bn, w, s = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("num_warps"), cfg.pop("num_stages")
+    ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, Out="*" + dtype, Lse="*fp32", KvMask="*u8", QOffset="*i64")
+    consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_WINDOW=window, HAS_KV_MASK=mask, OFFSET_FROM_PTR=offset_ptr,
+                  STORE_LSE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    label = (f"flash {dtype} D{D} {'causal' if causal else 'full'}{' window' if window else ''}"
+             f"{' kv_mask' if mask else ''} BM{bm} BN{bn} w{w} s{s}")
+    report(label, compile_kernel(fa._attn_fwd_kernel, ptrs, consts, w, s))
+
+
+def decode(dtype, D, group, window=False, mask=False):
+    import torch
+
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    block_n = 32 if tdt == torch.float32 else 64
+    ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, KvMask="*u8", QOffset="*i64", PartO="*fp32", PartLse="*fp32")
+    consts = dict(HEAD_DIM=D, HAS_WINDOW=window, HAS_KV_MASK=mask, OFFSET_FROM_PTR=True,
+                  BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    report(f"decode split {dtype} D{D} group{group} BN{block_n}", compile_kernel(da._decode_split_kernel, ptrs, consts, 4, 3))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    quick = p.parse_args().quick
+    print(f"triton {triton.__version__}, target sm_90")
+    attn("bf16", 128)
+    attn("bf16", 64, causal=False)
+    if not quick:
+        attn("fp16", 128, window=True, mask=True, offset_ptr=True)
+        attn("bf16", 80)
+        attn("bf16", 96)
+        attn("fp16", 40)
+        attn("fp32", 128)
+        attn("bf16", 128, config=dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3))
+    bwd_ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", Lse="*fp32", Delta="*fp32", DK="*bf16", DV="*bf16",
+                    DQ="*bf16", KvMask="*u8", QOffset="*i64")
+    flags = dict(HEAD_DIM=128, CAUSAL=True, HAS_WINDOW=False, HAS_KV_MASK=False, OFFSET_FROM_PTR=False, BLOCK_D=128,
+                 DOT_PRECISION="tf32")
+    import torch
+
+    cfg_kv, cfg_q = fa._bwd_config(torch.bfloat16, torch.device("cuda"))
+    for name, fn, cfg in (("dk/dv", fa._attn_bwd_dkdv_kernel, cfg_kv), ("dq", fa._attn_bwd_dq_kernel, cfg_q)):
+        ptrs = {k: v for k, v in bwd_ptrs.items() if k in fn.arg_names}
+        consts = dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        report(f"flash bwd {name} bf16 D128 causal BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}",
+               compile_kernel(fn, ptrs, consts, cfg["num_warps"], cfg["num_stages"]))
+    decode("bf16", 128, 4)
+    if not quick:
+        decode("bf16", 128, 1, window=True, mask=True)
+        decode("fp32", 40, 2)
+    report("decode reduce bf16 D128", compile_kernel(
+        da._decode_reduce_kernel, dict(PartO="*fp32", PartLse="*fp32", Out="*bf16"), dict(BLOCK_S=32, BLOCK_D=128), 4))
+    report("rope_kv_write bf16 H32/8 D128", compile_kernel(
+        rk._rope_kv_write_kernel,
+        dict(Q="*bf16", K="*bf16", V="*bf16", PosIds="*i64", InvFreq="*fp32", KCache="*bf16", VCache="*bf16",
+             QOut="*bf16", CachePos="*i64"),
+        dict(POS_FROM_PTR=True, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_F=64), 4))
+    report("rms_norm bf16 N4096", compile_kernel(rn._rms_norm_kernel, dict(X="*bf16", W="*bf16", Y="*bf16"), dict(BLOCK_N=4096), 16))
+    report("silu_mul bf16", compile_kernel(sw._silu_mul_kernel, dict(G="*bf16", U="*bf16", Y="*bf16"), dict(BLOCK_N=1024), 4))
+
+
+if __name__ == "__main__":
+    main()
