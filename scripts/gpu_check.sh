@@ -24,8 +24,8 @@ run_shard() {  # name, pytest args...
   [ $rc -eq 5 ] && rc=0  # no test selected (e.g. the model's triton tests do not exist yet)
   echo "$rc" >"$LOG/test_$name.rc"
 }
-run_shard attention_small tests/test_kernels_attention.py -k "not realistic" &
-run_shard attention_real tests/test_kernels_attention.py -k "realistic" &
+run_shard attention_fwd tests/test_kernels_attention.py -k "not realistic and not backward" &
+run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" &
 run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py &
 run_shard model tests -k "(triton or cuda or gpu) and not test_kernels" &
 wait
