@@ -150,21 +150,18 @@ def _sm_count(device: torch.device) -> int:
 
 def _decode_config(B: int, Hkv: int, Tmax: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Split the cache so that B * Hkv * NUM_SPLITS programs cover the SMs a few times over,
-    with at least two K/V tiles per split. Depends on shapes only (CUDA-graph safe)."""
+    with at least two K/V tiles and at most 1024 keys per split. Depends on shapes only, never
+    on q_offset's value (CUDA-graph safe)."""
     if device.type != "cuda":  # the interpreter: small tiles, several splits
-        block_n, programs, num_warps, num_stages = 16, 1, 4, 1
-        min_split = 2 * block_n
-        splits = triton.cdiv(Tmax, min_split)
-        split_len = min_split
-    else:
-        block_n = 32 if dtype == torch.float32 else 64
-        num_warps, num_stages = 4, 3
-        min_split = 2 * block_n
-        target = 4 * _sm_count(device)
-        splits = max(1, min(triton.cdiv(target, B * Hkv), triton.cdiv(Tmax, min_split)))
-        split_len = triton.cdiv(triton.cdiv(Tmax, splits), block_n) * block_n
-        splits = triton.cdiv(Tmax, split_len)
-    return dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=splits, num_warps=num_warps, num_stages=num_stages)
+        return dict(BLOCK_N=16, SPLIT_LEN=32, NUM_SPLITS=triton.cdiv(Tmax, 32), num_warps=4, num_stages=1)
+    block_n = 32 if dtype == torch.float32 else 64
+    target = 4 * _sm_count(device)
+    splits = max(1, min(triton.cdiv(target, B * Hkv), triton.cdiv(Tmax, 2 * block_n)))
+    # a static cache is often much longer than what is filled: keep slices <= 1024 keys so the
+    # filled part is still spread over several programs per head
+    splits = max(splits, triton.cdiv(Tmax, 1024))
+    split_len = triton.cdiv(triton.cdiv(Tmax, splits), block_n) * block_n
+    return dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=triton.cdiv(Tmax, split_len), num_warps=4, num_stages=3)
 
 
 def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_window=None, scale=None, config=None):
