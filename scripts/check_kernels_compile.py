@@ -113,6 +113,7 @@ def main():
         attn("bf16", 96)
         attn("fp16", 40)
         attn("fp32", 128)
+        attn("bf16", 256)
         attn("bf16", 128, config=dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3))
     bwd_ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", Lse="*fp32", Delta="*fp32", DK="*bf16", DV="*bf16",
                     DQ="*bf16", KvMask="*u8", QOffset="*i64")

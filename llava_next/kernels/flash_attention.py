@@ -1,4 +1,5 @@
-"""Flash attention forward in Triton: causal (decoder prefill) and bidirectional (vision tower).
+"""Flash attention in Triton: causal (decoder prefill) and bidirectional (vision tower), forward
+and a FlashAttention-2 backward behind an autograd.Function.
 
 q (B, Hq, Tq, D) attends to k, v (B, Hkv, Tk, D). Query i sits at key index q_offset + i; key j
 is visible to it unless one of the rules says otherwise:
@@ -202,10 +203,10 @@ def _fwd_config(block_d: int, tq: int, dtype: torch.dtype, device: torch.device)
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    elif block_d <= 64:  # 8 warps: ~130 registers; 4 warps sit at the 255 cliff
+    elif block_d <= 128:  # D <= 64 too: with 4 warps the 128-row tile sits at 255 registers
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    else:  # D = 256: the 128-row version would need 256 KiB of shared memory
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if tq <= 64:  # short query blocks (chunked prefill, speculative decode): don't waste rows
         cfg.update(BLOCK_M=max(16, triton.next_power_of_2(tq)), num_warps=4)
     return cfg
