@@ -164,12 +164,13 @@ class LlavaNextImageProcessor:
         # Decoding, PIL resizes and numpy gathers release the GIL: threads use every core.
         with ThreadPoolExecutor(max_workers=min(self.num_threads, 2 * len(images))) as pool:
             loaded = list(pool.map(self.load_rgb, images, [f"image {i}" for i in range(len(images))]))
-            layouts = [anyres_layout(rgb, self.image_grid_pinpoints) for rgb, _ in loaded]
-            jobs = [(rgb, (nw, nh)) for (rgb, _), (H, W, nh, nw) in zip(loaded, layouts)]
-            jobs += [(rgb, (T, T)) for rgb, _ in loaded]  # the base: aspect not kept, on purpose
-            resized = list(pool.map(lambda job: job[0].resize(job[1], resample=self.resample), jobs))
+            rgbs = [rgb for rgb, _ in loaded]
+            layouts = [anyres_layout(rgb, self.image_grid_pinpoints) for rgb in rgbs]
+            grids = [(rgb, (nw, nh)) for rgb, (H, W, nh, nw) in zip(rgbs, layouts)]
+            bases = [(rgb, (T, T)) for rgb in rgbs]  # the whole image, aspect not kept: on purpose
+            resized = self._resize_all(pool, grids + bases)
             stacks = [tile_stack(grid, base, layout, T)
-                      for grid, base, layout in zip(resized, resized[len(loaded):], layouts)]
+                      for grid, base, layout in zip(resized, resized[len(rgbs):], layouts)]
 
             counts = [len(u) for u in stacks]
             # Allocated by numpy, which asks the kernel for huge pages: first-touch page faults of
@@ -184,58 +185,47 @@ class LlavaNextImageProcessor:
                 outs = [np.empty((n, 3, T, T), np.float32) for n in counts]
                 pixel_values = [torch.from_numpy(out) for out in outs]
             list(pool.map(self._normalise, stacks, [prescaled for _, prescaled in loaded], outs))
-        sizes = [(rgb.height, rgb.width) for rgb, _ in loaded]
+        sizes = [(rgb.height, rgb.width) for rgb in rgbs]
         return BatchFeature(pixel_values=pixel_values, image_sizes=torch.tensor(sizes, dtype=torch.int64))
 
     preprocess = __call__
 
+    def _resize_all(self, pool, jobs: list) -> list[Image.Image]:
+        """PIL resizes of (image, (w, h)) jobs on the pool, in order. Largest sources go first,
+        so that no thread is left alone with a big image at the end."""
+        order = sorted(range(len(jobs)), key=lambda j: -jobs[j][0].width * jobs[j][0].height)
+        done = pool.map(lambda j: jobs[j][0].resize(jobs[j][1], resample=self.resample), order)
+        resized = [None] * len(jobs)
+        for j, image in zip(order, done):
+            resized[j] = image
+        return resized
+
     def _normalise(self, u: np.ndarray, prescaled: bool, out: np.ndarray) -> None:
         """out (n, 3, T, T) float32 <- rescaled, normalised uint8 tiles u (n, 3, T, T)."""
-        if prescaled and self.do_resize:
-            # transformers sends each float tile through PIL once more and keeps its values as
-            # uint8 when the tile holds only 0.0 and 1.0 (see _lookup_table): pick that per tile.
-            binary = ((u == 0) | (u == 255)).reshape(len(u), -1).all(axis=1)
-            for kind in (True, False):
-                rows = np.flatnonzero(binary == kind)
-                if len(rows):
-                    lut = self._lookup_table("binary" if kind else "prescaled")
-                    block = np.empty((len(rows),) + u.shape[1:], np.float32)
-                    for c in range(3):
-                        lut[c].take(u[rows, c], out=block[:, c])
-                    out[rows] = block
-            return
-        lut = self._lookup_table("prescaled" if prescaled else "uint8")
+        lut = self._lookup_table(prescaled)
         for c in range(3):
             lut[c].take(u[:, c], out=out[:, c])
 
-    def _lookup_table(self, kind: str) -> np.ndarray:
+    def _lookup_table(self, prescaled: bool) -> np.ndarray:
         """(3, 256) float32: what transformers makes of a resized uint8 value, per channel.
 
-        "uint8": a uint8 (or integer-valued) input; rescale then normalise.
-        "prescaled": a float input in [0, 1], which transformers scales to uint8 for PIL and back
-        by 1/255 after each resize (and rescales by 1/255 once more: the reference's behaviour).
-        "binary": a prescaled tile holding only 0 and 255, which the per-tile resize takes for
-        integers and returns as 0 and 1 without scaling back.
+        `prescaled`: the input was floats in [0, 1], which transformers scales to uint8 for PIL
+        and back by 1/255 after the resize, then rescales by 1/255 once more (the reference's
+        behaviour, kept). Its second resize of each tile maps these values back to themselves.
         """
-        if kind in self._luts:
-            return self._luts[kind]
-        x = np.arange(256, dtype=np.uint8)
-        if kind == "binary":
-            x = (x == 255).astype(np.uint8)
-        elif kind == "prescaled":
-            x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)  # back from PIL after the resize
-            if self.do_resize:  # the per-tile resize: to uint8 (truncating) and back
-                x = (x.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+        key = (prescaled, self.do_rescale, self.rescale_factor, self.do_normalize,
+               tuple(self.image_mean), tuple(self.image_std))  # the settings may change after a call
+        if key not in self._luts:
+            x = np.arange(256, dtype=np.uint8)
+            if prescaled:
                 x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
-        if self.do_rescale:
-            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        x = np.broadcast_to(x.astype(np.float32, copy=False), (3, 256))
-        if self.do_normalize:
-            mean = np.array(self.image_mean, np.float32)[:, None]
-            std = np.array(self.image_std, np.float32)[:, None]
-            x = (x - mean) / std
-        self._luts[kind] = np.ascontiguousarray(x, dtype=np.float32)
-        return self._luts[kind]
+            if self.do_rescale:
+                x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+            x = np.broadcast_to(x.astype(np.float32, copy=False), (3, 256))
+            if self.do_normalize:  # float32 arithmetic, as transformers' normalize
+                x = (x - np.array(self.image_mean, np.float32)[:, None]) / np.array(self.image_std, np.float32)[:, None]
+            self._luts[key] = np.ascontiguousarray(x, dtype=np.float32)
+        return self._luts[key]
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -313,8 +303,10 @@ def tile_stack(grid: Image.Image, base: Image.Image, layout, T: int) -> np.ndarr
     canvas = np.zeros((H, W, 3), np.uint8)  # black, padded before rescaling like the reference
     canvas[top:top + nh, left:left + nw] = np.asarray(grid)
     gh, gw = H // T, W // T
-    tiles = canvas.reshape(gh, T, gw, T, 3).transpose(0, 2, 4, 1, 3).reshape(gh * gw, 3, T, T)
-    return np.concatenate([np.asarray(base).transpose(2, 0, 1)[None], tiles])
+    stack = np.empty((1 + gh * gw, 3, T, T), np.uint8)
+    stack[0] = np.asarray(base).transpose(2, 0, 1)
+    stack[1:].reshape(gh, gw, 3, T, T)[:] = canvas.reshape(gh, T, gw, T, 3).transpose(0, 2, 4, 1, 3)
+    return stack
 
 
 def fit_size(size, target) -> tuple[int, int]:

@@ -121,10 +121,12 @@ class LlavaNextProcessor:
         if text is None:
             return self.image_processor(images)
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("text is an empty list; give at least one prompt (an empty string is fine)")
         ids = [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
         self._check_image_count(ids, images)  # before the (slower) image work
         out = BatchFeature()
-        if images is not None:
+        if flatten_images(images):
             out.update(self.image_processor(images))
             ids = self._expand_images(ids, out["image_sizes"].tolist())
         out.update(self.tokenizer.pad(ids, padding=padding, return_tensors=return_tensors, padding_side=padding_side))

@@ -184,8 +184,8 @@ class LlavaNextTokenizer:
             if len({len(x) for x in ids}) > 1:
                 raise ValueError(f"texts encode to different lengths {sorted({len(x) for x in ids})}; "
                                  "pass padding=True to return one tensor")
-            return BatchFeature(input_ids=torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
-                                attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(ids), -1))
+            return BatchFeature(input_ids=torch.tensor(ids, dtype=torch.long),
+                                attention_mask=torch.tensor(masks, dtype=torch.long))
         return BatchFeature(input_ids=ids, attention_mask=masks)
 
     # ---- decoding ----------------------------------------------------------------------------

@@ -30,14 +30,17 @@ def bench_images() -> list[Image.Image]:
     return images
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: lookup tables, thread start, page faults
-    times = []
+def best_times(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Best of `repeats` for each, the two interleaved so that a busy machine slows both alike."""
+    for _ in range(3):  # warm-up: lookup tables, threads, the allocator settling
+        ours(), theirs()
+    times = {ours: [], theirs: []}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn in (theirs, ours):
+            start = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - start)
+    return min(times[ours]), min(times[theirs])
 
 
 def main():
@@ -54,11 +57,9 @@ def main():
 
     a, b = ours(images)["pixel_values"], theirs(images, return_tensors="pt")["pixel_values"]
     diff = (a - b).abs().max().item()
-    t_ours = best_time(lambda: ours(images), args.repeats)
-    t_theirs = best_time(lambda: theirs(images, return_tensors="pt"), args.repeats)
+    t_ours, t_theirs = best_times(lambda: ours(images), lambda: theirs(images, return_tensors="pt"), args.repeats)
     one = images[0]
-    t1_ours = best_time(lambda: ours(one), args.repeats)
-    t1_theirs = best_time(lambda: theirs(one, return_tensors="pt"), args.repeats)
+    t1_ours, t1_theirs = best_times(lambda: ours(one), lambda: theirs(one, return_tensors="pt"), args.repeats)
 
     sizes = ", ".join(f"{im.height}x{im.width}" for im in images)
     print(f"{len(images)} images (h x w): {sizes}; pixel_values {tuple(a.shape)}, max abs diff {diff:.1e}")

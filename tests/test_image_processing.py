@@ -105,7 +105,7 @@ def test_pil_modes(ours, oracle, cats, mode):
 
 def test_numpy_and_torch_inputs(ours, oracle):
     rng = np.random.default_rng(1)
-    hwc = np.asarray(smooth_image(45, 70))
+    hwc = np.array(smooth_image(45, 70))  # writable, so torch.from_numpy stays quiet
     arrays = {
         "hwc uint8": hwc, "chw uint8": hwc.transpose(2, 0, 1).copy(),
         "hwc float 0..1": hwc / 255.0, "chw float32 0..1": (hwc.transpose(2, 0, 1) / 255.0).astype(np.float32),
@@ -122,8 +122,8 @@ def test_numpy_and_torch_inputs(ours, oracle):
 
 
 def test_float_tile_of_only_black_and_white(ours, oracle):
-    # transformers re-resizes each float tile and keeps a tile holding only 0.0/1.0 as integers:
-    # that tile (and only that one) comes out near zero. Reproduce, odd as it is.
+    # transformers re-resizes each float tile and takes a tile holding only 0.0/1.0 for integers,
+    # a path of its own; two such tiles here, beside ordinary ones.
     x = np.random.default_rng(2).random((336, 1008, 3))
     x[:, :336], x[:, 336:672] = 1.0, 0.0
     assert_same(ours, oracle, x)

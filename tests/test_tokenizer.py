@@ -17,9 +17,10 @@ CORPUS = [
     "<image><image>", "<image>\n<image>\nTwo images.", "[INST] <image>\nWhat is shown in this image? [/INST]",
     "USER: <image>\nDescribe the image:\nASSISTANT:", "<s>", "</s>", "<unk>", "<s> starts", "ends</s>",
     "a</s>b", "<s><s></s>", "x <unk> y", "<pad>", "pad<pad>pad", "<|im_start|>user\nhi<|im_end|>",
-    "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>assistant\n", "<<SYS>>\nS\n<</SYS>>\n\n",
-    " A chart. </s>[INST] Explain. [/INST]", "<im", "image>", "<image", "<ima ge>", "code:\n    def f(x):\n        return x",
-    "URL https://example.com/a?b=c&d=e", "\u00a0non-breaking", "a" * 300, "  \n\t  ",
+    "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>assistant\n",
+    "<<SYS>>\nS\n<</SYS>>\n\n", " A chart. </s>[INST] Explain. [/INST]", "<im", "image>", "<image",
+    "<ima ge>", "code:\n    def f(x):\n        return x", "URL https://example.com/a?b=c&d=e",
+    "\u00a0non-breaking", "a" * 300, "  \n\t  ",
 ]
 
 
