@@ -158,9 +158,10 @@ class LlavaNextImageProcessor:
         if not images:
             raise ValueError("no images given")
         T = self.tile_size
-        for image in images:
-            if isinstance(image, Image.Image):
-                image.load()  # decode a lazily opened image once, here: threads would race on it
+        for i, image in enumerate(images):
+            if isinstance(image, Image.Image):  # decode a lazily opened image once, here: threads
+                self._check_pixels(image.width, image.height, f"image {i}")  # would race on it
+                image.load()
         # Decoding, PIL resizes and numpy gathers release the GIL: threads use every core.
         with ThreadPoolExecutor(max_workers=min(self.num_threads, 2 * len(images))) as pool:
             loaded = list(pool.map(self.load_rgb, images, [f"image {i}" for i in range(len(images))]))

@@ -65,6 +65,35 @@ def write_checkpoint(folder: Path, text: str = "mistral", processor_config: bool
     return folder
 
 
+def write_yi_checkpoint(folder: Path, dummy_prefix: bool = False, config_json: bool = False) -> Path:
+    """A 34b-style folder around a 400-piece sentencepiece model trained here (no Yi copy exists):
+    Yi's layout (unk 0, <|startoftext|> 1, <|endoftext|> 2, <|im_start|> 6, <|im_end|> 7) and
+    `<image>` = the vocab size, like 64000 for the real one."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["The assistant answers questions about images.", "What is shown in this image? A chart.",
+             "Describe the picture in detail, please.", "数字と文字 123 456", "user assistant system"] * 40
+    (folder / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, add_dummy_prefix=dummy_prefix,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, bos_piece="<|startoftext|>", eos_piece="<|endoftext|>",
+        control_symbols=["<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>"],
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2)
+    added = {"0": added_token("<unk>"), "1": added_token("<|startoftext|>"), "2": added_token("<|endoftext|>"),
+             "6": added_token("<|im_start|>"), "7": added_token("<|im_end|>"), "400": added_token("<image>")}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, "legacy": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
+        "padding_side": "left", "tokenizer_class": "LlamaTokenizer"}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    if config_json:
+        shutil.copy(fixture_path("configs", "llava-v1.6-34b-hf.config.json"), folder / "config.json")
+    return folder
+
+
 def oracle_tokenizer(folder: Path, padding_side: str = "left"):
     """transformers' slow legacy tokenizer with the folder's added tokens (ids in their order)."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend

@@ -190,6 +190,15 @@ def test_decompression_bomb_is_refused(ours, tmp_path, side):
         ours(str(bomb))
 
 
+def test_lazily_opened_bomb_is_refused_before_decoding(ours, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(12_000, 12_000))
+    with pytest.warns(Image.DecompressionBombWarning):
+        lazy = Image.open(bomb)  # Pillow only warns up to twice its limit
+    with pytest.raises(ValueError, match="image 0 is 12000x12000"):
+        ours(lazy)
+
+
 def test_pixel_limit_applies_to_in_memory_images(cats):
     processor = LlavaNextImageProcessor()
     processor.max_image_pixels = 10_000

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import fixture_path
 from llava_next.anyres import select_best_resolution
 from llava_next.processing import LlavaNextProcessor
-from oracle_processor import oracle_processor, write_checkpoint
+from oracle_processor import oracle_processor, write_checkpoint, write_yi_checkpoint
 
 MISTRAL_PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 VICUNA_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
@@ -164,6 +164,34 @@ def test_chat_format_detection_through_processor(tmp_path):
     assert processor.chat_format is None
     with pytest.raises(ValueError, match="chat_format"):
         processor.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_34b_style_chatml_end_to_end(tmp_path, cats):
+    folder = write_yi_checkpoint(tmp_path, config_json=True)  # no processor_config: patch size from config
+    ours = LlavaNextProcessor.from_pretrained(folder)
+    assert ours.chat_format == "chatml" and ours.image_token_id == 400 == ours.tokenizer.vocab_size
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = ours.apply_chat_template(conversation)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    picture = cats.crop((0, 0, 500, 90))
+    oracle = oracle_processor(folder)
+    assert_same(ours(prompt, picture), oracle(text=prompt, images=picture, return_tensors="pt"))
+    assert ours.tokenizer.eos_token_id == 7
+
+
+def test_hub_id_fetches_only_processor_files(tmp_path, monkeypatch):
+    import llava_next.processing as processing
+
+    folder = write_checkpoint(tmp_path, "mistral")
+    asked = {}
+
+    def fake_resolve(name, allow_patterns, revision=None):
+        asked.update(name=name, patterns=allow_patterns)
+        return str(folder)
+    monkeypatch.setattr(processing, "resolve_folder", fake_resolve)
+    LlavaNextProcessor.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf")
+    assert asked["name"] == "llava-hf/llava-v1.6-mistral-7b-hf"
+    assert "tokenizer.model" in asked["patterns"] and not any("safetensors" in p for p in asked["patterns"])
 
 
 # ---- configuration -------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llava_next.tokenizer import LlavaNextTokenizer
-from oracle_processor import added_token, oracle_decoder, oracle_tokenizer, write_checkpoint
+from oracle_processor import (added_token, oracle_decoder, oracle_tokenizer, write_checkpoint,
+                              write_yi_checkpoint)
 
 CORPUS = [
     "", " ", "  ", "\n", "\t", "\n\n", " \n ", "a", "Hello world", " leading space", "trailing space ",
@@ -156,27 +157,7 @@ YI_CORPUS = ["<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>use
 
 @pytest.fixture(scope="module", params=[False, True], ids=["no-dummy-prefix", "dummy-prefix"])
 def yi_folder(request, tmp_path_factory):
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("yi")
-    lines = ["The assistant answers questions about images.", "What is shown in this image? A chart.",
-             "Describe the picture in detail, please.", "数字と文字 123 456", "user assistant system"] * 40
-    (folder / "corpus.txt").write_text("\n".join(lines))
-    # Yi's layout: unk 0, <|startoftext|> 1, <|endoftext|> 2, reserved 3..5, <|im_start|> 6, <|im_end|> 7.
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, add_dummy_prefix=request.param,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, bos_piece="<|startoftext|>", eos_piece="<|endoftext|>",
-        control_symbols=["<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>"],
-        user_defined_symbols=["<|im_start|>", "<|im_end|>"], normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2)
-    added = {"0": added_token("<unk>"), "1": added_token("<|startoftext|>"), "2": added_token("<|endoftext|>"),
-             "6": added_token("<|im_start|>"), "7": added_token("<|im_end|>"), "400": added_token("<image>")}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, "legacy": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
-        "padding_side": "left", "tokenizer_class": "LlamaTokenizer"}))
-    return folder
+    return write_yi_checkpoint(tmp_path_factory.mktemp("yi"), dummy_prefix=request.param)
 
 
 def test_yi_style_tokenizer(yi_folder):
