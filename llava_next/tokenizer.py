@@ -219,7 +219,11 @@ class LlavaNextTokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision: str | None = None, **overrides) -> "LlavaNextTokenizer":
-        """From a folder or hub repo id with `tokenizer.model` and transformers' tokenizer json files."""
+        """From a folder or hub repo id with `tokenizer.model` and transformers' tokenizer json files.
+
+        The ids are always the legacy ones LLaVA was trained with; a `"legacy": false` in
+        tokenizer_config.json is not followed.
+        """
         folder = resolve_folder(name_or_path, FILES, revision=revision)
         model_file = os.path.join(folder, "tokenizer.model")
         if not os.path.isfile(model_file):
@@ -232,9 +236,12 @@ class LlavaNextTokenizer:
                  for i, t in config.get("added_tokens_decoder", {}).items()}
         names = {n: _content(config[n]) for n in SPECIAL_NAMES if n in config}
         names.update({n: _content(special_map[n]) for n in SPECIAL_NAMES if n in special_map})  # it wins
-        extra = [_content(t) for key in ("additional_special_tokens", "extra_special_tokens")
-                 for source in (config, special_map) for t in (source.get(key) or [])]
-        extra = list(dict.fromkeys(extra))
+        extra = []
+        for source in (config, special_map):
+            for key in ("additional_special_tokens", "extra_special_tokens"):
+                value = source.get(key) or []
+                extra += [_content(t) for t in (value.values() if isinstance(value, dict) else value)]
+        extra = list(dict.fromkeys(extra))  # transformers 5 may write {"image_token": "<image>"}
         for content, i in _read_json(folder, "added_tokens.json").items():  # the older format
             added.setdefault(int(i), AddedToken(content, special=content in extra or content in names.values()))
         kwargs = dict(added_tokens=added, additional_special_tokens=extra,

@@ -111,11 +111,12 @@ def test_older_files_added_tokens_json_and_special_tokens_map(tmp_path):
     (old / "added_tokens.json").write_text(json.dumps({"<image>": 32000, "<pad>": 32001}))
     (old / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": {"content": "<s>"}, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "additional_special_tokens": ["<image>"]}))
+        "extra_special_tokens": {"image_token": "<image>"}}))  # transformers 5 spelling
     a, b = LlavaNextTokenizer.from_pretrained(old), LlavaNextTokenizer.from_pretrained(folder)
     for text in CORPUS:
         assert a.encode(text) == b.encode(text), repr(text)
     assert a.decode(a.encode("x<image>y"), skip_special_tokens=True) == "x y"  # "y" got its own "▁"
+    assert "<image>" in a.all_special_tokens
 
 
 def test_missing_model_file_is_explained(tmp_path):
