@@ -68,6 +68,7 @@ class LlavaNextImageProcessor:
     # Images with more pixels are refused before decoding: a small file can claim a huge size
     # (a "decompression bomb"). Pillow's own warning threshold; None disables the check.
     max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    # Threads for decoding, resizing and normalising; set 1 inside data-loader worker processes.
     num_threads: int = min(8, os.cpu_count() or 1)
 
     def __init__(self, size=None, crop_size=None, image_grid_pinpoints=None, resample: int = 3,
