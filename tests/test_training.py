@@ -1,0 +1,378 @@
+"""Training: loss and every parameter's gradient against transformers, gradient checkpointing,
+the labels helper, freezing and parameter groups, and the fine-tuning example script."""
+
+import re
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from conftest import fixture_path
+from llava_next import LlavaNextConfig, LlavaNextForConditionalGeneration
+from llava_next.loading import legacy_key
+from llava_next.training import (IGNORE_INDEX, PROJECTOR, assistant_spans, build_labels, freeze_language_model,
+                                 freeze_vision_tower, never_trained, parameter_groups, projector_only,
+                                 set_trainable)
+from tiny import hf_checkpoint, image_inputs, prompt_ids
+
+SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Gradients whose true value is 0 come out as rounding noise (~1e-11) on both sides: the key
+# projection's bias adds the same q.b to every logit of a query, and softmax ignores that.
+TINY = 1e-6
+
+
+def _triton_attention_trains() -> bool:
+    """Whether the Triton flash attention has a backward: a tiny probe, not a name check."""
+    try:
+        from llava_next.kernels import flash_attention, triton_available
+        if not triton_available():
+            return False
+        q = torch.randn(1, 1, 2, 16, device=DEVICE, requires_grad=True)
+        return flash_attention(q, q, q, causal=True).requires_grad
+    except (ImportError, RuntimeError):
+        return False
+
+
+TRITON_TRAINS = _triton_attention_trains()
+
+
+# ---- loss and gradients against transformers --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mistral")
+    return hf_checkpoint(folder, "mistral", **SMALL), folder  # GQA text model, 2 + 1 unused vision layers
+
+
+def training_batch(config):
+    """Two left-padded rows with an image each; the last few text tokens of each row are the
+    supervised 'answer', everything before them (bos, prompt, image tokens) and the padding is -100."""
+    ids, mask = prompt_ids(config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(config, [(45, 80), (150, 40)])
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :-4] = IGNORE_INDEX
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, labels=labels)
+
+
+def grads(model, name=lambda n: n):
+    return {name(n): None if p.grad is None else p.grad.detach().float().cpu() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attn", [
+    "eager", "sdpa",
+    pytest.param("triton", marks=pytest.mark.xfail(
+        not TRITON_TRAINS, strict=False,
+        reason="llava_next.kernels.flash_attention has no backward yet (its output does not require grad)")),
+])
+def test_loss_and_grads_match_transformers(checkpoint, attn):
+    hf, folder = checkpoint
+    if attn == "triton":
+        pytest.importorskip("triton")
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=attn,
+                                                            device_map=DEVICE if attn == "triton" else "cpu").train()
+    inputs = training_batch(hf.config)
+    hf.train().zero_grad(set_to_none=True)
+    position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # what ours derives from the mask
+    want = hf(**inputs, position_ids=position_ids).loss
+    want.backward()
+    got = ours(**{k: v.to(ours.device) for k, v in inputs.items()}).loss
+    got.backward()
+
+    dloss = abs(got.item() - want.item())
+    g_hf, g_ours = grads(hf, legacy_key), grads(ours)
+    assert set(g_ours) == set(g_hf)  # parameter names are the checkpoint keys
+    unused = never_trained(ours)
+    errors = {}
+    for name, g in g_ours.items():
+        if name in unused:  # vision layers past the feature layer, post_layernorm: run by neither
+            assert g is None and g_hf[name] is None, name
+            continue
+        assert g is not None and g_hf[name] is not None, name
+        errors[name] = ((g - g_hf[name]).norm() / max(g_hf[name].norm().item(), TINY)).item()
+    worst = max(errors, key=errors.get)
+    print(f"\n[{attn}] loss ours {got.item():.7f} transformers {want.item():.7f} |d| {dloss:.2e}; "
+          f"{len(errors)} grads, worst rel err {errors[worst]:.2e} ({worst}), {len(unused)} unused params")
+    assert dloss <= 1e-5
+    assert errors[worst] <= 1e-3, worst
+
+
+def test_named_parameters_are_the_checkpoint_keys(checkpoint):
+    hf, folder = checkpoint
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    names = [n for n, _ in ours.named_parameters()]
+    assert set(names) == set(ours.state_dict()) == {legacy_key(n) for n in hf.state_dict()}
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in names
+    assert never_trained(ours) == {n for n in names if n.startswith(("vision_tower.vision_model.encoder.layers.2.",
+                                                                     "vision_tower.vision_model.post_layernorm."))}
+    assert not any(ours.get_parameter(n).requires_grad for n in never_trained(ours))
+
+
+# ---- gradient checkpointing -------------------------------------------------------------------
+
+def tiny_config(**text):
+    """Our own tiny config (a small vocabulary, so activations, not logits, dominate memory)."""
+    return LlavaNextConfig.from_dict({
+        "image_token_index": 1050, "image_grid_pinpoints": SMALL["pinpoints"],
+        "vision_config": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=5, num_attention_heads=2,
+                              image_size=56, patch_size=14),
+        "text_config": {**dict(model_type="mistral", vocab_size=1100, hidden_size=64, intermediate_size=256,
+                               num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+                        **text}})
+
+
+class TensorMemory(TorchDispatchMode):
+    """Bytes of the tensor storages made inside the block that are still alive: now and the peak.
+    CPU has no allocator statistics, so this counts every op's outputs until they are freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.live = set()
+
+    def _freed(self, key, nbytes):
+        self.now -= nbytes
+        self.live.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.live:
+                    self.live.add(key)
+                    self.now += nbytes
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._freed, key, nbytes)
+        return out
+
+
+def test_gradient_checkpointing_same_grads_lower_memory():
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(tiny_config()).train()
+    inputs = training_batch(model.config)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with TensorMemory() as mem:
+            loss = model(**inputs).loss
+            after_forward = mem.now  # what the graph holds for backward
+            loss.backward()
+        return grads(model), after_forward, mem.peak
+
+    plain, held_plain, peak_plain = step()
+    model.gradient_checkpointing_enable()
+    ckpt, held_ckpt, peak_ckpt = step()
+    model.gradient_checkpointing_disable()
+    again, _, _ = step()
+    print(f"\nheld for backward after forward: {held_plain / 2**20:.2f} MiB plain, {held_ckpt / 2**20:.2f} MiB "
+          f"checkpointed ({held_ckpt / held_plain:.2f}x); peak over forward + backward: {peak_plain / 2**20:.2f} MiB "
+          f"plain, {peak_ckpt / 2**20:.2f} MiB checkpointed ({peak_ckpt / peak_plain:.2f}x)")
+    for name, g in plain.items():
+        if g is None:
+            assert ckpt[name] is None, name
+        else:
+            torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(again[name], g, rtol=0, atol=0, msg=name)
+    assert held_ckpt < held_plain
+    assert peak_ckpt < peak_plain
+
+
+def test_gradient_checkpointing_per_tower():
+    model = LlavaNextForConditionalGeneration(tiny_config(num_hidden_layers=2)).train()
+    inputs = training_batch(model.config)
+    model(**inputs).loss.backward()
+    want = grads(model)
+    for vision, language in [(True, False), (False, True)]:
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing_enable(vision=vision, language=language)
+        model(**inputs).loss.backward()
+        for name, g in grads(model).items():
+            if g is not None:
+                torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---- labels ----------------------------------------------------------------------------------
+
+def make_processor(chat_format):
+    from llava_next.image_processing import LlavaNextImageProcessor
+    from llava_next.processing import LlavaNextProcessor
+    from llava_next.tokenizer import AddedToken, LlavaNextTokenizer
+
+    if chat_format == "mistral":
+        model_file, added, pad = "mistral_7b_v0.1_tokenizer.model", ["<image>", "<pad>"], "<pad>"
+    elif chat_format == "vicuna":
+        model_file, added, pad = "llama2_tokenizer.model", ["<image>"], "<unk>"
+    else:  # a 34b-style chatml tokenizer (no Yi tokenizer here): llama2's pieces plus the chatml tokens
+        model_file, added, pad = "llama2_tokenizer.model", ["<image>", "<|im_start|>", "<|im_end|>"], "<unk>"
+    tokenizer = LlavaNextTokenizer(fixture_path("tokenizers", model_file), pad_token=pad,
+                                   added_tokens={32000 + i: AddedToken(t) for i, t in enumerate(added)})
+    images = LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size=56, image_grid_pinpoints=SMALL["pinpoints"])
+    return LlavaNextProcessor(images, tokenizer, patch_size=14, chat_format=chat_format)
+
+
+RED = np.full((40, 70, 3), (200, 30, 30), np.uint8)
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this image?"}]},
+    {"role": "assistant", "content": "Red."},
+    {"role": "user", "content": "Are you sure?"},
+    {"role": "assistant", "content": "Yes, quite sure."},
+]
+END_OF_TURN = {"mistral": " </s>", "vicuna": "</s>", "chatml": "<|im_end|>"}
+
+
+@pytest.mark.parametrize("chat_format", ["mistral", "vicuna", "chatml"])
+def test_spans_cover_exactly_the_assistant_replies(chat_format):
+    tokenizer = make_processor(chat_format).tokenizer
+    ids, spans = assistant_spans(tokenizer, CONVERSATION, chat_format)
+    replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    assert [tokenizer.decode(ids[s:e]) for s, e in spans] == [r + END_OF_TURN[chat_format] for r in replies]
+    assert ids[spans[-1][1] - 1] == tokenizer.convert_tokens_to_ids(END_OF_TURN[chat_format].strip())
+    assert spans[-1][1] == len(ids)  # the conversation ends with the last reply's end-of-turn token
+
+
+@pytest.mark.parametrize("chat_format,padding_side", [("mistral", "left"), ("vicuna", "right"), ("chatml", "left")])
+def test_build_labels_masks_prompt_images_and_padding(chat_format, padding_side):
+    processor = make_processor(chat_format)
+    processor.tokenizer.padding_side = padding_side
+    short = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    inputs = build_labels(processor, [CONVERSATION, short], images=[[RED], []])
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "image_sizes", "labels"}
+    assert labels.shape == ids.shape and mask[1].sum() < mask[0].sum()
+    supervised = labels != IGNORE_INDEX
+    assert torch.equal(labels[supervised], ids[supervised])
+    assert not supervised[mask == 0].any()
+    image = ids == processor.image_token_id
+    assert image.sum() == processor.num_image_tokens((40, 70)) and not supervised[image].any()
+    assert (mask[1, 0] == 0) == (padding_side == "left")
+    end = END_OF_TURN[chat_format]
+    texts = [processor.tokenizer.decode(labels[i][supervised[i]]) for i in range(2)]
+    assert texts[0] == f"Red.{end}Yes, quite sure.{end}".replace("</s>Y", "</s> Y")
+    assert texts[1] == f"Hello!{end}"
+
+
+def test_build_labels_takes_images_from_the_conversation():
+    processor = make_processor("mistral")
+    conversation = [dict(m) for m in CONVERSATION]
+    conversation[1] = {"role": "user", "content": [{"type": "image", "image": RED},
+                                                   {"type": "text", "text": "What colour is this image?"}]}
+    got = build_labels(processor, conversation)
+    want = build_labels(processor, CONVERSATION, images=[RED])
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+class MergingTokenizer:
+    """Characters as ids, except that "] " is one token: tokenization is not prefix-stable where
+    a mistral prompt ("... [/INST]") is followed by its reply (" Red. </s>")."""
+    bos_token_id, add_bos_token = 1, True
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [1] if add_special_tokens else []
+        for piece in re.split(r"(\] )", text):
+            ids += [2] if piece == "] " else [ord(c) for c in piece]
+        return ids
+
+
+def test_tokenization_that_is_not_prefix_stable_is_an_error():
+    with pytest.raises(ValueError, match="message 2: tokenization is not prefix-stable"):
+        assistant_spans(MergingTokenizer(), CONVERSATION, "mistral")
+
+
+def test_build_labels_trains_the_model(checkpoint):
+    """The labels helper's output goes straight into the model; only supervised tokens count."""
+    _, folder = checkpoint
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder).train()
+    inputs = build_labels(make_processor("mistral"), [CONVERSATION, CONVERSATION[:3]], images=[[RED], [RED]])
+    loss = model(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    labels = inputs["labels"][:, 1:]
+    want = torch.nn.functional.cross_entropy(logits[:, :-1][labels != IGNORE_INDEX], labels[labels != IGNORE_INDEX])
+    torch.testing.assert_close(loss, want)
+
+
+# ---- freezing and parameter groups ------------------------------------------------------------
+
+def test_freeze_and_unfreeze_keep_the_unused_layers_frozen():
+    model = LlavaNextForConditionalGeneration(tiny_config(num_hidden_layers=1))
+    unused = never_trained(model)
+    trainable = lambda prefix: {n: p.requires_grad for n, p in model.named_parameters() if n.startswith(prefix)}
+    freeze_vision_tower(model)
+    assert not any(trainable("vision_tower.").values()) and all(trainable("language_model.").values())
+    freeze_vision_tower(model, frozen=False)
+    assert all(v == (n not in unused) for n, v in trainable("vision_tower.").items())
+    freeze_language_model(model)
+    assert not any(trainable("language_model.").values())
+    assert all(trainable("multi_modal_projector.").values()) and model.image_newline.requires_grad
+    freeze_language_model(model, frozen=False)
+    assert all(trainable("language_model.").values())
+
+
+def test_frozen_parts_get_no_gradient():
+    model = LlavaNextForConditionalGeneration(tiny_config(num_hidden_layers=1)).train()
+    freeze_vision_tower(model)
+    freeze_language_model(model)
+    model(**training_batch(model.config)).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"image_newline", "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_1.bias",
+                         "multi_modal_projector.linear_2.weight", "multi_modal_projector.linear_2.bias"}
+
+
+def test_projector_only_stage_one_changes_only_the_projector():
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(tiny_config(num_hidden_layers=1)).train()
+    groups = projector_only(model, lr=1e-2)
+    assert [g["lr"] for g in groups] == [1e-2]
+    assert sorted(groups[0]["param_names"]) == sorted(n for n, _ in model.named_parameters()
+                                                      if n.startswith("multi_modal_projector.") or n == "image_newline")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(groups)
+    model(**training_batch(model.config)).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(groups[0]["param_names"])
+    assert opt.state_dict()["param_groups"][0]["param_names"] == groups[0]["param_names"]
+
+
+def test_parameter_groups_by_pattern():
+    model = LlavaNextForConditionalGeneration(tiny_config(num_hidden_layers=1))
+    groups = parameter_groups(model, {"vision_tower.*": 2e-6, PROJECTOR: 1e-3}, default_lr=1e-5, weight_decay=0.1)
+    by_name = {n: (g["lr"], g["weight_decay"]) for g in groups for n in g["param_names"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(by_name) == trainable and not set(by_name) & never_trained(model)
+    assert by_name["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"] == (2e-6, 0.1)
+    assert by_name["vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias"] == (2e-6, 0.0)
+    assert by_name["multi_modal_projector.linear_1.weight"] == (1e-3, 0.1) and by_name["image_newline"] == (1e-3, 0.0)
+    assert by_name["language_model.lm_head.weight"] == (1e-5, 0.1)
+    assert by_name["language_model.model.norm.weight"] == (1e-5, 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    only = parameter_groups(model, {"language_model.lm_head.*": 1.0})  # no default_lr: the rest left out
+    assert [g["param_names"] for g in only] == [["language_model.lm_head.weight"]]
+    set_trainable(model, ["vision_tower.*"])
+    with pytest.raises(ValueError, match="no trainable parameter matched"):
+        parameter_groups(model, {"language_model.*": 1.0})
+
+
+# ---- the example script -------------------------------------------------------------------------
+
+def test_finetune_example_loss_drops(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "finetune_example.py"
+    tokenizer = fixture_path("tokenizers", "mistral_7b_v0.1_tokenizer.model")
+    run = subprocess.run([sys.executable, str(script), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    print(run.stdout[-3000:])
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"^step +\d+ +loss ([\d.]+)", run.stdout, re.M)]
+    assert len(losses) >= 10 and losses[-1] < 0.5 * losses[0]
+    assert "reloaded: loss" in run.stdout and (tmp_path / "out" / "config.json").exists()
