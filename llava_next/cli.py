@@ -98,24 +98,39 @@ def check_args(args) -> None:
         args.dtype = "float16" if args.device.startswith("cuda") else "float32"
 
 
-def load(args):
-    import torch
-
+def _user_error(fn, *args, **kwargs):
+    """Run a loading step; its expected failures become one-line usage errors."""
     from .hub import HubError
     from .loading import CheckpointError
-    from .model import LlavaNextForConditionalGeneration
-    from .processing import LlavaNextProcessor
 
     try:
-        processor = LlavaNextProcessor.from_pretrained(args.model)
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            args.model, torch_dtype=getattr(torch, args.dtype), device_map=args.device,
-            attn_implementation=args.attn, progress=True)
+        return fn(*args, **kwargs)
     except (HubError, CheckpointError, OSError, ValueError) as e:
         raise UsageError(str(e).replace("\n", " ")) from None
+
+
+def load_processor_and_config(args):
+    from .config import LlavaNextConfig
+    from .hub import resolve_folder
+    from .processing import LlavaNextProcessor
+
+    processor = _user_error(LlavaNextProcessor.from_pretrained, args.model, chat_format=args.prompt_format)
+    folder = _user_error(resolve_folder, args.model, ["config.json"])
+    config = _user_error(LlavaNextConfig.from_pretrained, folder)
+    return processor, config
+
+
+def load_model(args):
+    import torch
+
+    from .model import LlavaNextForConditionalGeneration
+
+    model = _user_error(LlavaNextForConditionalGeneration.from_pretrained, args.model,
+                        torch_dtype=getattr(torch, args.dtype), device_map=args.device,
+                        attn_implementation=args.attn, progress=True)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    return processor, model
+    return model
 
 
 def open_image(ref: str):
@@ -136,23 +151,28 @@ def open_image(ref: str):
     return ref  # a path: the processor opens it and names it in any error
 
 
-def answer(processor, model, conversation, images, args) -> str:
-    """Stream the reply to stdout and return it."""
-    from .generation import TextStreamer
-
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, prompt_format=args.prompt_format)
+def prepare(processor, config, conversation, images):
+    """Model inputs for a conversation, refused before any compute when they exceed the context."""
     try:
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
         inputs = processor(text=prompt, images=images or None, return_tensors="pt")
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
-    n, context = inputs["input_ids"].shape[1], model.config.text_config.max_position_embeddings
+    except (ValueError, OSError) as e:  # an unknown prompt format, an unreadable image, ...
+        raise UsageError(str(e).replace("\n", " ")) from None
+    n, context = inputs["input_ids"].shape[1], config.text_config.max_position_embeddings
     if n >= context:
         raise UsageError(f"the prompt is {n} tokens, the model's context is {context}: use fewer or smaller images "
                          "or a shorter prompt")
-    inputs = inputs.to(model.device)
+    return inputs
+
+
+def answer(processor, model, inputs, args) -> str:
+    """Stream the reply to stdout and return it."""
+    from .generation import TextStreamer
+
+    n, context = inputs["input_ids"].shape[1], model.config.text_config.max_position_embeddings
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = model.generate(**inputs, max_new_tokens=min(args.max_new_tokens, context - n), do_sample=args.do_sample,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    out = model.generate(**inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
+                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          repetition_penalty=args.repetition_penalty, streamer=streamer)
     return processor.decode(out[0, n:], skip_special_tokens=True).strip()
 
@@ -167,13 +187,15 @@ def with_system(conversation, system):
 
 def run_generate(args) -> int:
     images = [open_image(i) for i in args.image]
-    processor, model = load(args)
-    answer(processor, model, with_system([user_turn(args.prompt, len(images))], args.system), images, args)
+    processor, config = load_processor_and_config(args)
+    inputs = prepare(processor, config, with_system([user_turn(args.prompt, len(images))], args.system), images)
+    answer(processor, load_model(args), inputs, args)
     return 0
 
 
 def run_chat(args) -> int:
-    processor, model = load(args)
+    processor, config = load_processor_and_config(args)
+    model = load_model(args)
     conversation, images = [], [open_image(i) for i in args.image]
     pending = len(images)  # images not yet placed in a user turn
     print("Chat with LLaVA-NeXT. /image PATH attaches an image to your next message, /reset starts over, "
@@ -206,7 +228,8 @@ def run_chat(args) -> int:
         conversation.append(user_turn(line, pending))
         print("assistant> ", end="", flush=True)
         try:
-            reply = answer(processor, model, with_system(conversation, args.system), images, args)
+            inputs = prepare(processor, config, with_system(conversation, args.system), images)
+            reply = answer(processor, model, inputs, args)
         except UsageError as e:  # the turn is dropped; its images stay attached for the next try
             print(f"\nerror: {e}", file=sys.stderr)
             conversation.pop()

@@ -1,0 +1,120 @@
+"""The whole pipeline offline on a tiny checkpoint written by scripts/make_tiny_checkpoint.py:
+the seed's usage example with only the import changed, and the CLI in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import fixture_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tok = fixture_path("tokenizers", "mistral_7b_v0.1_tokenizer.model")
+    folder = tmp_path_factory.mktemp("tiny-mistral")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(folder),
+                          "--tokenizer", str(tok)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return folder
+
+
+def test_seed_usage_example(tiny):
+    # The llava-hf model card's example; only the import line, the model id, the device and
+    # the image source differ.
+    image_path = fixture_path("images", "llava_v1_5_radar.jpg")
+    from llava_next import LlavaNextProcessor, LlavaNextForConditionalGeneration
+    import torch
+    from PIL import Image
+
+    processor = LlavaNextProcessor.from_pretrained(tiny)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny, torch_dtype=torch.float16, low_cpu_mem_usage=True)
+    model.to("cpu")
+
+    image = Image.open(image_path)
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is shown in this image?"},
+                {"type": "image"},
+            ],
+        },
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == "[INST] <image>\nWhat is shown in this image? [/INST]"
+    inputs = processor(prompt, image, return_tensors="pt").to("cpu")
+    output = model.generate(**inputs, max_new_tokens=10)
+    text = processor.decode(output[0], skip_special_tokens=True)
+    assert inputs["input_ids"].shape == (1, 2652)  # REFERENCE.md: the radar prompt expands to 2652 ids
+    assert output.shape[0] == 1 and 2652 < output.shape[1] <= 2662
+    assert text.startswith("[INST]  \nWhat is shown in this image? [/INST]")
+
+
+def cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "llava_next.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_cli_generate_streams_an_answer(tiny):
+    image = fixture_path("images", "coco_000000039769_cats.png")
+    run = cli("generate", "--model", tiny, "--image", image, "--prompt", "Describe the image.",
+              "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() and "Traceback" not in run.stderr
+
+
+def test_cli_generate_sampling_flags(tiny):
+    image = fixture_path("images", "llava_logo.png")
+    run = cli("generate", "--model", tiny, "--image", image, "--prompt", "Hi", "--max-new-tokens", "4",
+              "--do-sample", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--seed", "1")
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--image", "no/such/image.png", "--prompt", "x"], "image file not found: no/such/image.png"),
+    (["generate", "--prompt", "x", "--dtype", "float8"], "invalid choice: 'float8'"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["generate", "--image"], "expected one argument"),
+])
+def test_cli_bad_arguments_one_line_exit_2(tiny, args, message):
+    run = cli(*args, "--model", tiny)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_cli_unknown_model_folder(tmp_path):
+    run = cli("generate", "--model", tmp_path / "missing", "--prompt", "x")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "no such folder" in run.stderr
+
+
+def test_cli_folder_without_checkpoint(tmp_path):
+    run = cli("generate", "--model", tmp_path, "--prompt", "x")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_cli_prompt_longer_than_context_is_refused(tiny):
+    image = fixture_path("images", "llava_logo.png")
+    run = cli("generate", "--model", tiny, "--image", image, "--prompt", "word " * 5000, "--max-new-tokens", "2")
+    assert run.returncode == 2, run.stderr
+    assert "context is 4096" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_cli_chat(tiny):
+    image = fixture_path("images", "llava_logo.png")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    stdin = f"/image {image}\nWhat is this?\n/image nope.png\nAnd now?\n/quit\n"
+    run = subprocess.run([sys.executable, "-m", "llava_next.cli", "chat", "--model", str(tiny), "--max-new-tokens",
+                          "3"], input=stdin, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("assistant>") == 2
+    assert "image file not found: nope.png" in run.stderr
