@@ -19,24 +19,31 @@ import torch
 import torch.nn.functional as F
 
 
-def visibility_mask(Tq: int, Tk: int, device, *, causal: bool, q_offset=None, kv_mask=None,
-                    sliding_window=None):
-    """Boolean (B or 1, 1, Tq, Tk) mask of the keys each query may attend to, or None if all."""
-    if not causal and kv_mask is None and sliding_window is None:
-        return None
+def visibility_mask(Tq: int, Tk: int, *, causal: bool, q_offset=None, kv_mask=None, sliding_window=None,
+                    device=None):
+    """(B or 1, 1, Tq, Tk) bool: True where query i may attend to key j, by the rules above.
+    q_offset may also be a (B,) tensor, one offset per row."""
     if q_offset is None:
         q_offset = Tk - Tq
-    q_pos = torch.arange(Tq, device=device)[:, None] + q_offset  # (Tq, 1)
-    k_pos = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    off = torch.as_tensor(q_offset, device=device).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+    q_pos = off + torch.arange(Tq, device=device).view(1, 1, Tq, 1)
+    k_pos = torch.arange(Tk, device=device).view(1, 1, 1, Tk)
+    visible = torch.ones_like(q_pos - k_pos, dtype=torch.bool)
     if causal:
-        mask = mask & (k_pos <= q_pos)
+        visible = visible & (k_pos <= q_pos)
     if sliding_window is not None:
-        mask = mask & (q_pos - k_pos < sliding_window)
-    mask = mask[None, None]  # (1, 1, Tq, Tk)
+        visible = visible & (q_pos - k_pos < sliding_window)
     if kv_mask is not None:
-        mask = mask & kv_mask[:, None, None, :].bool()
-    # A query with nothing to see attends to everything instead: finite garbage, not NaN.
+        visible = visible & kv_mask[:, None, None, :].to(device=device, dtype=torch.bool)
+    return visible
+
+
+def _model_mask(Tq, Tk, device, **rules):
+    """visibility_mask for eager/sdpa, None when nothing is masked. A query that sees no key
+    attends to everything instead: finite garbage, not NaN."""
+    if not rules["causal"] and rules.get("kv_mask") is None and rules.get("sliding_window") is None:
+        return None
+    mask = visibility_mask(Tq, Tk, device=device, **rules)
     return mask | ~mask.any(-1, keepdim=True)
 
 
@@ -53,8 +60,8 @@ def eager_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_win
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
-    mask = visibility_mask(q.shape[2], k.shape[2], q.device, causal=causal, q_offset=q_offset,
-                           kv_mask=kv_mask, sliding_window=sliding_window)
+    mask = _model_mask(q.shape[2], k.shape[2], q.device, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
+                       sliding_window=sliding_window)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -76,8 +83,8 @@ def sdpa_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_wind
     if causal and Tq == Tk and q_offset is None and kv_mask is None and sliding_window is None:
         # The plain causal case lets torch pick its flash kernel.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
-    mask = visibility_mask(Tq, Tk, q.device, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
-                           sliding_window=sliding_window)
+    mask = _model_mask(Tq, Tk, q.device, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
+                       sliding_window=sliding_window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
 

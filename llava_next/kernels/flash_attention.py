@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention import visibility_mask
+
 # Flash attention (Dao 2023), forward. One program owns BLOCK_M query rows of one (batch, head)
 # and streams over the key blocks it can see, BLOCK_N keys at a time, keeping per row
 #     m = running max of the scaled logits (log2 domain),
@@ -593,24 +595,6 @@ def flash_attention(q, k, v, *, causal: bool, q_offset=None, kv_mask=None, slidi
         return FlashAttentionFunction.apply(q, k, v, causal, q_offset, kv_mask, sliding_window, scale)
     out, _ = _flash_attention_forward(q, k, v, causal, q_offset, kv_mask, sliding_window, scale)
     return out
-
-
-def visibility_mask(Tq, Tk, *, causal, q_offset=None, kv_mask=None, sliding_window=None, device=None):
-    """(B or 1, 1, Tq, Tk) bool: True where query i may attend to key j (the rules in the module
-    docstring). Shared by the plain-PyTorch references."""
-    if q_offset is None:
-        q_offset = Tk - Tq
-    off = torch.as_tensor(q_offset, device=device).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
-    q_pos = off + torch.arange(Tq, device=device).view(1, 1, Tq, 1)
-    k_idx = torch.arange(Tk, device=device).view(1, 1, 1, Tk)
-    visible = torch.ones_like(q_pos - k_idx, dtype=torch.bool)
-    if causal:
-        visible = visible & (k_idx <= q_pos)
-    if sliding_window is not None:
-        visible = visible & (q_pos - k_idx < sliding_window)
-    if kv_mask is not None:
-        visible = visible & kv_mask[:, None, None, :].to(device)
-    return visible
 
 
 def flash_attention_reference(q, k, v, *, causal: bool, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
