@@ -72,7 +72,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint folder (model + processor files); default: a tiny random model")
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer.model for the tiny random model")
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--projector-only", action="store_true", help="LLaVA's stage 1: train only the projector")
     ap.add_argument("--gradient-checkpointing", action="store_true")

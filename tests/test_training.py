@@ -1,6 +1,7 @@
 """Training: loss and every parameter's gradient against transformers, gradient checkpointing,
 the labels helper, freezing and parameter groups, and the fine-tuning example script."""
 
+import os
 import re
 import subprocess
 import sys
@@ -28,27 +29,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = 1e-6
 
 
-def _triton_attention_trains() -> bool:
-    """Whether the Triton flash attention has a backward: a tiny probe, not a name check."""
-    try:
-        from llava_next.kernels import flash_attention, triton_available
-        if not triton_available():
-            return False
-        q = torch.randn(1, 1, 2, 16, device=DEVICE, requires_grad=True)
-        return flash_attention(q, q, q, causal=True).requires_grad
-    except (ImportError, RuntimeError):
-        return False
-
-
-TRITON_TRAINS = _triton_attention_trains()
-
-
 # ---- loss and gradients against transformers --------------------------------------------------
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mistral")
-    return hf_checkpoint(folder, "mistral", **SMALL), folder  # GQA text model, 2 + 1 unused vision layers
+@pytest.fixture(scope="module", params=["mistral", "vicuna"])
+def checkpoint(request, tmp_path_factory):
+    """mistral: GQA; vicuna: a llama with as many kv heads as heads. 2 decoder layers; 3 vision
+    layers of which LLaVA runs 2 (vision_feature_layer -2)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    return hf_checkpoint(folder, request.param, **SMALL), folder
 
 
 def training_batch(config):
@@ -65,13 +53,9 @@ def grads(model, name=lambda n: n):
     return {name(n): None if p.grad is None else p.grad.detach().float().cpu() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("attn", [
-    "eager", "sdpa",
-    pytest.param("triton", marks=pytest.mark.xfail(
-        not TRITON_TRAINS, strict=False,
-        reason="llava_next.kernels.flash_attention has no backward yet (its output does not require grad)")),
-])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "triton"])
 def test_loss_and_grads_match_transformers(checkpoint, attn):
+    """On CPU "triton" runs the flash-attention forward and backward kernels in Triton's interpreter."""
     hf, folder = checkpoint
     if attn == "triton":
         pytest.importorskip("triton")
@@ -82,8 +66,9 @@ def test_loss_and_grads_match_transformers(checkpoint, attn):
     position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # what ours derives from the mask
     want = hf(**inputs, position_ids=position_ids).loss
     want.backward()
-    got = ours(**{k: v.to(ours.device) for k, v in inputs.items()}).loss
-    got.backward()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the patch conv in full fp32 on a GPU
+        got = ours(**{k: v.to(ours.device) for k, v in inputs.items()}).loss
+        got.backward()
 
     dloss = abs(got.item() - want.item())
     g_hf, g_ours = grads(hf, legacy_key), grads(ours)
@@ -97,7 +82,7 @@ def test_loss_and_grads_match_transformers(checkpoint, attn):
         assert g is not None and g_hf[name] is not None, name
         errors[name] = ((g - g_hf[name]).norm() / max(g_hf[name].norm().item(), TINY)).item()
     worst = max(errors, key=errors.get)
-    print(f"\n[{attn}] loss ours {got.item():.7f} transformers {want.item():.7f} |d| {dloss:.2e}; "
+    print(f"\n[{hf.config.text_config.model_type}, {attn}] loss ours {got.item():.7f} transformers {want.item():.7f} |d| {dloss:.2e}; "
           f"{len(errors)} grads, worst rel err {errors[worst]:.2e} ({worst}), {len(unused)} unused params")
     assert dloss <= 1e-5
     assert errors[worst] <= 1e-3, worst
@@ -227,6 +212,11 @@ CONVERSATION = [
     {"role": "assistant", "content": "Yes, quite sure."},
 ]
 END_OF_TURN = {"mistral": " </s>", "vicuna": "</s>", "chatml": "<|im_end|>"}
+SUPERVISED_TEXT = {  # the supervised tokens of [CONVERSATION, the short one], decoded
+    "mistral": ["Red. </s> Yes, quite sure. </s>", "Hello! </s>"],
+    "vicuna": ["Red.</s> Yes, quite sure.</s>", "Hello!</s>"],
+    "chatml": ["Red.<|im_end|>Yes, quite sure.<|im_end|>", "Hello!<|im_end|>"],
+}
 
 
 @pytest.mark.parametrize("chat_format", ["mistral", "vicuna", "chatml"])
@@ -254,10 +244,8 @@ def test_build_labels_masks_prompt_images_and_padding(chat_format, padding_side)
     image = ids == processor.image_token_id
     assert image.sum() == processor.num_image_tokens((40, 70)) and not supervised[image].any()
     assert (mask[1, 0] == 0) == (padding_side == "left")
-    end = END_OF_TURN[chat_format]
     texts = [processor.tokenizer.decode(labels[i][supervised[i]]) for i in range(2)]
-    assert texts[0] == f"Red.{end}Yes, quite sure.{end}".replace("</s>Y", "</s> Y")
-    assert texts[1] == f"Hello!{end}"
+    assert texts == SUPERVISED_TEXT[chat_format]
 
 
 def test_build_labels_takes_images_from_the_conversation():
@@ -369,10 +357,12 @@ def test_parameter_groups_by_pattern():
 def test_finetune_example_loss_drops(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "finetune_example.py"
     tokenizer = fixture_path("tokenizers", "mistral_7b_v0.1_tokenizer.model")
+    # One thread: two OpenMP threads on a busy 2-core machine can be 10x slower than on an idle one.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, str(script), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"^step +\d+ +loss ([\d.]+)", run.stdout, re.M)]
-    assert len(losses) >= 10 and losses[-1] < 0.5 * losses[0]
+    assert len(losses) >= 10 and losses[-1] < 0.1 * losses[0]
     assert "reloaded: loss" in run.stdout and (tmp_path / "out" / "config.json").exists()
