@@ -82,8 +82,11 @@ def test_loss_and_grads_match_transformers(checkpoint, attn):
         assert g is not None and g_hf[name] is not None, name
         errors[name] = ((g - g_hf[name]).norm() / max(g_hf[name].norm().item(), TINY)).item()
     worst = max(errors, key=errors.get)
-    print(f"\n[{hf.config.text_config.model_type}, {attn}] loss ours {got.item():.7f} transformers {want.item():.7f} |d| {dloss:.2e}; "
-          f"{len(errors)} grads, worst rel err {errors[worst]:.2e} ({worst}), {len(unused)} unused params")
+    nonzero = [n for n in errors if g_hf[n].norm() > TINY]
+    worst_nonzero = max(nonzero, key=errors.get)
+    print(f"\n[{hf.config.text_config.model_type}, {attn}] loss ours {got.item():.7f} transformers {want.item():.7f} "
+          f"|d| {dloss:.1e}; {len(errors)} grads: worst rel err {errors[worst]:.1e} ({worst}), worst of the "
+          f"{len(nonzero)} nonzero ones {errors[worst_nonzero]:.1e} ({worst_nonzero}); {len(unused)} unused, no grad")
     assert dloss <= 1e-5
     assert errors[worst] <= 1e-3, worst
 
