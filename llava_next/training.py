@@ -50,14 +50,15 @@ def assistant_spans(tokenizer, conversation: list[dict], chat_format: str) -> tu
                              "tokens cannot be located")
         a = bos + tokenizer.encode(before, add_special_tokens=False)
         b = bos + tokenizer.encode(through, add_special_tokens=False)
-        if b[: len(a)] != a or full_ids[: len(b)] != b:
-            at = next((j for j, (x, y) in enumerate(zip(b, a + [None])) if x != y), len(a))
-            raise ValueError(
-                f"message {i}: tokenization is not prefix-stable at the start or end of this assistant reply: "
-                f"the prompt before it ends in tokens {a[max(0, at - 3):at + 2]}, the conversation through it has "
-                f"{b[max(0, at - 3):at + 2]} there (the tokenizer merges text across the turn boundary), so the "
-                "reply's tokens cannot be told apart from the prompt's. Use a chat format whose turns end at a "
-                "special token or whitespace, or build the labels yourself.")
+        for where, shorter, longer in (("start", a, b), ("end", b, full_ids)):
+            if longer[: len(shorter)] != shorter:
+                j = next((j for j, (x, y) in enumerate(zip(shorter, longer)) if x != y), len(longer))
+                raise ValueError(
+                    f"message {i}: tokenization is not prefix-stable at the {where} of this assistant reply: "
+                    f"alone, the text before that point ends in tokens {shorter[max(0, j - 2):j + 3]}; within the "
+                    f"conversation the same positions hold {longer[max(0, j - 2):j + 3]} (the tokenizer merges text "
+                    "across the turn boundary), so the reply's tokens cannot be told apart from the prompt's. Use a "
+                    "chat format whose turns end at a special token or whitespace, or build the labels yourself.")
         spans.append((len(a), len(b)))
     return full_ids, spans
 
