@@ -186,6 +186,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         logits = self.lm_head(hidden)  # (B, T, vocab)
         loss = None
         if labels is not None:
+            if logits_to_keep:  # only the last positions have logits: score the labels they predict
+                labels = labels[:, -logits_to_keep:]
             # Next-token prediction: position t predicts label t + 1; mean over labels != -100.
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=IGNORE_INDEX)
@@ -250,14 +252,17 @@ class LlavaNextForConditionalGeneration(nn.Module):
             model.generation_config = {k: gen[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if k in gen}
         return model.eval()
 
-    def save_pretrained(self, folder, max_shard_size="5GB", **kwargs) -> None:
-        """config.json plus safetensors in the legacy hub layout (sharded past max_shard_size)."""
+    def save_pretrained(self, folder, max_shard_size="5GB", state_dict=None) -> None:
+        """config.json plus safetensors in the legacy hub layout (sharded past max_shard_size).
+
+        `state_dict`: tensors to write instead of `self.state_dict()`, e.g. a full state dict
+        gathered from an FSDP-sharded model."""
         os.makedirs(folder, exist_ok=True)
         d = self.config.to_dict()
         d["torch_dtype"] = str(self.dtype).replace("torch.", "")
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
-        save_state_dict(self.state_dict(), folder, max_shard_size)
+        save_state_dict(state_dict if state_dict is not None else self.state_dict(), folder, max_shard_size)
 
 
 def _progress(items, show: bool, desc: str):

@@ -234,3 +234,15 @@ def test_feature_count_mismatch_says_both_numbers(saved):
     ids = torch.cat([ids[:, :3], ids[:, 4:]], dim=1)
     with pytest.raises(ValueError, match=rf"{n - 1} <image> tokens in input_ids, {n} image features"):
         ours(input_ids=ids, pixel_values=pv, image_sizes=sizes)
+
+
+def test_loss_with_logits_to_keep_scores_the_kept_positions(saved):
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = prompt_ids(hf.config, [[], []], [9, 12])
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        full = ours(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=5).loss
+    want = torch.nn.functional.cross_entropy(full[:, -5:-1].flatten(0, 1), labels[:, -4:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(got, want)
