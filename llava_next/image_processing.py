@@ -22,37 +22,13 @@ import torch
 from PIL import Image, ImageOps
 
 from .anyres import select_best_resolution
+from .batch import BatchFeature
 from .config import DEFAULT_PINPOINTS
 from .hub import resolve_folder
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 CONFIG_NAME = "preprocessor_config.json"
-
-
-class BatchFeature(dict):
-    """Model inputs: a dict with attribute access and `.to()`, like transformers' BatchFeature."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, *args, **kwargs) -> "BatchFeature":
-        """`.to("cuda")`, `.to(torch.float16)`, `.to("cuda", torch.float16)`: tensors move to the
-        device; only floating tensors take the dtype, so token ids stay integers. In place."""
-        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-        for a in args:
-            if isinstance(a, torch.dtype):
-                dtype = a
-            else:
-                device = a
-        for key, value in self.items():
-            if torch.is_tensor(value):
-                cast = dtype if value.is_floating_point() else None
-                self[key] = value.to(device=device, dtype=cast, **kwargs)
-        return self
 
 
 class LlavaNextImageProcessor:

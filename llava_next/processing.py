@@ -17,7 +17,8 @@ from . import chat_format as formats
 from .anyres import num_image_tokens
 from .config import LlavaNextConfig
 from .hub import resolve_folder
-from .image_processing import BatchFeature, LlavaNextImageProcessor, flatten_images
+from .batch import BatchFeature
+from .image_processing import LlavaNextImageProcessor, flatten_images
 from .tokenizer import FILES as TOKENIZER_FILES
 from .tokenizer import LlavaNextTokenizer
 

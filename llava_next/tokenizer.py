@@ -19,7 +19,7 @@ import sentencepiece as spm
 import torch
 
 from .hub import resolve_folder
-from .image_processing import BatchFeature
+from .batch import BatchFeature
 
 FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
