@@ -3,31 +3,17 @@
 On CPU the kernel runs under the Triton interpreter (fp32, fp16; the interpreter gets bf16
 wrong); on a GPU the same tests run compiled, in bf16 too, plus realistic shapes."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 pytest.importorskip("triton")
+
+from kernel_utils import CUDA, DEVICE, DTYPES, TOL, require_interpreter  # noqa: E402
 
 from llava_next.kernels import flash_attention, flash_attention_reference  # noqa: E402
 from llava_next.kernels.flash_attention import _attn_fwd_kernel, _flash_attention_forward  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
-
-if not CUDA and type(_attn_fwd_kernel).__name__ != "InterpretedFunction":
-    pytest.fail("llava_next.kernels was imported before TRITON_INTERPRET=1 was set; set it in the "
-                "environment (or tests/conftest.py) so the kernels run under the interpreter on CPU",
-                pytrace=False)
+require_interpreter(_attn_fwd_kernel)
 
 
 def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, layout="bthd", seed=0):

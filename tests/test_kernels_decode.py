@@ -1,30 +1,16 @@
 """decode_attention (split-K flash-decoding over a static KV cache) against its reference."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 pytest.importorskip("triton")
+
+from kernel_utils import CUDA, DEVICE, DTYPES, TOL, require_interpreter  # noqa: E402
 
 from llava_next.kernels import decode_attention, decode_attention_reference, flash_attention  # noqa: E402
 from llava_next.kernels.decode_attention import _decode_split_kernel  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
-
-if not CUDA and type(_decode_split_kernel).__name__ != "InterpretedFunction":
-    pytest.fail("llava_next.kernels was imported before TRITON_INTERPRET=1 was set; set it in the "
-                "environment (or tests/conftest.py) so the kernels run under the interpreter on CPU",
-                pytrace=False)
+require_interpreter(_decode_split_kernel)
 
 
 def make_step(B, Hq, Hkv, Tmax, D, dtype, seed=0):

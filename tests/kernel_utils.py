@@ -1,0 +1,23 @@
+"""What the kernel tests share: device, dtypes, tolerances, and a check that the kernels really
+run in Triton's interpreter on CPU (conftest.py switches it on before triton is imported)."""
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# The interpreter computes bf16 wrongly, so bf16 is tested on a GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def require_interpreter(kernel) -> None:
+    """Fail the module when a CPU run would call compiled kernels (TRITON_INTERPRET set too late)."""
+    if not CUDA and type(kernel).__name__ != "InterpretedFunction":
+        pytest.fail("llava_next.kernels was imported before TRITON_INTERPRET=1 was set; set it in the "
+                    "environment (or tests/conftest.py) so the kernels run under the interpreter on CPU",
+                    pytrace=False)
