@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_utils import CUDA, DEVICE, DTYPES, TOL, require_interpreter  # noqa: E402
+from kernel_utils import DEVICE, DTYPES, TOL, require_interpreter  # noqa: E402
 
 from llava_next.kernels import (  # noqa: E402
     rms_norm,
