@@ -35,6 +35,7 @@ def compare(hf, folder, image_sizes_per_row, text_lens=None, attn="sdpa", seed=0
     real = mask.bool()
     assert got.shape == want.shape
     diff = (got - want)[real].abs().max().item()
+    print(f"logits max abs diff vs transformers ({attn}): {diff:.2e}")
     assert diff <= ATOL, f"max abs diff {diff}"
     return diff
 

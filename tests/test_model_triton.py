@@ -37,7 +37,9 @@ def test_prefill_logits_match_sdpa(models):
         want = sdpa(**inputs).logits
         got = triton(**inputs).logits
     real = inputs["attention_mask"].bool()
-    assert (got - want)[real].abs().max() <= 2e-4
+    diff = (got - want)[real].abs().max().item()
+    print(f"prefill logits, triton vs sdpa: max abs diff {diff:.2e}")
+    assert diff <= 2e-4
 
 
 def test_cached_prefill_and_decode_steps_match_sdpa(models):
@@ -56,7 +58,9 @@ def test_cached_prefill_and_decode_steps_match_sdpa(models):
                 logits.append(model(input_ids=steps[:, i:i + 1], cache=cache,
                                     cache_pos=torch.tensor(T + i, device=DEVICE)).logits[:, -1])
         outs.append(torch.stack(logits, 1))
-    assert (outs[1] - outs[0]).abs().max() <= 2e-4
+    diff = (outs[1] - outs[0]).abs().max().item()
+    print(f"cached prefill + 3 decode steps, triton vs sdpa: max abs diff {diff:.2e}")
+    assert diff <= 2e-4
 
 
 def test_greedy_tokens_equal_sdpa(models):
