@@ -125,7 +125,7 @@ def _attn_fwd_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     h = pid_bh % H
     kv_h = h // GROUP
     if CAUSAL:
@@ -320,7 +320,7 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     h = pid_bh % H
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -369,7 +369,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
+    b = (pid_bh // HKV).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     kv_h = pid_bh % HKV
     if OFFSET_FROM_PTR:
         q_offset = tl.load(QOffset + b * stride_offb).to(tl.int32)
@@ -453,7 +453,7 @@ def _attn_bwd_dq_kernel(
 ):
     pid_bh = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     h = pid_bh % H
     kv_h = h // GROUP
     if OFFSET_FROM_PTR:

@@ -19,7 +19,7 @@ def _rms_norm_kernel(
     N, eps,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 on long batches
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
     x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)

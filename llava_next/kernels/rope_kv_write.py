@@ -37,7 +37,7 @@ def _rope_kv_write_kernel(
     BLOCK_HKV: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     b = pid // T
     t = pid % T
     if POS_FROM_PTR:

@@ -17,7 +17,7 @@ def _silu_mul_kernel(
     N,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 on long batches
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     g = tl.load(G + row * stride_gm + offs, mask=mask, other=0.0).to(tl.float32)
