@@ -15,6 +15,7 @@ _EXPORTS = {
     "LlavaNextImageProcessor": "llava_next.image_processing",
     "LlavaNextTokenizer": "llava_next.tokenizer",
     "LlavaNextProcessor": "llava_next.processing",
+    "GraphedDecode": "llava_next.generation",
     "TextStreamer": "llava_next.generation",
     "TextIteratorStreamer": "llava_next.generation",
 }

@@ -13,7 +13,9 @@ are never read, but a NaN there would leak into other rows through 0 * NaN in th
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -103,24 +105,36 @@ def triton_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_wi
                            sliding_window=sliding_window, scale=scale)
 
 
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention}
+def auto_attention(q, k, v, **kw):
+    """The default: the Triton kernels for CUDA tensors, torch SDPA for anything else. Decided
+    by where the tensors are, so a model loaded on CPU and moved with .to("cuda") gets the kernels."""
+    return (triton_attention if q.is_cuda else sdpa_attention)(q, k, v, **kw)
 
 
-def resolve_attn_implementation(name: str | None, device) -> str:
-    """The seam a new model gets: 'triton' on CUDA, 'sdpa' elsewhere, unless asked for by name."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention,
+                       "auto": auto_attention}
+
+
+def resolve_attn_implementation(name: str | None, device=None) -> str:
+    """The seam a new model gets. None means "auto" where triton is installed, else "sdpa"."""
     if name is None:
-        if device.type == "cuda":
-            from .kernels import triton_available
-            return "triton" if triton_available() else "sdpa"
-        return "sdpa"
+        return "auto" if importlib.util.find_spec("triton") is not None else "sdpa"
     if name not in ATTENTION_FUNCTIONS:
         raise ValueError(f"attn_implementation={name!r} is not one of {sorted(ATTENTION_FUNCTIONS)}")
     if name == "triton":
         from .kernels import triton_available
-        if not triton_available():
+
+        device = torch.device(device) if device is not None else None
+        if not triton_available() or (device is not None and device.type == "cpu"
+                                      and os.environ.get("TRITON_INTERPRET") != "1"):
             raise ValueError(
                 "attn_implementation='triton' needs triton and a CUDA device; on CPU set TRITON_INTERPRET=1 "
                 "before importing triton to run the kernels in Triton's interpreter (slow; for tests)."
             )
     return name
+
+
+def kernels_enabled(mode, x) -> bool:
+    """Whether the fused small kernels (RMSNorm, SiLU-mul, rope + cache write) run on x: always
+    with "triton", for CUDA tensors with "auto"."""
+    return mode == "triton" or (mode == "auto" and x.is_cuda)

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype; auto = float16 on CUDA, float32 on CPU")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
-    common.add_argument("--attn", default=None, choices=["eager", "sdpa", "triton"],
-                        help="attention implementation (default: triton on CUDA, sdpa on CPU)")
+    common.add_argument("--attn", default=None, choices=["auto", "eager", "sdpa", "triton"],
+                        help="attention implementation (default auto: the Triton kernels on CUDA, sdpa on CPU)")
     common.add_argument("--max-new-tokens", type=int, default=512)
     common.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     common.add_argument("--temperature", type=float, default=1.0)

@@ -64,13 +64,14 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
              streamer=None, generator=None, use_cache: bool = True, num_beams: int = 1,
-             cuda_graph: bool = False, **kwargs):
+             cuda_graph=False, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens.
-    cuda_graph=True (CUDA only) replays the decode step as a CUDA graph, captured on first use for
-    a batch size and kept on the model for later calls that fit its cache.
+    cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call;
+    pass a `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it
+    over calls (the caller owns it and its KV cache).
     """
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
@@ -112,12 +113,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
 
-    if cuda_graph and device.type == "cuda":
-        graphed = getattr(model, "_graphed_decode", None)
-        if graphed is None or not graphed.fits(model, B, T + max_new_tokens):
-            model._graphed_decode = graphed = None  # free the old graph's cache first
-            graphed = model._graphed_decode = GraphedDecode(model, B, -(-(T + max_new_tokens) // 256) * 256)
-        cache, step = graphed.cache, graphed
+    if isinstance(cuda_graph, GraphedDecode) or (cuda_graph and device.type == "cuda"):
+        step = cuda_graph if isinstance(cuda_graph, GraphedDecode) else GraphedDecode(model, B, T + max_new_tokens)
+        if not step.fits(model, B, T + max_new_tokens):
+            raise ValueError(f"the GraphedDecode was captured for batch {step.cache.batch_size} and "
+                             f"{step.cache.max_length} positions ({step.cache.k.dtype}, {step.cache.k.device}); "
+                             f"this call needs batch {B} and {T + max_new_tokens} positions")
+        cache = step.cache
         cache.reset()
     else:
         cache = KVCache.for_model(model, B, T + max_new_tokens)

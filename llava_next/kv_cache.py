@@ -22,7 +22,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, Tmax, D)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.kv_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # (B, Tmax)
-        self.length = 0  # positions written by int-position (prefill) calls
+        # Positions written by int-position (prefill) calls; decode steps with a tensor position do
+        # not advance it (that would need a host sync): pass cache_pos explicitly after them.
+        self.length = 0
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int, dtype=None, device=None) -> "KVCache":
@@ -52,6 +54,7 @@ class KVCache:
         if end > self.max_length:
             raise ValueError(f"KV cache overflow: writing positions [{cache_pos}, {end}) into a cache of "
                              f"max_length {self.max_length}; build a larger KVCache")
+        self.kv_mask[:, end:] = False  # a longer earlier use of this cache must not count as context
         if attention_mask is None:
             self.kv_mask[:, cache_pos:end] = True
         elif attention_mask.shape[1] == end:  # past + new tokens, as transformers passes it

@@ -13,18 +13,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .attention import kernels_enabled
 from .config import TextConfig
 
 
 class LlamaRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, use_kernel: bool = False):
+    def __init__(self, dim: int, eps: float, kernels: str = "none"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.use_kernel = use_kernel
+        self.kernels = kernels
 
     def forward(self, x):
-        if self.use_kernel and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if kernels_enabled(self.kernels, x) and not (torch.is_grad_enabled()
+                                                     and (x.requires_grad or self.weight.requires_grad)):
             from .kernels import rms_norm
             return rms_norm(x, self.weight, self.eps)
         h = x.float()  # the variance in fp32 whatever the model dtype, as the reference does
@@ -96,29 +98,31 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: TextConfig, use_kernel: bool = False):
+    def __init__(self, cfg: TextConfig, kernels: str = "none"):
         super().__init__()
         C, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = nn.Linear(C, H, bias=b)
         self.up_proj = nn.Linear(C, H, bias=b)
         self.down_proj = nn.Linear(H, C, bias=b)
-        self.use_kernel = use_kernel
+        self.kernels = kernels
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.use_kernel and not (torch.is_grad_enabled() and gate.requires_grad):
+        # The kernel has no backward: it steps aside whenever either input needs a gradient.
+        if kernels_enabled(self.kernels, x) and not (torch.is_grad_enabled()
+                                                     and (gate.requires_grad or up.requires_grad)):
             from .kernels import silu_mul
             return self.down_proj(silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, attn_fn, use_kernels: bool):
+    def __init__(self, cfg: TextConfig, layer_idx: int, attn_fn, kernels: str):
         super().__init__()
-        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels)
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.self_attn = LlamaAttention(cfg, layer_idx, attn_fn)
-        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels)
-        self.mlp = LlamaMLP(cfg, use_kernels)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+        self.mlp = LlamaMLP(cfg, kernels)
 
     def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, cache_pos, kv_mask)
@@ -126,14 +130,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: TextConfig, attn_fn, use_kernels: bool = False):
+    """`kernels` is the model's attn_implementation: the fused small kernels (RMSNorm, SiLU-mul,
+    rope + cache write) run with "triton", and with "auto" on CUDA tensors."""
+
+    def __init__(self, cfg: TextConfig, attn_fn, kernels: str = "none"):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_fn, use_kernels)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_fn, kernels)
                                     for i in range(cfg.num_hidden_layers))
-        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels)
-        self.use_kernels = use_kernels
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
+        self.kernels = kernels
         self.gradient_checkpointing = False
         # Not a buffer: it must stay fp32 whatever dtype the model is cast to, and a buffer would
         # be left on the meta device by loading. Computed once per device.
@@ -148,7 +155,7 @@ class LlamaModel(nn.Module):
         """inputs_embeds (B, T, C), position_ids (B, T) -> hidden states (B, T, C) after the final norm."""
         x = inputs_embeds
         inv_freq = self.inv_freq(x.device)
-        if self.use_kernels and cache is not None and not torch.is_grad_enabled():
+        if kernels_enabled(self.kernels, x) and cache is not None and not torch.is_grad_enabled():
             rope = Rope(position_ids, inv_freq, None, None)
         else:
             rope = Rope(position_ids, inv_freq, *rope_cos_sin(inv_freq, position_ids, x.dtype))
@@ -163,7 +170,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The `language_model.` level of the hub keys: the decoder (`model.`) and `lm_head`."""
 
-    def __init__(self, cfg: TextConfig, attn_fn, use_kernels: bool = False):
+    def __init__(self, cfg: TextConfig, attn_fn, kernels: str = "none"):
         super().__init__()
-        self.model = LlamaModel(cfg, attn_fn, use_kernels)
+        self.model = LlamaModel(cfg, attn_fn, kernels)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

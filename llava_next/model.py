@@ -51,7 +51,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.multi_modal_projector = LlavaNextMultiModalProjector(
             vc.hidden_size * len(config.feature_layers), tc.hidden_size, config.multimodal_projector_bias)
         self.image_newline = nn.Parameter(torch.empty(tc.hidden_size))
-        self.language_model = LlamaForCausalLM(tc, attn_fn, use_kernels=self.attn_implementation == "triton")
+        # The fused small kernels follow the attention choice: always with "triton", on CUDA with "auto".
+        self.language_model = LlamaForCausalLM(tc, attn_fn, kernels=self.attn_implementation)
         # eos / pad / bos overrides from a checkpoint's generation_config.json (read by from_pretrained).
         self.generation_config = {}
         if not any(p.is_meta for p in self.parameters()):
@@ -91,7 +92,11 @@ class LlavaNextForConditionalGeneration(nn.Module):
         sizes = [tuple(int(x) for x in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes)
                                                     else image_sizes)]
         tiles = [num_tiles(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
-        if pixel_values.dim() == 5:  # (N, max_tiles, 3, S, S): drop each image's padding tiles
+        if isinstance(pixel_values, (list, tuple)):  # one (tiles, 3, S, S) tensor per image, unpadded
+            if len(pixel_values) != len(sizes):
+                raise ValueError(f"{len(pixel_values)} pixel_values tensors but image_sizes has {len(sizes)} entries")
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)])
+        elif pixel_values.dim() == 5:  # (N, max_tiles, 3, S, S): drop each image's padding tiles
             if pixel_values.shape[0] != len(sizes):
                 raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes has "
                                  f"{len(sizes)} entries")
@@ -99,10 +104,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
                 if n > pixel_values.shape[1]:
                     raise ValueError(f"image {i} of size {s} needs {n} tiles, pixel_values has {pixel_values.shape[1]}")
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)])
-        elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(tiles):
+        if pixel_values.dim() != 4 or pixel_values.shape[0] != sum(tiles):
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, tiles, 3, S, S) "
                              f"or ({sum(tiles)}, 3, S, S) for image_sizes {sizes}")
-        feats = self.vision_tower(pixel_values.to(self.dtype))  # (tiles, 1 + p*p, C * layers)
+        feats = self.vision_tower(pixel_values.to(self.device, self.dtype))  # (tiles, 1 + p*p, C * layers)
         feats = self.multi_modal_projector(feats[:, 1:])  # drop CLS -> (tiles, p*p, H)
         return [self.pack_image_features(f, s) for f, s in zip(feats.split(tiles), sizes)]
 
@@ -158,6 +163,9 @@ class LlavaNextForConditionalGeneration(nn.Module):
             raise TypeError(f"forward() got unexpected arguments: {sorted(unused)}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None and pixel_values is not None:
+            raise ValueError("pixel_values need input_ids (their <image> positions); with inputs_embeds, write the "
+                             "image features (model.embed(input_ids, pixel_values, image_sizes)) into them yourself")
         if cache is not None and cache_pos is None:
             cache_pos = cache.length
         first_chunk = cache is None or (not torch.is_tensor(cache_pos) and cache_pos == 0)

@@ -8,7 +8,9 @@ both models get the same weights. Reports, for one 672x672 image plus a ~30-toke
   - decode as a percentage of the memory-bandwidth roofline: bytes one step must read (weights
     + the KV cache) over the spec bandwidth and over a measured device-to-device copy
 and the same TTFT / decode numbers for transformers' LlavaNextForConditionalGeneration (sdpa) in
-the same process. Prints a table and writes JSON (default bench/results/<card>-<date>.json).
+the same process. Prints a table and writes JSON (default bench/results/<card>-<date>-<preset>.json).
+A batch size that does not fit in GPU memory is reported as "-" (e.g. vicuna at batch 32: its
+full multi-head KV cache is ~56 GB for 7b).
 
     python scripts/bench.py                          # mistral-7b shapes, bf16, CUDA
     python scripts/bench.py --preset vicuna-13b --no-hf
@@ -31,15 +33,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from llava_next.anyres import num_image_tokens, num_tiles  # noqa: E402
-from llava_next.config import LlavaNextConfig  # noqa: E402
-from llava_next.generation import prefill  # noqa: E402
+from llava_next.config import DEFAULT_PINPOINTS, VISION_WHEN_ABSENT, LlavaNextConfig  # noqa: E402
+from llava_next.generation import GraphedDecode, prefill  # noqa: E402
 from llava_next.kv_cache import KVCache  # noqa: E402
 from llava_next.loading import legacy_key  # noqa: E402
 from llava_next.model import LlavaNextForConditionalGeneration  # noqa: E402
 
-PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-              num_attention_heads=16, image_size=336, patch_size=14)
+PINPOINTS = DEFAULT_PINPOINTS
+VISION = VISION_WHEN_ABSENT  # CLIP ViT-L/14 at 336 px, the tower of every llava-hf checkpoint
 # The architecture of each llava-hf checkpoint (REFERENCE.md's table).
 PRESETS = {
     "mistral-7b": dict(text=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
@@ -175,19 +176,32 @@ def measure_ours(model, cfg_dict, args, device, dtype):
         return prefill(model, one["input_ids"], one["attention_mask"], one["pixel_values"], one["image_sizes"],
                        cache).argmax(-1)
 
-    res["ttft_ms"] = 1e3 * timed(first_token, device, args.runs)
-    res["lm_prefill_ms"] = res["ttft_ms"] - res["vision_ms"] - res["projector_ms"]
+    res["prefill_ms"] = 1e3 * timed(first_token, device, args.runs)  # vision + projector + LM, no generate()
+    res["lm_prefill_ms"] = res["prefill_ms"] - res["vision_ms"] - res["projector_ms"]
+    # The comparable TTFT: a whole generate() call for one token, as for transformers.
+    res["ttft_ms"] = 1e3 * timed(lambda: model.generate(**one, max_new_tokens=1), device, args.runs)
     res["decode_ms_per_token"] = {}
-    graph = device.type == "cuda" and not args.no_graph
     for b in args.batches:
         inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
-        gen = lambda n: model.generate(**inp, max_new_tokens=n, eos_token_id=[], cuda_graph=graph)  # noqa: E731
-        gen(args.new_tokens)  # warm-up: kernels compiled, graph captured for this batch size
-        t1 = timed(lambda: gen(1), device, args.runs)
-        tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
-        res["decode_ms_per_token"][b] = 1e3 * (tn - t1) / (args.new_tokens - 1)
+        try:
+            graph = GraphedDecode(model, b, T + args.new_tokens) if device.type == "cuda" and not args.no_graph \
+                else False
+            gen = lambda n: model.generate(**inp, max_new_tokens=n, eos_token_id=[], cuda_graph=graph)  # noqa: E731
+            gen(args.new_tokens)  # warm-up: every kernel compiled
+            t1 = timed(lambda: gen(1), device, args.runs)
+            tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
+            res["decode_ms_per_token"][b] = 1e3 * (tn - t1) / (args.new_tokens - 1)
+        except torch.cuda.OutOfMemoryError:
+            res["decode_ms_per_token"][b] = None
+        graph = inp = None
+        free_memory(device)
         res.setdefault("decode_bytes_per_step", {})[b] = decode_bytes(model, b, T + args.new_tokens // 2)
     return res
+
+
+def free_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def measure_hf(hf, cfg_dict, args, device, dtype):
@@ -199,9 +213,14 @@ def measure_hf(hf, cfg_dict, args, device, dtype):
     for b in args.batches:
         inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
         gen = lambda n: hf.generate(**inp, max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
-        t1 = timed(lambda: gen(1), device, args.runs)
-        tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
-        res["decode_ms_per_token"][b] = 1e3 * (tn - t1) / (args.new_tokens - 1)
+        try:
+            t1 = timed(lambda: gen(1), device, args.runs)
+            tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
+            res["decode_ms_per_token"][b] = 1e3 * (tn - t1) / (args.new_tokens - 1)
+        except torch.cuda.OutOfMemoryError:
+            res["decode_ms_per_token"][b] = None
+        inp = None
+        free_memory(device)
     return res
 
 
@@ -232,6 +251,7 @@ def main():
     r_ours = measure_ours(ours, cfg_dict, args, device, dtype)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     r_hf = None
+    free_memory(device)
     if not args.no_hf:
         hf = build_hf(cfg_dict, ours, device, dtype)
         r_hf = measure_hf(hf, cfg_dict, args, device, dtype)
@@ -246,6 +266,9 @@ def main():
                   copy_bandwidth_bytes_per_s=copy_bw, spec_bandwidth_bytes_per_s=spec)
     roof = {}
     for b, ms in r_ours["decode_ms_per_token"].items():
+        if ms is None:
+            roof[b] = dict(achieved_bytes_per_s=None, pct_of_spec=None, pct_of_copy=None)
+            continue
         achieved = r_ours["decode_bytes_per_step"][b] / (ms / 1e3)
         roof[b] = dict(achieved_bytes_per_s=achieved, pct_of_spec=100 * achieved / spec if spec else None,
                        pct_of_copy=100 * achieved / copy_bw if copy_bw else None)
@@ -254,8 +277,8 @@ def main():
     print(f"\n{args.preset} shapes, {dtype}, {card}, attention {ours.attn_implementation}, "
           f"prompt {r_ours['prompt_tokens']} tokens ({args.image[1]}x{args.image[0]} image + "
           f"{args.question_tokens}-token question), {args.new_tokens} new tokens")
-    print(f"TTFT ours {r_ours['ttft_ms']:.1f} ms = vision {r_ours['vision_ms']:.1f} + projector "
-          f"{r_ours['projector_ms']:.2f} + LM prefill {r_ours['lm_prefill_ms']:.1f}"
+    print(f"TTFT ours {r_ours['ttft_ms']:.1f} ms (generate, 1 token); prefill {r_ours['prefill_ms']:.1f} ms = vision "
+          f"{r_ours['vision_ms']:.1f} + projector {r_ours['projector_ms']:.2f} + LM {r_ours['lm_prefill_ms']:.1f}"
           + (f";  transformers {r_hf['ttft_ms']:.1f} ms ({r_hf['ttft_ms'] / r_ours['ttft_ms']:.2f}x)" if r_hf else ""))
     print(f"{'batch':>5} {'ours ms/tok':>12} {'tok/s/row':>10} {'hf ms/tok':>10} {'speedup':>8} "
           f"{'% spec BW':>10} {'% copy BW':>10}")
@@ -264,7 +287,8 @@ def main():
         h = r_hf["decode_ms_per_token"][b] if r_hf else None
         rf = roof[b]
         fmt = lambda x, spec=".1f": format(x, spec) if x is not None else "-"  # noqa: E731
-        print(f"{b:>5} {o:>12.2f} {1e3 / o:>10.1f} {fmt(h, '.2f'):>10} {fmt(h / o if h else None, '.2f'):>8} "
+        print(f"{b:>5} {fmt(o, '.2f'):>12} {fmt(1e3 / o if o else None):>10} {fmt(h, '.2f'):>10} "
+              f"{fmt(h / o if h and o else None, '.2f'):>8} "
               f"{fmt(rf['pct_of_spec']):>10} {fmt(rf['pct_of_copy']):>10}")
     if peak is not None:
         print(f"peak GPU memory (ours): {peak:.1f} GiB")

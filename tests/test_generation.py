@@ -126,6 +126,22 @@ def test_kv_cache_decode_equals_full_forward(pair):
     assert (got - full)[real].abs().max() < 1e-4
 
 
+def test_reused_cache_forgets_a_longer_earlier_prompt(pair):
+    hf, ours = pair
+    long_ids, long_mask = prompt_ids(hf.config, [[]], [30], seed=1)
+    ids, mask = prompt_ids(hf.config, [[]], [6], seed=2)
+    nxt = torch.tensor([[17]])
+    with torch.no_grad():
+        fresh = KVCache.for_model(ours, 1, 64)
+        ours(input_ids=ids, attention_mask=mask, cache=fresh)
+        want = ours(input_ids=nxt, cache=fresh, cache_pos=torch.tensor(ids.shape[1])).logits
+        reused = KVCache.for_model(ours, 1, 64)
+        ours(input_ids=long_ids, attention_mask=long_mask, cache=reused)
+        ours(input_ids=ids, attention_mask=mask, cache=reused, cache_pos=0)
+        got = ours(input_ids=nxt, cache=reused, cache_pos=torch.tensor(ids.shape[1])).logits
+    torch.testing.assert_close(got, want)
+
+
 def test_prompt_longer_than_context_is_refused(pair):
     _, ours = pair
     n = ours.config.text_config.max_position_embeddings + 1

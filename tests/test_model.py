@@ -247,3 +247,23 @@ def test_loss_with_logits_to_keep_scores_the_kept_positions(saved):
         got = ours(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=5).loss
     want = torch.nn.functional.cross_entropy(full[:, -5:-1].flatten(0, 1), labels[:, -4:].flatten(), ignore_index=-100)
     torch.testing.assert_close(got, want)
+
+
+def test_pixel_values_as_a_list_of_unpadded_images(saved):
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = prompt_ids(hf.config, [[(45, 80), (150, 40)]], [3])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    as_list = [pv[0, :3], pv[1]]  # the first image has 3 tiles, the second all of its own
+    with torch.no_grad():
+        want = ours(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits
+        got = ours(input_ids=ids, pixel_values=as_list, image_sizes=sizes.tolist()).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_pixel_values_with_inputs_embeds_is_refused(saved):
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    with pytest.raises(ValueError, match="pixel_values need input_ids"):
+        ours(inputs_embeds=torch.zeros(1, 3, 64), pixel_values=pv, image_sizes=sizes)

@@ -71,7 +71,77 @@ def test_greedy_tokens_equal_sdpa(models):
     assert torch.equal(got, want)
 
 
-def test_default_attention_is_sdpa_on_cpu_and_triton_on_cuda(tmp_path):
-    hf_checkpoint(tmp_path, "vicuna", **SMALL)
-    m = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, device_map=DEVICE)
-    assert m.attn_implementation == ("triton" if DEVICE == "cuda" else "sdpa")
+def test_default_attention_is_auto_triton_on_cuda_sdpa_elsewhere(tmp_path, monkeypatch):
+    """The default picks by where the tensors are, so .to("cuda") after a CPU load gets the kernels."""
+    import llava_next.kernels as K
+    from llava_next.attention import kernels_enabled
+
+    hf = hf_checkpoint(tmp_path, "vicuna", **SMALL)
+    auto = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    sdpa = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert auto.attn_implementation == "auto"
+    assert kernels_enabled("auto", torch.zeros(1)) is False and kernels_enabled("triton", torch.zeros(1))
+    called = []
+    for name in ("flash_attention", "decode_attention", "rope_kv_write", "rms_norm", "silu_mul"):
+        monkeypatch.setattr(K, name, lambda *a, _n=name, **k: called.append(_n))
+    inputs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch(hf.config).items()}
+    assert torch.equal(auto.generate(**inputs, max_new_tokens=3), sdpa.generate(**inputs, max_new_tokens=3))
+    assert called == []  # CPU tensors: no kernel was asked for
+    if torch.cuda.is_available():
+        monkeypatch.undo()
+        auto.to("cuda")
+        assert auto.language_model.model.layers[0].self_attn.attn_fn(
+            *(torch.randn(1, 4, 3, 16, device="cuda"),) * 3, causal=True).is_cuda
+
+
+def test_triton_mlp_kernel_steps_aside_for_any_input_needing_grad(models):
+    """With gate_proj frozen and up_proj trainable the SiLU-mul kernel (no backward) must not run."""
+    config, sdpa, triton = models
+    inputs = batch(config)
+    # Supervise only the last tokens: the outputs at pad positions (and so the prediction of the
+    # first real token from the last pad) are undefined and differ between implementations.
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -3:] = inputs["input_ids"][:, -3:]
+    grads = []
+    for model in (sdpa, triton):
+        model.train()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("mlp.up_proj.weight"))
+        model(**inputs, labels=labels).loss.backward()
+        grads.append(model.language_model.model.layers[0].mlp.up_proj.weight.grad)
+        model.eval()
+        for name, p in model.named_parameters():
+            p.requires_grad_(True)
+            p.grad = None
+    assert grads[1] is not None
+    rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    print(f"up_proj grad with gate_proj frozen, triton vs sdpa: relative error {rel:.2e}")
+    assert rel <= 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_equals_eager_decode(models):
+    from llava_next.generation import GraphedDecode
+
+    config, _, triton = models
+    inputs = batch(config)
+    want = triton.generate(**inputs, max_new_tokens=8)
+    assert torch.equal(triton.generate(**inputs, max_new_tokens=8, cuda_graph=True), want)
+    graph = GraphedDecode(triton, 2, inputs["input_ids"].shape[1] + 16)
+    for _ in range(2):  # captured once, replayed over calls
+        assert torch.equal(triton.generate(**inputs, max_new_tokens=8, cuda_graph=graph), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 on a GPU only")
+def test_bf16_triton_close_to_sdpa(tmp_path):
+    hf = hf_checkpoint(tmp_path, "mistral", **SMALL)
+    load = lambda attn: LlavaNextForConditionalGeneration.from_pretrained(  # noqa: E731
+        tmp_path, attn_implementation=attn, device_map="cuda", torch_dtype=torch.bfloat16)
+    inputs = batch(hf.config)
+    with torch.no_grad():
+        want = load("sdpa")(**inputs).logits.float()
+        got = load("triton")(**inputs).logits.float()
+    real = inputs["attention_mask"].bool()
+    rel = (got - want)[real].norm() / want[real].norm()
+    print(f"bf16 logits, triton vs sdpa: relative error {rel:.2e}")
+    assert rel < 2e-2
