@@ -80,7 +80,9 @@ def check_args(args) -> None:
     for image in args.image:
         if not image.startswith(("http://", "https://")) and not os.path.isfile(image):
             raise UsageError(f"image file not found: {image}")
-    if not os.path.isdir(args.model) and (args.model.count("/") != 1 or args.model.startswith((".", "/", "~"))):
+    from .hub import is_repo_id
+
+    if not os.path.isdir(args.model) and not is_repo_id(args.model):
         raise UsageError(f"model {args.model!r}: no such folder, and not a hub id like {DEFAULT_MODEL}")
     device = args.device
     import torch

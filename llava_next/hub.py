@@ -13,6 +13,11 @@ class HubError(OSError):
     pass
 
 
+def is_repo_id(name: str) -> bool:
+    """'owner/name', as opposed to a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_folder(name_or_path: str | os.PathLike, allow_patterns: list[str], revision: str | None = None) -> str:
     """Local folder for `name_or_path`: itself if it is a directory, else a hub snapshot of
     the files matching `allow_patterns` (from the local cache when offline)."""
@@ -22,7 +27,7 @@ def resolve_folder(name_or_path: str | os.PathLike, allow_patterns: list[str], r
     if os.path.exists(path):
         raise HubError(f"{path} is a file; expected a checkpoint folder or a hub repo id like "
                        "'llava-hf/llava-v1.6-mistral-7b-hf'")
-    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+    if not is_repo_id(path):
         raise HubError(f"{path}: no such folder, and it is not a hub repo id of the form 'owner/name'")
     try:
         from huggingface_hub import snapshot_download

@@ -17,8 +17,8 @@ import fnmatch
 import torch
 
 from . import chat_format as formats
+from .model import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # Name patterns (fnmatch, on the hub key names) of the three parts of the model.
 PROJECTOR = ("multi_modal_projector.*", "image_newline")  # the glue, trained from scratch in stage 1
 VISION_TOWER = ("vision_tower.*",)

@@ -230,7 +230,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--attn", default=None, help="our attention (default triton on CUDA, sdpa on CPU)")
+    ap.add_argument("--attn", default=None, help="our attention (default auto: the Triton kernels on CUDA, sdpa on CPU)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--question-tokens", type=int, default=30)
