@@ -110,8 +110,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         if B != 1:
             raise ValueError("a streamer needs a batch of one prompt")
         streamer.put(input_ids.cpu())
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device)
 
     if isinstance(cuda_graph, GraphedDecode) or (cuda_graph and device.type == "cuda"):
         step = cuda_graph if isinstance(cuda_graph, GraphedDecode) else GraphedDecode(model, B, T + max_new_tokens)
