@@ -21,3 +21,11 @@ def require_interpreter(kernel) -> None:
         pytest.fail("llava_next.kernels was imported before TRITON_INTERPRET=1 was set; set it in the "
                     "environment (or tests/conftest.py) so the kernels run under the interpreter on CPU",
                     pytrace=False)
+
+
+def assert_matches_reference(out, ref, like) -> None:
+    """A kernel's output against its fp32 reference: same shape and dtype as `like`, no NaN,
+    within the dtype's tolerance."""
+    assert out.shape == like.shape and out.dtype == like.dtype
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref, **TOL[like.dtype])

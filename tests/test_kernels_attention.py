@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_utils import CUDA, DEVICE, DTYPES, TOL, require_interpreter  # noqa: E402
+from kernel_utils import CUDA, DEVICE, DTYPES, TOL, assert_matches_reference, require_interpreter  # noqa: E402
 
 from llava_next.kernels import flash_attention, flash_attention_reference  # noqa: E402
 from llava_next.kernels.flash_attention import _attn_fwd_kernel, _flash_attention_forward  # noqa: E402
@@ -34,9 +34,7 @@ def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, layout="bthd", seed=0):
 def check(q, k, v, **kw):
     out = flash_attention(q, k, v, **kw)
     ref = flash_attention_reference(q.float(), k.float(), v.float(), **kw)  # fp32 reference
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert not out.isnan().any()
-    torch.testing.assert_close(out.float(), ref, **TOL[q.dtype])
+    assert_matches_reference(out, ref, q)
     return out
 
 
