@@ -180,23 +180,42 @@ def measure_ours(model, cfg_dict, args, device, dtype):
     res["lm_prefill_ms"] = res["prefill_ms"] - res["vision_ms"] - res["projector_ms"]
     # The comparable TTFT: a whole generate() call for one token, as for transformers.
     res["ttft_ms"] = 1e3 * timed(lambda: model.generate(**one, max_new_tokens=1), device, args.runs)
+    log(f"ours: TTFT {res['ttft_ms']:.1f} ms, prefill {res['prefill_ms']:.1f} ms (vision {res['vision_ms']:.1f}, "
+        f"projector {res['projector_ms']:.2f})")
     res["decode_ms_per_token"] = {}
     for b in args.batches:
         inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
+        res.setdefault("decode_bytes_per_step", {})[b] = decode_bytes(model, b, T + args.new_tokens // 2)
+        use_graph = device.type == "cuda" and not args.no_graph
         try:
-            graph = GraphedDecode(model, b, T + args.new_tokens) if device.type == "cuda" and not args.no_graph \
-                else False
-            gen = lambda n: model.generate(**inp, max_new_tokens=n, eos_token_id=[], cuda_graph=graph)  # noqa: E731
-            gen(args.new_tokens)  # warm-up: every kernel compiled
-            t1 = timed(lambda: gen(1), device, args.runs)
-            tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
-            res["decode_ms_per_token"][b] = 1e3 * (tn - t1) / (args.new_tokens - 1)
+            res["decode_ms_per_token"][b] = decode_ms(model, inp, T, b, args, device, use_graph)
         except torch.cuda.OutOfMemoryError:
             res["decode_ms_per_token"][b] = None
-        graph = inp = None
+        except Exception as e:  # keep the run's other numbers; say what broke and time eager decode instead
+            if not use_graph:
+                raise
+            log(f"ours: CUDA-graph decode failed at batch {b} ({type(e).__name__}: {e}); timing eager decode")
+            res.setdefault("graph_errors", {})[b] = f"{type(e).__name__}: {e}"
+            free_memory(device)
+            res["decode_ms_per_token"][b] = decode_ms(model, inp, T, b, args, device, False)
+        inp = None
         free_memory(device)
-        res.setdefault("decode_bytes_per_step", {})[b] = decode_bytes(model, b, T + args.new_tokens // 2)
+        log(f"ours: batch {b} decode {res['decode_ms_per_token'][b]} ms/token")
     return res
+
+
+def decode_ms(model, inp, T, b, args, device, use_graph) -> float:
+    """ms per new token at batch b: (t(N) - t(1)) / (N - 1), prefill cancelling out."""
+    graph = GraphedDecode(model, b, T + args.new_tokens) if use_graph else False
+    gen = lambda n: model.generate(**inp, max_new_tokens=n, eos_token_id=[], cuda_graph=graph)  # noqa: E731
+    gen(args.new_tokens)  # warm-up: every kernel compiled
+    t1 = timed(lambda: gen(1), device, args.runs)
+    tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
+    return 1e3 * (tn - t1) / (args.new_tokens - 1)
+
+
+def log(msg):
+    print(msg, flush=True)  # progress, so a run cut short still leaves its numbers in the log
 
 
 def free_memory(device):
@@ -209,6 +228,7 @@ def measure_hf(hf, cfg_dict, args, device, dtype):
     one = inputs_for(cfg_dict, args.image, args.question_tokens, 1, device, dtype)
     kw = dict(do_sample=False)
     res["ttft_ms"] = 1e3 * timed(lambda: hf.generate(**one, max_new_tokens=1, **kw), device, args.runs)
+    log(f"transformers: TTFT {res['ttft_ms']:.1f} ms")
     res["decode_ms_per_token"] = {}
     for b in args.batches:
         inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
@@ -221,7 +241,18 @@ def measure_hf(hf, cfg_dict, args, device, dtype):
             res["decode_ms_per_token"][b] = None
         inp = None
         free_memory(device)
+        log(f"transformers: batch {b} decode {res['decode_ms_per_token'][b]} ms/token")
     return res
+
+
+def tokens_agree(ours, hf, cfg_dict, args, device, dtype, n: int = 16) -> int:
+    """How many of the first n greedy tokens ours and transformers' share (batch 1, same weights).
+    Informational: in bf16 two correct implementations can part at a near-tie of random logits."""
+    one = inputs_for(cfg_dict, args.image, args.question_tokens, 1, device, dtype)
+    T = one["input_ids"].shape[1]
+    a = ours.generate(**one, max_new_tokens=n, eos_token_id=[])[0, -n:].tolist()
+    b = hf.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, T:].tolist()
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main():
@@ -247,14 +278,20 @@ def main():
     cfg_dict = config_for(args.preset)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    t0 = time.perf_counter()
     ours = build_ours(cfg_dict, device, dtype, args.attn)
+    log(f"built ours ({args.preset}, {dtype}) on {card} in {time.perf_counter() - t0:.1f} s")
     r_ours = measure_ours(ours, cfg_dict, args, device, dtype)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     r_hf = None
     free_memory(device)
     if not args.no_hf:
+        t0 = time.perf_counter()
         hf = build_hf(cfg_dict, ours, device, dtype)
+        log(f"built transformers' model in {time.perf_counter() - t0:.1f} s")
         r_hf = measure_hf(hf, cfg_dict, args, device, dtype)
+        r_hf["greedy_tokens_agree"] = tokens_agree(ours, hf, cfg_dict, args, device, dtype)
+        log(f"leading greedy tokens equal to transformers' (of 16, batch 1): {r_hf['greedy_tokens_agree']}")
         del hf
     copy_bw = copy_bandwidth(device)
     spec = next((v for k, v in SPEC_BANDWIDTH.items() if k in card), None)
