@@ -5,14 +5,17 @@
     python scripts/bench_kernels.py --json out.json  # keep the numbers
     python scripts/bench_kernels.py --device cpu     # seconds-long smoke run (Triton interpreter)
 
-Attention is reported in TFLOP/s (causal counts half the square), everything else in GB/s of
-the minimal bytes each op must move (decode: the valid K/V cache once). ratio = baseline time /
-our time, so > 1 means the kernel wins.
+On a GPU every call is timed as a CUDA-graph replay of back-to-back calls (a decode-sized
+kernel runs in less time than Python takes to launch it, and generation replays them from a
+graph), over enough copies of the inputs to defeat the L2 cache. Attention is reported in
+TFLOP/s (causal counts half the square), everything else in GB/s of the minimal bytes each op
+must move (decode: the valid K/V cache once). ratio = baseline time / our time, so > 1 means
+the kernel wins.
 """
 
 import argparse
+import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -43,7 +46,6 @@ from llava_next.kernels import (  # noqa: E402
     rope_kv_write,
     rope_kv_write_reference,
     silu_mul,
-    silu_mul_reference,
 )
 from llava_next.kernels.decode_attention import _decode_config  # noqa: E402
 from llava_next.kernels.flash_attention import _flash_attention_forward  # noqa: E402
@@ -56,16 +58,36 @@ if not GPU:
 ROWS = []
 
 
-def bench(fn):
-    """Milliseconds per call: median of triton's do_bench on a GPU, one timed call on CPU."""
+def bench(fn, graph=True, rep=40):
+    """Milliseconds per call. On a GPU: the calls are captured back to back in a CUDA graph and
+    replayed (triton's do_bench_cudagraph, median), since a decode-sized kernel finishes in less
+    time than Python takes to launch it and generation replays them from a graph anyway;
+    graph=False (or a capture that fails) times eager calls with do_bench. On CPU: one timed call."""
     if GPU:
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        if graph:
+            try:
+                return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - report and fall back rather than lose the row
+                torch.cuda.synchronize()
+                print(f"  (graph capture failed, {type(e).__name__}: {e}; timing eager calls)")
+        return triton.testing.do_bench(fn, warmup=25, rep=4 * rep, return_mode="median")
     fn()
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
+
+
+def input_sets(make, nbytes):
+    """Enough copies of an op's inputs that one pass over them is 4x the L2 cache, cycled call by
+    call: repeated calls on one small buffer would time the cache, not device memory (in the
+    model every layer reads its own weights and cache)."""
+    if not GPU:
+        return itertools.cycle([make()])
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    n = max(1, min(64, -(-4 * l2 // max(1, nbytes))))
+    return itertools.cycle([make() for _ in range(n)])
 
 
 def row(kernel, shape, unit, work, ours, base_name, base, note=""):
@@ -90,73 +112,91 @@ def print_table():
               f"{r['baseline']:<18}{base_ms}{base}{ratio}  {r['note']}")
 
 
-def sdpa_gqa(q, k, v, causal, mask=None):
-    """torch SDPA with kv heads shared natively when this torch supports it."""
-    group = q.shape[1] // k.shape[1]
-    if group == 1:
-        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    try:
-        F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], attn_mask=None, enable_gqa=True)
-        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-    except (TypeError, RuntimeError):
-        k2, v2 = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # expanded outside the timing
-        return lambda: F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask, is_causal=causal)
-
-
 def bench_attention(name, B, Hq, Hkv, T, D, causal):
-    q = torch.randn(B, Hq, T, D, device=DEV, dtype=DTYPE)
-    k = torch.randn(B, Hkv, T, D, device=DEV, dtype=DTYPE)
-    v = torch.randn(B, Hkv, T, D, device=DEV, dtype=DTYPE)
+    sets = input_sets(lambda: tuple(torch.randn(B, H, T, D, device=DEV, dtype=DTYPE) for H in (Hq, Hkv, Hkv)),
+                      (Hq + 2 * Hkv) * B * T * D * 2)
     flops = 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
-    ours = bench(lambda: flash_attention(q, k, v, causal=causal))
-    base = bench(sdpa_gqa(q, k, v, causal)) if GPU else None
+    ours = bench(lambda: flash_attention(*next(sets), causal=causal))
+    base = None
+    if GPU:
+        sdpa = sdpa_gqa(*next(sets), causal)  # checks once whether this torch shares kv heads natively
+        base = bench(lambda: sdpa(*next(sets)))
     shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
     row(name, shape, "TFLOP/s", flops, ours, "torch SDPA" if GPU else "-", base)
-    if args.sweep and GPU:
-        best = None
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
-                             (128, 32, 4, 4), (128, 128, 8, 3), (64, 128, 4, 3)]:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            try:
-                ms = bench(lambda: _flash_attention_forward(q, k, v, causal, config=cfg))
-            except Exception as e:  # e.g. out of shared memory for this tile
-                print(f"  sweep {name} {cfg}: failed ({type(e).__name__})")
-                continue
-            tf = flops / (ms * 1e-3) / 1e12
-            print(f"  sweep {name} BM{bm} BN{bn} w{w} s{s}: {ms:.3f} ms {tf:.1f} TFLOP/s")
-            best = max(best or (0, None), (tf, cfg), key=lambda x: x[0])
-        if best and best[1]:
-            print(f"  sweep {name} best: {best[1]} {best[0]:.1f} TFLOP/s")
+
+
+def sweep_attention(name, B, Hq, Hkv, T, D, causal):
+    """Alternative tile configs for the flash forward kernel, printed as they come."""
+    sets = input_sets(lambda: tuple(torch.randn(B, H, T, D, device=DEV, dtype=DTYPE) for H in (Hq, Hkv, Hkv)),
+                      (Hq + 2 * Hkv) * B * T * D * 2)
+    flops = 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
+    shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
+    best = None
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
+                         (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 128, 4, 3), (64, 32, 4, 4),
+                         (128, 32, 4, 4), (128, 64, 4, 3)]:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        try:
+            ms = bench(lambda: _flash_attention_forward(*next(sets), causal, config=cfg), rep=20)
+        except Exception as e:  # e.g. out of shared memory for this tile
+            print(f"  sweep {name} {cfg}: failed ({type(e).__name__})")
+            continue
+        tf = flops / (ms * 1e-3) / 1e12
+        print(f"  sweep {name} {shape} BM{bm} BN{bn} w{w} s{s}: {ms:.3f} ms {tf:.1f} TFLOP/s")
+        best = max(best or (0, None), (tf, cfg), key=lambda x: x[0])
+    if best and best[1]:
+        print(f"  sweep {name} {shape} best: {best[1]} {best[0]:.1f} TFLOP/s")
+
+
+def sdpa_gqa(q, k, v, causal, mask=None):
+    """A function (q, k, v) -> torch SDPA, sharing kv heads natively when this torch can (checked
+    once here); otherwise the kv heads are expanded inside the timed call."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    try:
+        F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], attn_mask=None, enable_gqa=True)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                              enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return lambda q, k, v: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, is_causal=causal)
 
 
 def bench_attention_backward(name, B, Hq, Hkv, T, D, causal):
-    """Backward alone: dq, dk, dv from a saved forward (2.5x the forward FLOPs)."""
+    """Backward alone: dq, dk, dv from a saved forward (2.5x the forward FLOPs). Timed eagerly:
+    at ~1 ms a call, launch overhead does not matter."""
     q, k, v = (torch.randn(B, H, T, D, device=DEV, dtype=DTYPE, requires_grad=True) for H in (Hq, Hkv, Hkv))
     dout = torch.randn(B, Hq, T, D, device=DEV, dtype=DTYPE)
     flops = 2.5 * 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
     out = flash_attention(q, k, v, causal=causal)
-    ours = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+    ours = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), graph=False)
     base = None
     if GPU:
-        ref = sdpa_gqa(q, k, v, causal)()
-        base = bench(lambda: torch.autograd.grad(ref, (q, k, v), dout, retain_graph=True))
+        ref = sdpa_gqa(q, k, v, causal)(q, k, v)
+        base = bench(lambda: torch.autograd.grad(ref, (q, k, v), dout, retain_graph=True), graph=False)
     shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
     row(name, shape, "TFLOP/s", flops, ours, "torch SDPA bwd" if GPU else "-", base)
 
 
 def bench_decode(B, Hq, Hkv, L, Tmax, D):
-    q = torch.randn(B, Hq, 1, D, device=DEV, dtype=DTYPE)
-    k_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
-    v_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
-    offset = torch.full((B,), L - 1, device=DEV, dtype=torch.int64)
-    elem = k_cache.element_size()
+    elem = torch.empty((), dtype=DTYPE).element_size()
     nbytes = 2 * B * Hkv * L * D * elem + 2 * B * Hq * D * elem  # valid K and V once, q in, out
-    ours = bench(lambda: decode_attention(q, k_cache, v_cache, q_offset=offset))
+
+    def make():
+        q = torch.randn(B, Hq, 1, D, device=DEV, dtype=DTYPE)
+        k_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
+        v_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
+        return q, k_cache, v_cache
+
+    sets = input_sets(make, 2 * B * Hkv * Tmax * D * elem)
+    offset = torch.full((B,), L - 1, device=DEV, dtype=torch.int64)
+    ours = bench(lambda: decode_attention(*next(sets), q_offset=offset))
     base = None
     if GPU:  # SDPA over the valid slice of the cache (the most favourable baseline)
-        k_valid, v_valid = k_cache[:, :, :L], v_cache[:, :, :L]
-        base = bench(sdpa_gqa(q, k_valid, v_valid, False))
-    cfg = _decode_config(B, Hkv, Tmax, DTYPE, q.device)
+        sdpa = sdpa_gqa(*next(sets), False)
+        base = bench(lambda: (lambda q, k, v: sdpa(q, k[:, :, :L], v[:, :, :L]))(*next(sets)))
+    cfg = _decode_config(B, Hkv, Tmax, DTYPE, torch.device(DEV))
     note = f"splits={cfg['NUM_SPLITS']}x{cfg['SPLIT_LEN']}"
     if GPU:
         peak = peak_bandwidth_gbs()
@@ -164,20 +204,30 @@ def bench_decode(B, Hq, Hkv, L, Tmax, D):
             note += f", {100 * nbytes / (ours * 1e-3) / 1e9 / peak:.0f}% of {peak / 1e3:.2f} TB/s"
     row("decode_attn", f"B{B} H{Hq}/{Hkv} L{L}/{Tmax} D{D}", "GB/s", nbytes, ours,
         "SDPA on cache" if GPU else "-", base, note)
-    if args.sweep and GPU:
-        for block_n, warps, stages, mult in [(64, 4, 3, 4), (32, 4, 4, 4), (64, 4, 4, 8), (128, 8, 3, 4), (64, 4, 3, 2)]:
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            splits = max(1, min(-(-mult * sms // (B * Hkv)), -(-Tmax // (2 * block_n))))
-            split_len = -(-(-(-Tmax // splits)) // block_n) * block_n
-            cfg = dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=-(-Tmax // split_len),
-                       num_warps=warps, num_stages=stages)
-            try:
-                ms = bench(lambda: decode_attention(q, k_cache, v_cache, q_offset=offset, config=cfg))
-            except Exception as e:
-                print(f"  sweep decode B{B} {cfg}: failed ({type(e).__name__})")
-                continue
-            print(f"  sweep decode B{B} BN{block_n} w{warps} s{stages} splits{cfg['NUM_SPLITS']}: "
-                  f"{ms * 1e3:.1f} us {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+
+
+def sweep_decode(B, Hq, Hkv, L, Tmax, D):
+    """Alternative tiles and split counts for decode attention."""
+    elem = torch.empty((), dtype=DTYPE).element_size()
+    nbytes = 2 * B * Hkv * L * D * elem + 2 * B * Hq * D * elem
+    sets = input_sets(lambda: (torch.randn(B, Hq, 1, D, device=DEV, dtype=DTYPE),
+                               *(torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE) for _ in range(2))),
+                      2 * B * Hkv * Tmax * D * elem)
+    offset = torch.full((B,), L - 1, device=DEV, dtype=torch.int64)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for block_n, warps, stages, mult in [(64, 4, 3, 4), (32, 4, 4, 4), (64, 4, 4, 8), (128, 8, 3, 4),
+                                         (64, 4, 3, 2), (64, 4, 3, 1), (64, 8, 3, 4)]:
+        splits = max(1, min(-(-mult * sms // (B * Hkv)), -(-Tmax // (2 * block_n))))
+        split_len = -(-(-(-Tmax // splits)) // block_n) * block_n
+        cfg = dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=-(-Tmax // split_len),
+                   num_warps=warps, num_stages=stages)
+        try:
+            ms = bench(lambda: decode_attention(*next(sets), q_offset=offset, config=cfg), rep=20)
+        except Exception as e:
+            print(f"  sweep decode B{B} {cfg}: failed ({type(e).__name__})")
+            continue
+        print(f"  sweep decode B{B} H{Hq}/{Hkv} BN{block_n} w{warps} s{stages} splits{cfg['NUM_SPLITS']}: "
+              f"{ms * 1e3:.1f} us {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
 
 
 def peak_bandwidth_gbs():
@@ -189,35 +239,40 @@ def peak_bandwidth_gbs():
 
 
 def bench_rope(B, T, Hq, Hkv, D, Tmax):
-    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEV, dtype=DTYPE)
-    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-    q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+    elem = torch.empty((), dtype=DTYPE).element_size()
+    nbytes = 2 * B * T * (Hq + 2 * Hkv) * D * elem
+
+    def make():
+        qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEV, dtype=DTYPE)
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        k_cache = torch.zeros(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
+        return q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), k_cache, torch.zeros_like(k_cache)
+
+    sets = input_sets(make, nbytes)
     pos = torch.arange(T, device=DEV)[None].expand(B, T) + 100
     inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
-    k_cache = torch.zeros(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
-    v_cache = torch.zeros_like(k_cache)
     pos_t = torch.tensor(7, device=DEV)
-    nbytes = 2 * B * T * (Hq + 2 * Hkv) * D * qkv.element_size()
-    ours = bench(lambda: rope_kv_write(q, k, v, pos, inv, k_cache, v_cache, pos_t))
-    base = bench(lambda: rope_kv_write_reference(q, k, v, pos, inv, k_cache, v_cache, 7))
+    ours = bench(lambda: (lambda q, k, v, kc, vc: rope_kv_write(q, k, v, pos, inv, kc, vc, pos_t))(*next(sets)))
+    base = bench(lambda: (lambda q, k, v, kc, vc: rope_kv_write_reference(q, k, v, pos, inv, kc, vc, 7))(*next(sets)))
     row("rope_kv_write", f"B{B} T{T} H{Hq}/{Hkv} D{D}", "GB/s", nbytes, ours, "eager reference", base)
 
 
 def bench_rms_norm(M, N):
-    x = torch.randn(M, N, device=DEV, dtype=DTYPE)
-    w = torch.randn(N, device=DEV, dtype=DTYPE)
-    nbytes = 2 * M * N * x.element_size() + N * w.element_size()
-    ours = bench(lambda: rms_norm(x, w, 1e-5))
-    base = bench(lambda: rms_norm_reference(x, w, 1e-5))
+    elem = torch.empty((), dtype=DTYPE).element_size()
+    nbytes = 2 * M * N * elem + N * elem
+    sets = input_sets(lambda: (torch.randn(M, N, device=DEV, dtype=DTYPE), torch.randn(N, device=DEV, dtype=DTYPE)),
+                      nbytes)
+    ours = bench(lambda: rms_norm(*next(sets), 1e-5))
+    base = bench(lambda: rms_norm_reference(*next(sets), 1e-5))
     row("rms_norm", f"{M}x{N}", "GB/s", nbytes, ours, "eager reference", base)
 
 
 def bench_silu_mul(M, N):
-    gate_up = torch.randn(M, 2 * N, device=DEV, dtype=DTYPE)
-    gate, up = gate_up.chunk(2, dim=-1)
-    nbytes = 3 * M * N * gate.element_size()
-    ours = bench(lambda: silu_mul(gate, up))
-    base = bench(lambda: F.silu(gate) * up)
+    elem = torch.empty((), dtype=DTYPE).element_size()
+    nbytes = 3 * M * N * elem
+    sets = input_sets(lambda: torch.randn(M, 2 * N, device=DEV, dtype=DTYPE).chunk(2, dim=-1), nbytes)
+    ours = bench(lambda: silu_mul(*next(sets)))
+    base = bench(lambda: (lambda gate, up: F.silu(gate) * up)(*next(sets)))
     row("silu_mul", f"{M}x{N}", "GB/s", nbytes, ours, "eager silu*up", base)
 
 
@@ -255,7 +310,13 @@ def main():
                     dtype=str(DTYPE))
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=ROWS), f, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json}", flush=True)
+    if args.sweep and GPU:  # after the table, so a run cut short keeps it
+        sweep_attention("prefill_attn", 1, 32, 8, 3000, 128, True)
+        sweep_attention("vision_attn", 5, 16, 16, 577, 64, False)
+        for B in (1, 8, 32):
+            sweep_decode(B, 32, 8, 3000, 3072, 128)
+        sweep_decode(32, 32, 32, 3000, 3072, 128)
 
 
 if __name__ == "__main__":

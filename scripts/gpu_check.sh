@@ -49,10 +49,11 @@ bench() {
     | tee "$LOG/bench_kernels.txt"
 }
 
-sweep() {
+sweep() {  # the table again, then the alternative tiles
   local left=$((${SWEEP_UNTIL:-285} - SECONDS))
   if [ "$left" -gt 40 ]; then
-    timeout "$left" "$PY" scripts/bench_kernels.py --sweep 2>&1 | grep -E "sweep" | tee "$LOG/bench_sweep.txt"
+    timeout "$left" "$PY" scripts/bench_kernels.py --sweep --json "$LOG/bench_kernels_sweep.json" 2>&1 \
+      | tee "$LOG/bench_sweep.txt"
   else
     echo "sweep skipped: ${left}s left"
   fi

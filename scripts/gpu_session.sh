@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU owes, in one call of 7 to 8 minutes (run it with a limit of
-# ~560 s): the end-to-end benchmark (scripts/bench.py, mistral-7b shapes, bf16, vs transformers),
-# the kernel benchmark, the CUDA tests, then a tile sweep with what is left. Each stage has its own
-# time box, so one that hangs cannot take the others' time.
+# What a session with a lent GPU runs, in one call, each stage in its own time box so that one
+# that hangs cannot take the others' time:
+#   e2e      scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
+#   kernels  scripts/bench_kernels.py: each kernel vs SDPA / its eager reference (<= 100 s)
+#   tests    the kernel and model tests on CUDA, four shards in parallel (<= 150 s)
+#   sweep    the kernel table again plus alternative tile configs, until SESSION_SECONDS
+#   profile  scripts/profile_step.py: prefill and decode time by kernel family (<= 100 s)
+#   e2e_b1   scripts/bench.py at batch 1 only, no transformers: a second timing of the headline
+#
+#     bash scripts/gpu_session.sh                      # e2e kernels tests sweep (~7 min)
+#     bash scripts/gpu_session.sh profile sweep e2e_b1
 #
 # Everything lands in $OUT (else ./gpu_logs), at most 8 files as the device tool returns them:
-#   session.txt       this script's whole output
-#   bench_e2e.json    scripts/bench.py's result: copy to bench/results/, then run scripts/bench_table.py
-#   bench_kernels.json
-#   logs.tar.gz       every stage's log (the test shards' pytest output included), refreshed per stage
+# session.txt (this script's whole output), bench_e2e.json (copy it to bench/results/, then run
+# scripts/bench_table.py), bench_kernels*.json, and logs.tar.gz with every stage's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${OUT:-gpu_logs}
@@ -24,19 +29,28 @@ END=${SESSION_SECONDS:-450}
 
 pack() {
   tar czf "$DEST/logs.tar.gz" -C "$(dirname "$GPU_LOG")" "$(basename "$GPU_LOG")" 2>/dev/null
-  cp -f "$GPU_LOG"/bench_e2e.json "$GPU_LOG"/bench_kernels.json "$DEST"/ 2>/dev/null
+  cp -f "$GPU_LOG"/*.json "$DEST"/ 2>/dev/null
   return 0
 }
 
-{
-  echo "== end-to-end bench at ${SECONDS}s"
+e2e() {
   timeout "${E2E_TIMEOUT:-240}" "$PY" scripts/bench.py --out "$GPU_LOG/bench_e2e.json" 2>&1 | tee "$GPU_LOG/bench_e2e.txt"
-  pack
-  BENCH_TIMEOUT=100 bash scripts/gpu_check.sh bench
-  pack
-  SHARD_TIMEOUT=150 bash scripts/gpu_check.sh tests
-  pack
-  SWEEP_UNTIL=$((END - SECONDS)) bash scripts/gpu_check.sh sweep
-  pack
-  echo "gpu_session done in ${SECONDS}s"
+}
+e2e_b1() {
+  timeout 90 "$PY" scripts/bench.py --batches 1 --no-hf --runs 3 --out "$GPU_LOG/bench_e2e_b1.json" 2>&1 \
+    | tee "$GPU_LOG/bench_e2e_b1.txt"
+}
+kernels() { BENCH_TIMEOUT=100 bash scripts/gpu_check.sh bench; }
+tests() { SHARD_TIMEOUT=150 bash scripts/gpu_check.sh tests; }
+sweep() { SWEEP_UNTIL=$((END - SECONDS)) bash scripts/gpu_check.sh sweep; }
+profile() { timeout 100 "$PY" scripts/profile_step.py 2>&1 | tee "$GPU_LOG/profile.txt"; }
+
+stages=${*:-e2e kernels tests sweep}
+{
+  for stage in $stages; do
+    echo "== $stage at ${SECONDS}s"
+    $stage
+    pack
+  done
+  echo "gpu_session ($stages) done in ${SECONDS}s"
 } 2>&1 | tee "$DEST/session.txt"
