@@ -111,6 +111,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             raise ValueError("a streamer needs a batch of one prompt")
         streamer.put(input_ids.cpu())
 
+    if device.type == "cuda":
+        model.fuse_projections()  # q/k/v and gate/up as one product each; a no-op once done
     if isinstance(cuda_graph, GraphedDecode) or (cuda_graph and device.type == "cuda"):
         step = cuda_graph if isinstance(cuda_graph, GraphedDecode) else GraphedDecode(model, B, T + max_new_tokens)
         if not step.fits(model, B, T + max_new_tokens):
@@ -158,6 +160,7 @@ class GraphedDecode:
 
     def __init__(self, model, batch_size: int, max_length: int):
         device = model.device
+        model.fuse_projections()  # before capture: it moves the weights the graph will read
         self.cache = KVCache.for_model(model, batch_size, max_length)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.tensor(max_length - 1, device=device)  # a scratch slot for warm-up and capture

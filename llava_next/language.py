@@ -61,6 +61,57 @@ def apply_rope(x, cos, sin):  # x (B, H, T, D); cos, sin (B, T, D)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def fuse_linears(linears) -> None:
+    """Move the weights (and biases) of Linear layers that read the same input into one storage,
+    back to back, so that `fused_linear` can run them as one matrix product: at batch 1 one
+    (6144 x 4096) product for q, k, v reads the weights about twice as fast as three (H200:
+    16 vs 30 us). The Parameter objects, their values and the state_dict keys stay as they are.
+    Idempotent; anything that gives the tensors new storage (.to(), load_state_dict with assign)
+    separates them again, and the layers then simply run one by one."""
+    for attr in ("weight", "bias"):
+        params = [getattr(lin, attr) for lin in linears]
+        if params[0] is None or _back_to_back(params):
+            continue
+        with torch.no_grad():
+            fused = torch.cat([p.detach() for p in params])  # (sum of out_features, ...)
+        start = 0
+        for p in params:
+            p.data = fused[start:start + p.shape[0]]
+            start += p.shape[0]
+
+
+def _back_to_back(params) -> bool:
+    first = params[0]
+    if any(type(p.data) is not torch.Tensor or not p.is_contiguous() or p.device.type == "meta" for p in params):
+        return False  # a DTensor (FSDP) or a layout we did not make
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in params:
+        if p.untyped_storage().data_ptr() != ptr or p.storage_offset() != offset or p.dtype != first.dtype:
+            return False
+        offset += p.numel()
+    return True
+
+
+def fused_linear(x, linears):
+    """x through all `linears` as one matrix product, concatenated on the last dim, when
+    fuse_linears laid their parameters out back to back and no gradient is needed (the fused
+    view is built behind autograd's back); None otherwise."""
+    params = [lin.weight for lin in linears]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return None
+    if not _back_to_back(params):
+        return None
+    biases = [lin.bias for lin in linears]
+    if biases[0] is not None and not _back_to_back(biases):
+        return None
+
+    def view(ps):  # the one storage the parameters lie in, as a single tensor
+        rows = sum(p.shape[0] for p in ps)
+        return ps[0].detach().as_strided((rows, *ps[0].shape[1:]), ps[0].stride(), ps[0].storage_offset())
+
+    return F.linear(x, view(params), view(biases) if biases[0] is not None else None)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int, attn_fn):
         super().__init__()
@@ -76,9 +127,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # None unless fuse_projections()
+        if qkv is not None:
+            q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                 self.n_kv_head * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if rope.cos is None:
             # One Triton kernel rotates q and k and writes k, v into the cache.
             from .kernels import rope_kv_write
@@ -107,7 +164,8 @@ class LlamaMLP(nn.Module):
         self.kernels = kernels
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate_up = fused_linear(x, (self.gate_proj, self.up_proj))  # None unless fuse_projections()
+        gate, up = gate_up.chunk(2, dim=-1) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         # The kernel has no backward: it steps aside whenever either input needs a gradient.
         if kernels_enabled(self.kernels, x) and not (torch.is_grad_enabled()
                                                      and (gate.requires_grad or up.requires_grad)):

@@ -157,6 +157,14 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t alone in a contiguous storage: safetensors refuses tensors that share one (e.g. the
+    q/k/v weights after fuse_projections, or any view)."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str, max_shard_size="5GB") -> list[str]:
     """Write safetensors shards (one file when it fits) plus an index when sharded."""
     from safetensors.torch import save_file
@@ -178,7 +186,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str, max_shard_
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, os.path.join(folder, name),
+        save_file({k: _own_storage(v.detach().to("cpu")) for k, v in shard.items()}, os.path.join(folder, name),
                   metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())

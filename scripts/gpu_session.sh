@@ -4,6 +4,7 @@
 #   e2e      scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
 #   kernels  scripts/bench_kernels.py: each kernel vs SDPA / its eager reference (<= 100 s)
 #   tests    the kernel and model tests on CUDA, four shards in parallel (<= 150 s)
+#   model_tests  the model-level CUDA tests only (<= 150 s)
 #   sweep    the kernel table again plus alternative tile configs, until SESSION_SECONDS
 #   profile  scripts/profile_step.py: prefill and decode time by kernel family (<= 100 s)
 #   e2e_b1   scripts/bench.py at batch 1 only, no transformers: a second timing of the headline
@@ -43,6 +44,10 @@ e2e_b1() {
 kernels() { BENCH_TIMEOUT=100 bash scripts/gpu_check.sh bench; }
 tests() { SHARD_TIMEOUT=150 bash scripts/gpu_check.sh tests; }
 sweep() { SWEEP_UNTIL=$((END - SECONDS)) bash scripts/gpu_check.sh sweep; }
+model_tests() {  # the model-level CUDA tests alone (~40 s), when only the model code changed
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests -k "(triton or cuda or gpu or fuse) and not test_kernels" \
+    2>&1 | tee "$GPU_LOG/model_tests.txt" | tail -n 15
+}
 profile() { timeout 100 "$PY" scripts/profile_step.py 2>&1 | tee "$GPU_LOG/profile.txt"; }
 
 stages=${*:-e2e kernels tests sweep}

@@ -17,9 +17,11 @@ SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112
 ATOL = 1e-4
 
 
-def compare(hf, folder, image_sizes_per_row, text_lens=None, attn="sdpa", seed=0):
+def compare(hf, folder, image_sizes_per_row, text_lens=None, attn="sdpa", seed=0, fuse=False):
     """Our logits vs transformers' on a (left-padded) batch; returns the max abs difference."""
     ours = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=attn)
+    if fuse:
+        ours.fuse_projections()
     text_lens = text_lens or [5] * len(image_sizes_per_row)
     ids, mask = prompt_ids(hf.config, image_sizes_per_row, text_lens, seed=seed)
     flat_sizes = [s for row in image_sizes_per_row for s in row]
@@ -267,3 +269,77 @@ def test_pixel_values_with_inputs_embeds_is_refused(saved):
     pv, sizes = image_inputs(hf.config, [(45, 80)])
     with pytest.raises(ValueError, match="pixel_values need input_ids"):
         ours(inputs_embeds=torch.zeros(1, 3, 64), pixel_values=pv, image_sizes=sizes)
+
+
+# ---- fuse_projections: q/k/v and gate/up as one product each --------------------------------
+
+def _fused(layer) -> bool:
+    a, m = layer.self_attn, layer.mlp
+    qkv = a.q_proj.weight.untyped_storage().data_ptr() == a.v_proj.weight.untyped_storage().data_ptr()
+    gate_up = m.gate_proj.weight.untyped_storage().data_ptr() == m.up_proj.weight.untyped_storage().data_ptr()
+    return qkv and gate_up
+
+
+@pytest.mark.parametrize("family", ["mistral", "yi"])
+def test_fused_projections_match_transformers(tmp_path, family):
+    hf = hf_checkpoint(tmp_path, family, **SMALL)
+    compare(hf, tmp_path, [[(45, 80)], [(80, 45)]], text_lens=[5, 9], fuse=True)
+
+
+def test_fuse_projections_keeps_parameters_and_saves(tmp_path):
+    hf_checkpoint(tmp_path, "mistral", **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    params = dict(ours.named_parameters())
+    ours.fuse_projections()
+    layer = ours.language_model.model.layers[0]
+    assert _fused(layer)
+    ptr = layer.self_attn.q_proj.weight.data_ptr()
+    ours.fuse_projections()  # idempotent: no second copy
+    assert layer.self_attn.q_proj.weight.data_ptr() == ptr
+    assert dict(ours.named_parameters()).keys() == params.keys()
+    assert all(params[k] is p for k, p in ours.named_parameters())  # same Parameter objects
+    after = ours.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    ours.save_pretrained(tmp_path / "saved")  # safetensors refuses shared storage unless we separate it
+    again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert all(torch.equal(v, before[k]) for k, v in again.state_dict().items())
+
+
+def test_fused_and_separate_agree_and_to_separates(tmp_path):
+    from llava_next.config import LlavaNextConfig
+
+    cfg = json.loads((hf_checkpoint(tmp_path, "vicuna", **SMALL) and (tmp_path / "config.json")).read_text())
+    cfg["text_config"]["attention_bias"] = True  # the bias path too
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig.from_dict(cfg))
+    torch.manual_seed(0)
+    model.init_weights()
+    for lin in model.modules():
+        if isinstance(lin, torch.nn.Linear) and lin.bias is not None:
+            torch.nn.init.normal_(lin.bias, std=0.5)
+    model.eval()
+    ids = torch.randint(3, 1000, (2, 11))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = model.fuse_projections()(input_ids=ids).logits
+        assert _fused(model.language_model.model.layers[1])
+        assert (got - want).abs().max().item() <= 1e-5
+        model.to(torch.float64)  # new storage per tensor: the layers run one by one again
+        assert not _fused(model.language_model.model.layers[1])
+        assert (model(input_ids=ids).logits.float() - want).abs().max().item() <= 1e-5
+
+
+def test_fused_model_trains_with_separate_gradients(tmp_path):
+    """With gradients on, the layers run one by one, so every weight gets its own gradient."""
+    hf_checkpoint(tmp_path, "mistral", **SMALL)
+    ref = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).train()
+    fused = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).fuse_projections().train()
+    ids = torch.randint(3, 1000, (1, 9))
+    for m in (ref, fused):
+        m(input_ids=ids, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    k_proj = fused.language_model.model.layers[0].self_attn.k_proj.weight
+    torch.optim.SGD(fused.parameters(), lr=0.1).step()  # in place, into the shared storage
+    assert _fused(fused.language_model.model.layers[0]) and k_proj.grad.abs().sum() > 0

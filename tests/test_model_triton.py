@@ -1,6 +1,8 @@
 """attn_implementation="triton" against "sdpa" on tiny checkpoints: logits, decode steps and
 greedy tokens. On CPU this runs the kernels under TRITON_INTERPRET=1 (set by conftest)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -42,10 +44,14 @@ def test_prefill_logits_match_sdpa(models):
     assert diff <= 2e-4
 
 
-def test_cached_prefill_and_decode_steps_match_sdpa(models):
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused_projections"])
+def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse):
     """With a cache the triton model uses the fused rope + cache-write kernel, flash attention for
-    the prompt and flash-decoding for each new token."""
+    the prompt and flash-decoding for each new token; with fuse_projections, q/k/v come out of
+    one product as strided views, which the rope kernel must read as such."""
     config, sdpa, triton = models
+    if fuse:
+        triton = copy.deepcopy(triton).fuse_projections()
     inputs = batch(config)
     T = inputs["input_ids"].shape[1]
     steps = torch.randint(3, 1000, (2, 3), device=DEVICE)
