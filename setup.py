@@ -19,7 +19,9 @@ setup(
     ],
     extras_require={
         # transformers is the test oracle only; never imported by the package.
-        "test": ["pytest>=7", "transformers==5.24.0", "protobuf>=4"],
+        # The tests run the kernels in Triton's interpreter on CPU, which needs triton >= 3.7
+        # with numpy >= 2.4 (compiled on a GPU, triton 3.6 was checked too).
+        "test": ["pytest>=7", "transformers==5.24.0", "protobuf>=4", "triton>=3.7; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["llava-next=llava_next.cli:main"]},
 )

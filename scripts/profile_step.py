@@ -129,8 +129,8 @@ def fusion_gains(cfg, dtype):
                                  for _ in range(sets)])
         t_sep = graph_ms(lambda: [torch.nn.functional.linear(x, w) for w in next(sep)])
         t_fused = graph_ms(lambda: torch.nn.functional.linear(x, next(fused)))
-        print(f"  {name:<9} {nbytes / 2**20:7.1f} MiB  separate {t_sep * 1e3:7.1f} us ({nbytes / t_sep / 1e9:5.0f} GB/s)"
-              f"  fused {t_fused * 1e3:7.1f} us ({nbytes / t_fused / 1e9:5.0f} GB/s)")
+        print(f"  {name:<9} {nbytes / 2**20:7.1f} MiB  separate {t_sep * 1e3:7.1f} us ({nbytes / t_sep / 1e6:5.0f} GB/s)"
+              f"  fused {t_fused * 1e3:7.1f} us ({nbytes / t_fused / 1e6:5.0f} GB/s)")
 
 
 def main():
@@ -194,7 +194,7 @@ def decode_step(model, one, T, context):
     replay = start.elapsed_time(end) / 50
     nbytes = e2e.decode_bytes(model, 1, int(pos) + 1)
     report("decode step, batch 1, eager", wall, fams, top,
-           extra=f"\n  as a CUDA-graph replay: {replay:.3f} ms ({nbytes / replay / 1e9:.0f} GB/s of "
+           extra=f"\n  as a CUDA-graph replay: {replay:.3f} ms ({nbytes / replay / 1e6:.0f} GB/s of "
                  f"{nbytes / 2**30:.2f} GiB); graph replay - kernel sum = {replay - sum(fams.values()):.3f} ms")
 
 

@@ -36,7 +36,28 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _check_interpreter():
+    """Triton's interpreter before 3.7 breaks on numpy >= 2.4 (it converts 1-element arrays to
+    Python ints, which numpy 2.4 refuses: "only 0-dimensional arrays can be converted to Python
+    scalars"). Compiled kernels on a GPU are not affected; say so here rather than fail inside
+    a kernel."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+
+    def version(v):
+        return tuple(int(x) for x in v.split("+")[0].split(".")[:2] if x.isdigit())
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1 with triton {triton.__version__} and numpy {numpy.__version__}: Triton's "
+            "interpreter before 3.7 fails on numpy >= 2.4. Install triton>=3.7 or numpy<2.4 to run the "
+            "kernels on CPU.")
+
+
 if importlib.util.find_spec("triton") is not None:
+    _check_interpreter()
     # Imported eagerly (and after the submodules are bound) so that `llava_next.kernels.rms_norm`
     # is always the function, never the submodule of the same name.
     from .decode_attention import decode_attention, decode_attention_reference
