@@ -96,6 +96,8 @@ def fused_linear(x, linears):
     """x through all `linears` as one matrix product, concatenated on the last dim, when
     fuse_linears laid their parameters out back to back and no gradient is needed (the fused
     view is built behind autograd's back); None otherwise."""
+    if not all(type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks) for lin in linears):
+        return None  # a wrapped layer (LoRA, quantized) or a hook must see its own call
     params = [lin.weight for lin in linears]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return None

@@ -343,3 +343,25 @@ def test_fused_model_trains_with_separate_gradients(tmp_path):
     k_proj = fused.language_model.model.layers[0].self_attn.k_proj.weight
     torch.optim.SGD(fused.parameters(), lr=0.1).step()  # in place, into the shared storage
     assert _fused(fused.language_model.model.layers[0]) and k_proj.grad.abs().sum() > 0
+
+
+def test_fused_path_steps_aside_for_hooks_and_wrapped_layers(tmp_path):
+    """A forward hook on q_proj (or a LoRA-style wrapper) must still see its own call."""
+    hf_checkpoint(tmp_path, "mistral", **SMALL)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).fuse_projections()
+    seen = []
+    attn = model.language_model.model.layers[0].self_attn
+    handle = attn.q_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([[1, 5, 9]])).logits
+    handle.remove()
+    assert seen == [torch.Size([1, 3, attn.n_head * attn.head_dim])]
+
+    class Scaled(torch.nn.Linear):  # stands in for a wrapper that changes the output
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    attn.v_proj.__class__ = Scaled
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([[1, 5, 9]])).logits
+    assert not torch.allclose(got, want)  # the wrapper ran: the fused product did not bypass it
