@@ -1,38 +1,55 @@
 #!/usr/bin/env bash
-# The kernel and model checks for a lent GPU (H100/H200), under 5 minutes: the kernel tests and the
-# model tests that touch CUDA/triton, compiled, in fp32/fp16/bf16; then the kernel benchmark and a
-# tile sweep with what is left. Uses the system torch/triton/transformers; nothing is installed.
+# Everything a session with a lent GPU (H100/H200) runs, in one call. Each stage has its own time
+# box, so one that hangs cannot take the others' time. Uses the device's own torch, triton and
+# transformers; nothing is installed.
 #
-#     bash scripts/gpu_check.sh                 # tests, bench, sweep
-#     bash scripts/gpu_check.sh bench tests     # chosen stages, in that order
+#   tests        the kernel and model tests on CUDA (fp32/fp16/bf16), four shards in parallel (<= 150 s)
+#   model_tests  the model-level CUDA tests only (<= 150 s), when only the model code changed
+#   kernels      scripts/bench_kernels.py: each kernel vs SDPA / its eager reference (<= 100 s)
+#   sweep        the kernel table again plus alternative tile configs, until SESSION_SECONDS
+#   e2e          scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
+#   e2e_b1       scripts/bench.py at batch 1 only, no transformers (<= 90 s)
+#   profile      scripts/profile_step.py: prefill and decode time by kernel family (<= 100 s)
 #
-# Logs (and the kernel bench JSON) go to $GPU_LOG, else $OUT, else ./gpu_check_logs.
-# SWEEP_UNTIL (seconds since start, default 285) bounds the sweep.
+#     bash scripts/gpu_check.sh                   # tests kernels sweep: under 5 minutes
+#     bash scripts/gpu_check.sh e2e kernels tests sweep   # what a first GPU session owes (~7 min)
+#
+# Output lands in $OUT (else ./gpu_logs), at most 8 files, as the device tool returns them:
+# session.txt (this script's whole output), bench_e2e*.json (copy to bench/results/, then run
+# scripts/bench_table.py), bench_kernels*.json (to bench/results/kernels/), and logs.tar.gz
+# with every stage's log, the test shards' pytest output included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOG=${GPU_LOG:-${OUT:-gpu_check_logs}}
-mkdir -p "$LOG"
+DEST=${OUT:-gpu_logs}
+LOG=/tmp/gpu_logs
+mkdir -p "$DEST" "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PY=${PYTHON:-python3}  # the device image has python3, not always python
 SECONDS=0
-stages=${*:-tests bench sweep}
+END=${SESSION_SECONDS:-285}
 fail=0
+
+pack() {
+  tar czf "$DEST/logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2>/dev/null
+  cp -f "$LOG"/*.json "$DEST"/ 2>/dev/null
+  return 0
+}
 
 run_shard() {  # name, pytest args...
   local name=$1; shift
-  timeout "${SHARD_TIMEOUT:-170}" "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG/test_$name.txt" 2>&1
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG/test_$name.txt" 2>&1
   local rc=$?
   [ $rc -eq 5 ] && rc=0  # no test selected
   echo "$rc" >"$LOG/test_$name.rc"
 }
 
-tests() {  # four shards in parallel: Triton compiles are CPU-bound and single-threaded per process
+tests() {  # Triton compiles are CPU-bound and single-threaded per process: shard them
   run_shard attention_fwd tests/test_kernels_attention.py -k "not realistic and not backward" &
   run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" &
   run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py &
-  run_shard model tests -k "(triton or cuda or gpu) and not test_kernels" &
+  run_shard model tests -k "(triton or cuda or gpu or fuse) and not test_kernels" &
   wait
   for f in "$LOG"/test_*.rc; do
     local name rc
@@ -41,16 +58,21 @@ tests() {  # four shards in parallel: Triton compiles are CPU-bound and single-t
     echo "== $name: rc=$rc  $(tail -n 1 "$LOG/$name.txt")"
     [ "$rc" != 0 ] && { fail=1; grep -E "^(FAILED|ERROR)" "$LOG/$name.txt" | head -20; }
   done
-  echo "tests done at ${SECONDS}s, $([ $fail = 0 ] && echo passed || echo FAILED)"
 }
 
-bench() {
-  timeout "${BENCH_TIMEOUT:-110}" "$PY" scripts/bench_kernels.py --json "$LOG/bench_kernels.json" 2>&1 \
-    | tee "$LOG/bench_kernels.txt"
+model_tests() {
+  run_shard model tests -k "(triton or cuda or gpu or fuse) and not test_kernels"
+  echo "== model: rc=$(cat "$LOG/test_model.rc")  $(tail -n 1 "$LOG/test_model.txt")"
+  [ "$(cat "$LOG/test_model.rc")" != 0 ] && { fail=1; grep -E "^(FAILED|ERROR)" "$LOG/test_model.txt" | head -20; }
+  return 0
 }
 
-sweep() {  # the table again, then the alternative tiles
-  local left=$((${SWEEP_UNTIL:-285} - SECONDS))
+kernels() {
+  timeout 100 "$PY" scripts/bench_kernels.py --json "$LOG/bench_kernels.json" 2>&1 | tee "$LOG/bench_kernels.txt"
+}
+
+sweep() {  # the table again, then the alternative tiles, until SESSION_SECONDS
+  local left=$((END - SECONDS))
   if [ "$left" -gt 40 ]; then
     timeout "$left" "$PY" scripts/bench_kernels.py --sweep --json "$LOG/bench_kernels_sweep.json" 2>&1 \
       | tee "$LOG/bench_sweep.txt"
@@ -59,13 +81,33 @@ sweep() {  # the table again, then the alternative tiles
   fi
 }
 
-{
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-} 2>&1 | tee "$LOG/env.txt"
+e2e() {
+  timeout "${E2E_TIMEOUT:-240}" "$PY" scripts/bench.py --out "$LOG/bench_e2e.json" 2>&1 | tee "$LOG/bench_e2e.txt"
+}
+
+e2e_b1() {
+  timeout 90 "$PY" scripts/bench.py --batches 1 --no-hf --runs 3 --out "$LOG/bench_e2e_b1.json" 2>&1 \
+    | tee "$LOG/bench_e2e_b1.txt"
+}
+
+profile() {
+  timeout 100 "$PY" scripts/profile_step.py 2>&1 | tee "$LOG/profile.txt"
+}
+
+stages=${*:-tests kernels sweep}
 for stage in $stages; do
-  echo "== stage $stage at ${SECONDS}s"
-  $stage
+  declare -F "$stage" >/dev/null || { echo "gpu_check.sh: unknown stage '$stage'" >&2; exit 2; }
 done
-echo "gpu_check ($stages) done in ${SECONDS}s"
+exec > >(tee "$DEST/session.txt") 2>&1
+TEE=$!
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+for stage in $stages; do
+  echo "== $stage at ${SECONDS}s"
+  $stage
+  pack
+done
+echo "gpu_check ($stages) done in ${SECONDS}s, tests $([ $fail = 0 ] && echo passed || echo FAILED)"
+exec >&- 2>&-
+wait "$TEE"  # session.txt complete before the device tool collects $OUT
 exit $fail
