@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 
 from .attention import kernels_enabled
 from .config import TextConfig
+from .fused_linear import fused_linear
 
 
 class LlamaRMSNorm(nn.Module):
@@ -59,59 +60,6 @@ def apply_rope(x, cos, sin):  # x (B, H, T, D); cos, sin (B, T, D)
     cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def fuse_linears(linears) -> None:
-    """Move the weights (and biases) of Linear layers that read the same input into one storage,
-    back to back, so that `fused_linear` can run them as one matrix product: at batch 1 one
-    (6144 x 4096) product for q, k, v reads the weights about twice as fast as three (H200:
-    16 vs 30 us). The Parameter objects, their values and the state_dict keys stay as they are.
-    Idempotent; anything that gives the tensors new storage (.to(), load_state_dict with assign)
-    separates them again, and the layers then simply run one by one."""
-    for attr in ("weight", "bias"):
-        params = [getattr(lin, attr) for lin in linears]
-        if params[0] is None or _back_to_back(params):
-            continue
-        with torch.no_grad():
-            fused = torch.cat([p.detach() for p in params])  # (sum of out_features, ...)
-        start = 0
-        for p in params:
-            p.data = fused[start:start + p.shape[0]]
-            start += p.shape[0]
-
-
-def _back_to_back(params) -> bool:
-    first = params[0]
-    if any(type(p.data) is not torch.Tensor or not p.is_contiguous() or p.device.type == "meta" for p in params):
-        return False  # a DTensor (FSDP) or a layout we did not make
-    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for p in params:
-        if p.untyped_storage().data_ptr() != ptr or p.storage_offset() != offset or p.dtype != first.dtype:
-            return False
-        offset += p.numel()
-    return True
-
-
-def fused_linear(x, linears):
-    """x through all `linears` as one matrix product, concatenated on the last dim, when
-    fuse_linears laid their parameters out back to back and no gradient is needed (the fused
-    view is built behind autograd's back); None otherwise."""
-    if not all(type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks) for lin in linears):
-        return None  # a wrapped layer (LoRA, quantized) or a hook must see its own call
-    params = [lin.weight for lin in linears]
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return None
-    if not _back_to_back(params):
-        return None
-    biases = [lin.bias for lin in linears]
-    if biases[0] is not None and not _back_to_back(biases):
-        return None
-
-    def view(ps):  # the one storage the parameters lie in, as a single tensor
-        rows = sum(p.shape[0] for p in ps)
-        return ps[0].detach().as_strided((rows, *ps[0].shape[1:]), ps[0].stride(), ps[0].storage_offset())
-
-    return F.linear(x, view(params), view(biases) if biases[0] is not None else None)
 
 
 class LlamaAttention(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import VisionConfig
+from .fused_linear import fused_linear
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -46,9 +47,11 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):  # (N, T, C)
         N, T, C = x.shape
-        q = self.q_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, T, hd)
-        k = self.k_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+        qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # None unless fuse_projections()
+        q, k, v = qkv.chunk(3, dim=-1) if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, T, hd)
+        k = k.view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
         y = self.attn_fn(q, k, v, causal=False)  # (N, nh, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(N, T, C))
 

@@ -4,7 +4,6 @@ are frozen by construction, so DDP needs no find_unused_parameters."""
 
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -273,11 +273,13 @@ def test_pixel_values_with_inputs_embeds_is_refused(saved):
 
 # ---- fuse_projections: q/k/v and gate/up as one product each --------------------------------
 
+def _shared(*linears) -> bool:
+    return len({lin.weight.untyped_storage().data_ptr() for lin in linears}) == 1
+
+
 def _fused(layer) -> bool:
     a, m = layer.self_attn, layer.mlp
-    qkv = a.q_proj.weight.untyped_storage().data_ptr() == a.v_proj.weight.untyped_storage().data_ptr()
-    gate_up = m.gate_proj.weight.untyped_storage().data_ptr() == m.up_proj.weight.untyped_storage().data_ptr()
-    return qkv and gate_up
+    return _shared(a.q_proj, a.k_proj, a.v_proj) and _shared(m.gate_proj, m.up_proj)
 
 
 @pytest.mark.parametrize("family", ["mistral", "yi"])
@@ -294,6 +296,9 @@ def test_fuse_projections_keeps_parameters_and_saves(tmp_path):
     ours.fuse_projections()
     layer = ours.language_model.model.layers[0]
     assert _fused(layer)
+    clip = ours.vision_tower.vision_model.encoder.layers[0].self_attn
+    assert _shared(clip.q_proj, clip.k_proj, clip.v_proj)
+    assert clip.q_proj.bias.untyped_storage().data_ptr() == clip.v_proj.bias.untyped_storage().data_ptr()
     ptr = layer.self_attn.q_proj.weight.data_ptr()
     ours.fuse_projections()  # idempotent: no second copy
     assert layer.self_attn.q_proj.weight.data_ptr() == ptr
