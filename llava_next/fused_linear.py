@@ -29,15 +29,22 @@ def fuse_linears(linears) -> None:
         for p in params:
             p.data = fused[start:start + p.shape[0]]
             start += p.shape[0]
+    for lin in linears:
+        lin._fused_group = True  # fused_linear checks the layout only where this is set
 
 
 def _back_to_back(params) -> bool:
+    """Whether the tensors lie in one storage, contiguous and in order. Cheap (no storage
+    objects): it runs for every group on every forward."""
     first = params[0]
-    if any(type(p.data) is not torch.Tensor or not p.is_contiguous() or p.device.type == "meta" for p in params):
-        return False  # a DTensor (FSDP) or a layout we did not make
-    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    if type(first) not in (torch.Tensor, nn.Parameter) or first.is_meta:
+        return False  # a DTensor (FSDP) or a tensor subclass: not a layout we made
+    size = first.element_size()
+    base = first.data_ptr() - first.storage_offset() * size  # the storage's address
+    offset = first.storage_offset()
     for p in params:
-        if p.untyped_storage().data_ptr() != ptr or p.storage_offset() != offset or p.dtype != first.dtype:
+        if (type(p) is not type(first) or p.dtype != first.dtype or not p.is_contiguous()
+                or p.storage_offset() != offset or p.data_ptr() - offset * size != base):
             return False
         offset += p.numel()
     return True
@@ -47,6 +54,8 @@ def fused_linear(x, linears):
     """x through all `linears` as one matrix product, concatenated on the last dim, when
     fuse_linears laid their parameters out back to back and no gradient is needed (the fused
     view is built behind autograd's back); None otherwise."""
+    if not getattr(linears[0], "_fused_group", False):
+        return None  # never fused: skip the checks, which cost microseconds a call on CPU
     if not all(type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks) for lin in linears):
         return None  # a wrapped layer (LoRA, quantized) or a hook must see its own call
     params = [lin.weight for lin in linears]
