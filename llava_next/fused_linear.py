@@ -18,7 +18,11 @@ import torch.nn.functional as F
 def fuse_linears(linears) -> None:
     """Lay the weights (and the biases) of `linears` back to back in one storage. Idempotent;
     anything that gives the tensors new storage (.to(), load_state_dict(assign=True)) separates
-    them again, and the layers then simply run one by one."""
+    them again, and the layers then simply run one by one. Layers it cannot fuse as they are
+    (wrapped or quantized, a tensor subclass such as FSDP's DTensor, mixed dtypes or devices,
+    on the meta device) are left alone."""
+    if not _fusable(linears):
+        return
     for attr in ("weight", "bias"):
         params = [getattr(lin, attr) for lin in linears]
         if any(p is None for p in params) or _back_to_back(params):
@@ -31,6 +35,15 @@ def fuse_linears(linears) -> None:
             start += p.shape[0]
     for lin in linears:
         lin._fused_group = True  # fused_linear checks the layout only where this is set
+
+
+def _fusable(linears) -> bool:
+    if not all(type(lin) is nn.Linear for lin in linears):
+        return False
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    first = linears[0].weight
+    return all(type(p) in (torch.Tensor, nn.Parameter) and not p.is_meta and p.dtype == first.dtype
+               and p.device == first.device for p in params)
 
 
 def _back_to_back(params) -> bool:
@@ -54,16 +67,19 @@ def fused_linear(x, linears):
     """x through all `linears` as one matrix product, concatenated on the last dim, when
     fuse_linears laid their parameters out back to back and no gradient is needed (the fused
     view is built behind autograd's back); None otherwise."""
+    if torch.compiler.is_compiling():
+        return None  # the layout check reads addresses, which a compiled graph cannot trace
     if not getattr(linears[0], "_fused_group", False):
         return None  # never fused: skip the checks, which cost microseconds a call on CPU
     if not all(type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks) for lin in linears):
         return None  # a wrapped layer (LoRA, quantized) or a hook must see its own call
     params = [lin.weight for lin in linears]
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+    biases = [lin.bias for lin in linears]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
+                                                           for p in params + biases)):
         return None
     if not _back_to_back(params):
         return None
-    biases = [lin.bias for lin in linears]
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
     if biases[0] is not None and not _back_to_back(biases):

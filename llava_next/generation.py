@@ -64,7 +64,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
              streamer=None, generator=None, use_cache: bool = True, num_beams: int = 1,
-             cuda_graph=False, **kwargs):
+             cuda_graph=False, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
@@ -72,6 +72,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call;
     pass a `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it
     over calls (the caller owns it and its KV cache).
+    On CUDA it first calls `model.fuse_projections()` (q/k/v and gate/up as one product each):
+    the weights move to new storage once, so a CUDA graph you captured of the model before then
+    must be captured again, and later no-grad forwards round differently in the last bit.
+    fuse_projections=False leaves the model as it is.
     """
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
@@ -111,7 +115,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             raise ValueError("a streamer needs a batch of one prompt")
         streamer.put(input_ids.cpu())
 
-    if device.type == "cuda":
+    if device.type == "cuda" and fuse_projections:
         model.fuse_projections()  # q/k/v and gate/up as one product each; a no-op once done
     if isinstance(cuda_graph, GraphedDecode) or (cuda_graph and device.type == "cuda"):
         step = cuda_graph if isinstance(cuda_graph, GraphedDecode) else GraphedDecode(model, B, T + max_new_tokens)
@@ -156,11 +160,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
 class GraphedDecode:
     """decode_one_token captured in a CUDA graph and replayed: one launch per new token instead of
-    one per kernel. It owns its KV cache, since the graph reads and writes those exact buffers."""
+    one per kernel. It owns its KV cache, since the graph reads and writes those exact buffers.
+    It fuses the model's projections first (see generate), unless fuse_projections=False."""
 
-    def __init__(self, model, batch_size: int, max_length: int):
+    def __init__(self, model, batch_size: int, max_length: int, fuse_projections: bool = True):
         device = model.device
-        model.fuse_projections()  # before capture: it moves the weights the graph will read
+        if fuse_projections:
+            model.fuse_projections()  # before capture: it moves the weights the graph will read
         self.cache = KVCache.for_model(model, batch_size, max_length)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.tensor(max_length - 1, device=device)  # a scratch slot for warm-up and capture

@@ -161,6 +161,7 @@ def decode_bytes(model, batch: int, context: int) -> int:
 
 def measure_ours(model, cfg_dict, args, device, dtype):
     res = {}
+    fuse = dict(fuse_projections=args.fuse)
     one = inputs_for(cfg_dict, args.image, args.question_tokens, 1, device, dtype)
     T = one["input_ids"].shape[1]
     res["prompt_tokens"] = T
@@ -179,7 +180,7 @@ def measure_ours(model, cfg_dict, args, device, dtype):
     res["prefill_ms"] = 1e3 * timed(first_token, device, args.runs)  # vision + projector + LM, no generate()
     res["lm_prefill_ms"] = res["prefill_ms"] - res["vision_ms"] - res["projector_ms"]
     # The comparable TTFT: a whole generate() call for one token, as for transformers.
-    res["ttft_ms"] = 1e3 * timed(lambda: model.generate(**one, max_new_tokens=1), device, args.runs)
+    res["ttft_ms"] = 1e3 * timed(lambda: model.generate(**one, max_new_tokens=1, **fuse), device, args.runs)
     log(f"ours: TTFT {res['ttft_ms']:.1f} ms, prefill {res['prefill_ms']:.1f} ms (vision {res['vision_ms']:.1f}, "
         f"projector {res['projector_ms']:.2f})")
     res["decode_ms_per_token"] = {}
@@ -206,12 +207,19 @@ def measure_ours(model, cfg_dict, args, device, dtype):
 
 def decode_ms(model, inp, T, b, args, device, use_graph) -> float:
     """ms per new token at batch b: (t(N) - t(1)) / (N - 1), prefill cancelling out."""
-    graph = GraphedDecode(model, b, T + args.new_tokens) if use_graph else False
-    gen = lambda n: model.generate(**inp, max_new_tokens=n, eos_token_id=[], cuda_graph=graph)  # noqa: E731
+    graph = GraphedDecode(model, b, T + args.new_tokens, fuse_projections=args.fuse) if use_graph else False
+    gen = lambda n: model.generate(**inp, max_new_tokens=n, eos_token_id=[], cuda_graph=graph,  # noqa: E731
+                                   fuse_projections=args.fuse)
     gen(args.new_tokens)  # warm-up: every kernel compiled
     t1 = timed(lambda: gen(1), device, args.runs)
     tn = timed(lambda: gen(args.new_tokens), device, max(1, args.runs // 2))
     return 1e3 * (tn - t1) / (args.new_tokens - 1)
+
+
+def _version(package):
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def log(msg):
@@ -250,7 +258,7 @@ def tokens_agree(ours, hf, cfg_dict, args, device, dtype, n: int = 16) -> int:
     Informational: in bf16 two correct implementations can part at a near-tie of random logits."""
     one = inputs_for(cfg_dict, args.image, args.question_tokens, 1, device, dtype)
     T = one["input_ids"].shape[1]
-    a = ours.generate(**one, max_new_tokens=n, eos_token_id=[])[0, -n:].tolist()
+    a = ours.generate(**one, max_new_tokens=n, eos_token_id=[], fuse_projections=args.fuse)[0, -n:].tolist()
     b = hf.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, T:].tolist()
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -268,6 +276,8 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. when both do not fit)")
     ap.add_argument("--no-graph", action="store_true", help="decode without CUDA graph capture")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="keep q/k/v and gate/up as separate products (an A/B of fuse_projections)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
     args = ap.parse_args()
     args.image = tuple(PRESETS[args.preset].get("image", (672, 672)))
@@ -280,6 +290,9 @@ def main():
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     t0 = time.perf_counter()
     ours = build_ours(cfg_dict, device, dtype, args.attn)
+    args.fuse = device.type == "cuda" and not args.no_fuse  # what generate() does by default on CUDA
+    if args.fuse:
+        ours.fuse_projections()  # before any timing, so the vision/prefill split matches TTFT
     log(f"built ours ({args.preset}, {dtype}) on {card} in {time.perf_counter() - t0:.1f} s")
     r_ours = measure_ours(ours, cfg_dict, args, device, dtype)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -298,7 +311,8 @@ def main():
 
     result = dict(card=card, date=datetime.date.today().isoformat(), preset=args.preset, dtype=str(dtype),
                   attn=ours.attn_implementation, cuda_graph=device.type == "cuda" and not args.no_graph,
-                  image=list(args.image), new_tokens=args.new_tokens, torch=torch.__version__,
+                  fused_projections=args.fuse, image=list(args.image), new_tokens=args.new_tokens,
+                  torch=torch.__version__, transformers_version=None if args.no_hf else _version("transformers"),
                   ours=r_ours, transformers=r_hf, peak_gpu_memory_gib=peak,
                   copy_bandwidth_bytes_per_s=copy_bw, spec_bandwidth_bytes_per_s=spec)
     roof = {}

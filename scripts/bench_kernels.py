@@ -56,6 +56,7 @@ DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 if not GPU:
     DTYPE = torch.float16  # the interpreter gets bf16 wrong
 ROWS = []
+EAGER_FALLBACKS = []  # timings whose graph capture failed: eager do_bench, launch time included
 
 
 def bench(fn, graph=True, rep=40):
@@ -72,6 +73,7 @@ def bench(fn, graph=True, rep=40):
             except Exception as e:  # noqa: BLE001 - report and fall back rather than lose the row
                 torch.cuda.synchronize()
                 print(f"  (graph capture failed, {type(e).__name__}: {e}; timing eager calls)")
+                EAGER_FALLBACKS.append(f"{type(e).__name__}: {e}")
         return triton.testing.do_bench(fn, warmup=25, rep=4 * rep, return_mode="median")
     fn()
     t = time.perf_counter()
@@ -92,6 +94,8 @@ def input_sets(make, nbytes):
 
 def row(kernel, shape, unit, work, ours, base_name, base, note=""):
     """work: FLOPs (unit TFLOP/s) or bytes (unit GB/s)."""
+    if EAGER_FALLBACKS and not note.startswith("eager"):
+        note = f"eager timing ({len(EAGER_FALLBACKS)} capture failures so far); " + note
     scale = 1e12 if unit == "TFLOP/s" else 1e9
     r = dict(kernel=kernel, shape=shape, unit=unit, ours_ms=ours, ours=work / (ours * 1e-3) / scale,
              baseline=base_name, base_ms=base, base=work / (base * 1e-3) / scale if base else None,
@@ -307,7 +311,8 @@ def main():
     print_table()
     if args.json:
         meta = dict(device=torch.cuda.get_device_name() if GPU else "cpu-interpreter", torch=torch.__version__,
-                    dtype=str(DTYPE))
+                    dtype=str(DTYPE), timing="cuda-graph replay" if GPU else "one eager call",
+                    eager_fallbacks=EAGER_FALLBACKS)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=ROWS), f, indent=1)
         print(f"wrote {args.json}", flush=True)

@@ -31,8 +31,16 @@ def render(results: list[dict]) -> str:
         f = lambda x, s=".1f": format(x, s) if x is not None else "-"  # noqa: E731
         b1 = roof.get(1) or {}
         tps = 1e3 / dec[1] if dec.get(1) else None
+        flags = []  # anything that makes the row not the default fast path
+        if not r.get("cuda_graph", True):
+            flags.append("no CUDA graph")
+        if o.get("graph_errors"):
+            flags.append(f"eager decode at b={','.join(map(str, o['graph_errors']))}: graph capture failed")
+        if r.get("fused_projections") is False:
+            flags.append("projections not fused")
+        preset = r["preset"] + (f" ({'; '.join(flags)})" if flags else "")
         lines.append(
-            f"| {r['card']} | {r['date']} | {r['preset']} | {f(o['ttft_ms'])} / {f(h.get('ttft_ms'))} "
+            f"| {r['card']} | {r['date']} | {preset} | {f(o['ttft_ms'])} / {f(h.get('ttft_ms'))} "
             f"| {f(dec.get(1), '.2f')} ({f(tps, '.0f')}), {f(hdec.get(1), '.2f')} "
             f"| {f(b1.get('pct_of_spec'), '.0f')}% ({f(b1.get('pct_of_copy'), '.0f')}%) "
             f"| {f(dec.get(8), '.2f')} / {f(hdec.get(8), '.2f')} | {f(dec.get(32), '.2f')} / {f(hdec.get(32), '.2f')} "

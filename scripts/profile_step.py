@@ -6,8 +6,9 @@ time of the kernels (from torch.profiler) grouped by family (GEMM, attention, th
 kernels, other), and the gap between them: a gap near the wall time means the GPU waited on
 Python. The decode step is also timed as bench.py runs it, a CUDA-graph replay, so
 "graph replay - kernel sum" is what the kernels' ramp-up and the gaps between them cost.
-Then it times what fusing the projections would buy: q/k/v and gate/up as one matrix-vector
-product against three and two, at batch 1.
+The model's projections are fused (`fuse_projections`, as generate() does on CUDA). Then it
+times what that fusion buys in isolation: q/k/v and gate/up as one matrix-vector product against
+three and two, at batch 1.
 
     python scripts/profile_step.py                    # mistral-7b shapes, bf16
     python scripts/profile_step.py --preset vicuna-7b
@@ -142,7 +143,7 @@ def main():
         sys.exit("profile_step.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), torch.bfloat16
     cfg = e2e.config_for(args.preset)
-    model = e2e.build_ours(cfg, device, dtype, None)
+    model = e2e.build_ours(cfg, device, dtype, None).fuse_projections()  # as generate() runs it on CUDA
     image = tuple(e2e.PRESETS[args.preset].get("image", (672, 672)))
     one = e2e.inputs_for(cfg, image, 30, 1, device, dtype)
     T = one["input_ids"].shape[1]

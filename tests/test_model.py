@@ -370,3 +370,30 @@ def test_fused_path_steps_aside_for_hooks_and_wrapped_layers(tmp_path):
     with torch.no_grad():
         got = model(input_ids=torch.tensor([[1, 5, 9]])).logits
     assert not torch.allclose(got, want)  # the wrapper ran: the fused product did not bypass it
+
+
+def test_fused_path_keeps_bias_gradients_and_refuses_mixed_layers(tmp_path, monkeypatch):
+    from llava_next.config import LlavaNextConfig
+    from llava_next.fused_linear import fuse_linears, fused_linear
+
+    cfg = json.loads((hf_checkpoint(tmp_path, "vicuna", **SMALL) and (tmp_path / "config.json")).read_text())
+    cfg["text_config"]["attention_bias"] = True
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig.from_dict(cfg))
+    model.init_weights()
+    model.fuse_projections()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".bias"))  # frozen weights, trained biases
+    ids = torch.randint(3, 1000, (1, 7))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.language_model.model.layers[0].self_attn.q_proj.bias.grad is not None
+
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).to(torch.float64)
+    fuse_linears((a, b))  # mixed dtypes: left alone, not promoted
+    assert a.weight.dtype == torch.float32 and b.weight.dtype == torch.float64
+    c, d = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    fuse_linears((c, d))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert fused_linear(x, (c, d)) is not None
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert fused_linear(x, (c, d)) is None  # torch.compile traces the plain layers

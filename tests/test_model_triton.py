@@ -138,6 +138,19 @@ def test_cuda_graph_decode_equals_eager_decode(models):
         assert torch.equal(triton.generate(**inputs, max_new_tokens=8, cuda_graph=graph), want)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generate fuses the projections on CUDA only")
+def test_generate_fuses_projections_on_cuda_unless_told_not(models):
+    config, _, triton = models
+    model = copy.deepcopy(triton).to(torch.float64).float()  # fresh storage: nothing fused
+    attn = model.language_model.model.layers[0].self_attn
+    shared = lambda: attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4 == attn.k_proj.weight.data_ptr()  # noqa: E731
+    inputs = batch(config)
+    want = model.generate(**inputs, max_new_tokens=4, fuse_projections=False)
+    assert not shared()
+    got = model.generate(**inputs, max_new_tokens=4)
+    assert shared() and torch.equal(got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 on a GPU only")
 def test_bf16_triton_close_to_sdpa(tmp_path):
     hf = hf_checkpoint(tmp_path, "mistral", **SMALL)
