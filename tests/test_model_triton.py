@@ -131,11 +131,12 @@ def test_cuda_graph_decode_equals_eager_decode(models):
 
     config, _, triton = models
     inputs = batch(config)
-    want = triton.generate(**inputs, max_new_tokens=8)
-    assert torch.equal(triton.generate(**inputs, max_new_tokens=8, cuda_graph=True), want)
+    want = triton.generate(**inputs, max_new_tokens=16, cuda_graph=False)
+    assert torch.equal(triton.generate(**inputs, max_new_tokens=16, cuda_graph=True), want)
+    assert torch.equal(triton.generate(**inputs, max_new_tokens=16), want)  # "auto" captures at 16 tokens
     graph = GraphedDecode(triton, 2, inputs["input_ids"].shape[1] + 16)
     for _ in range(2):  # captured once, replayed over calls
-        assert torch.equal(triton.generate(**inputs, max_new_tokens=8, cuda_graph=graph), want)
+        assert torch.equal(triton.generate(**inputs, max_new_tokens=8, cuda_graph=graph), want[:, :-8])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="generate fuses the projections on CUDA only")
