@@ -59,29 +59,25 @@ def choose(scores, do_sample, generator=None):
     return scores.argmax(-1)
 
 
-GRAPH_MIN_NEW_TOKENS = 16  # below this, capturing the decode step costs about what it saves
-
-
 @torch.no_grad()
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
              streamer=None, generator=None, use_cache: bool = True, num_beams: int = 1,
-             cuda_graph="auto", fuse_projections: bool = True, **kwargs):
+             cuda_graph=False, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens.
     cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call;
     pass a `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it
-    over calls (the caller owns it and its KV cache). The default "auto" captures one on CUDA
-    when max_new_tokens >= GRAPH_MIN_NEW_TOKENS and the model runs the Triton kernels (the
-    capture costs a few decode steps, each replay saves the launch time of every kernel in a
-    step), and decodes eagerly, with a warning, if the capture fails; False never captures.
+    over calls (the caller owns it and its KV cache). The capture runs before the prompt, so
+    with cuda_graph=True the first token waits for it.
     On CUDA it first calls `model.fuse_projections()` (q/k/v and gate/up as one product each):
     the weights move to new storage once, so a CUDA graph you captured of the model before then
     must be captured again, and later no-grad forwards round differently in the last bit.
-    fuse_projections=False leaves the model as it is.
+    fuse_projections=False leaves the model as it is; so does passing a GraphedDecode, whose
+    capture already fixed the layout.
     """
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
@@ -121,30 +117,18 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             raise ValueError("a streamer needs a batch of one prompt")
         streamer.put(input_ids.cpu())
 
-    if device.type == "cuda" and fuse_projections:
+    graphed = isinstance(cuda_graph, GraphedDecode)
+    if device.type == "cuda" and fuse_projections and not graphed:
         model.fuse_projections()  # q/k/v and gate/up as one product each; a no-op once done
-    auto = isinstance(cuda_graph, str)
-    if auto and cuda_graph != "auto":
-        raise ValueError(f"cuda_graph must be 'auto', True, False or a GraphedDecode, got {cuda_graph!r}")
-    if auto:  # the Triton decode path is the one whose capture is tested; sdpa/eager capture on request
-        cuda_graph = (device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
-                      and getattr(model, "attn_implementation", None) in ("auto", "triton"))
-    step = None
-    if cuda_graph and device.type == "cuda" and not isinstance(cuda_graph, GraphedDecode):
-        try:
-            step = GraphedDecode(model, B, T + max_new_tokens, fuse_projections=fuse_projections)
-        except RuntimeError as e:
-            if not auto:
-                raise
-            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without it "
-                          "(pass cuda_graph=False to skip the attempt)")
-    elif isinstance(cuda_graph, GraphedDecode):
-        step = cuda_graph
-    if step is not None:
+    if graphed or (cuda_graph and device.type == "cuda"):
+        step = cuda_graph if graphed else GraphedDecode(model, B, T + max_new_tokens, fuse_projections)
         if not step.fits(model, B, T + max_new_tokens):
             raise ValueError(f"the GraphedDecode was captured for batch {step.cache.batch_size} and "
                              f"{step.cache.max_length} positions ({step.cache.k.dtype}, {step.cache.k.device}); "
                              f"this call needs batch {B} and {T + max_new_tokens} positions")
+        if not step.same_weights(model):
+            raise ValueError("the model's weights moved since this GraphedDecode was captured (.to(), "
+                             "load_state_dict(assign=True), fuse_projections): capture a new one")
         cache = step.cache
         cache.reset()
     else:
@@ -199,20 +183,32 @@ class GraphedDecode:
                 decode_one_token(model, self.token, self.cache, self.pos)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = decode_one_token(model, self.token, self.cache, self.pos)
+        # The outer stream context puts the current stream back even if the capture fails (the
+        # graph context would leave its side stream current); thread_local lets other threads
+        # (a TextIteratorStreamer's consumer) use CUDA meanwhile.
+        with torch.cuda.stream(torch.cuda.current_stream(device)):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = decode_one_token(model, self.token, self.cache, self.pos)
         self.cache.reset()
+        self.weights = _weight_addresses(model)  # the graph reads these exact buffers
 
     def fits(self, model, batch_size: int, length: int) -> bool:
         k = self.cache.k
         return (self.cache.batch_size == batch_size and self.cache.max_length >= length
                 and k.dtype == model.dtype and k.device == model.device)
 
+    def same_weights(self, model) -> bool:
+        return _weight_addresses(model) == self.weights
+
     def __call__(self, token, pos):
         self.token.copy_(token)
         self.pos.copy_(pos)
         self.graph.replay()
         return self.logits  # overwritten by the next replay
+
+
+def _weight_addresses(model) -> list[int]:
+    return [p.data_ptr() for p in model.parameters()]
 
 
 class TextStreamer:

@@ -215,10 +215,12 @@ class LlavaNextForConditionalGeneration(nn.Module):
         """Lay the q/k/v weights of every attention layer (both towers), and the decoder's
         gate/up weights, back to back in one storage, so that each group runs as one matrix
         product when no gradient is needed (llava_next/fused_linear.py). Decode at batch 1 on an
-        H200 went from 5.32 to 4.67 ms/token. Nothing else changes: same Parameters, values and
-        state_dict keys, no extra memory. generate() calls it on CUDA. `.to()` undoes it (the
-        layers then run one by one): call it again after moving the model, and before capturing
-        a CUDA graph of the model yourself, since it moves the weights. Returns self."""
+        H200 went from 5.32 to 4.67 ms/token (decoder groups; runs on two machines, see
+        bench/NOTES.md). Nothing else changes: same Parameters, values and state_dict keys, no
+        extra memory. generate() calls it on CUDA unless told fuse_projections=False. `.to()`
+        undoes it (the layers then run one by one): call it again after moving the model, and
+        before capturing a CUDA graph of the model yourself, since it moves the weights; no-grad
+        forwards round differently in the last bit afterwards. Returns self."""
         for layer in self.language_model.model.layers:
             fuse_linears((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
             fuse_linears((layer.mlp.gate_proj, layer.mlp.up_proj))

@@ -57,6 +57,7 @@ if not GPU:
     DTYPE = torch.float16  # the interpreter gets bf16 wrong
 ROWS = []
 EAGER_FALLBACKS = []  # timings whose graph capture failed: eager do_bench, launch time included
+_FALLBACKS_SEEN = 0
 
 
 def bench(fn, graph=True, rep=40):
@@ -93,9 +94,12 @@ def input_sets(make, nbytes):
 
 
 def row(kernel, shape, unit, work, ours, base_name, base, note=""):
-    """work: FLOPs (unit TFLOP/s) or bytes (unit GB/s)."""
-    if EAGER_FALLBACKS and not note.startswith("eager"):
-        note = f"eager timing ({len(EAGER_FALLBACKS)} capture failures so far); " + note
+    """work: FLOPs (unit TFLOP/s) or bytes (unit GB/s). A row whose timings fell back to eager
+    calls since the previous row says so in its note."""
+    global _FALLBACKS_SEEN
+    if len(EAGER_FALLBACKS) > _FALLBACKS_SEEN:
+        note = f"eager timing (graph capture failed); {note}".rstrip("; ")
+        _FALLBACKS_SEEN = len(EAGER_FALLBACKS)
     scale = 1e12 if unit == "TFLOP/s" else 1e9
     r = dict(kernel=kernel, shape=shape, unit=unit, ours_ms=ours, ours=work / (ours * 1e-3) / scale,
              baseline=base_name, base_ms=base, base=work / (base * 1e-3) / scale if base else None,

@@ -131,12 +131,30 @@ def test_cuda_graph_decode_equals_eager_decode(models):
 
     config, _, triton = models
     inputs = batch(config)
-    want = triton.generate(**inputs, max_new_tokens=16, cuda_graph=False)
-    assert torch.equal(triton.generate(**inputs, max_new_tokens=16, cuda_graph=True), want)
-    assert torch.equal(triton.generate(**inputs, max_new_tokens=16), want)  # "auto" captures at 16 tokens
+    kw = dict(max_new_tokens=8, eos_token_id=[])
+    want = triton.generate(**inputs, **kw)
+    assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=True), want)
     graph = GraphedDecode(triton, 2, inputs["input_ids"].shape[1] + 16)
     for _ in range(2):  # captured once, replayed over calls
-        assert torch.equal(triton.generate(**inputs, max_new_tokens=8, cuda_graph=graph), want[:, :-8])
+        assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=graph), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_decode_refuses_moved_weights(models):
+    """A graph reads the weights' exact buffers: generate must not fuse under it, and weights
+    moved since the capture are refused rather than read from freed memory."""
+    from llava_next.generation import GraphedDecode
+
+    config, _, triton = models
+    model = copy.deepcopy(triton).to(torch.float64).float()  # fresh storage: nothing fused
+    inputs = batch(config)
+    kw = dict(max_new_tokens=4, eos_token_id=[])
+    want = model.generate(**inputs, **kw, fuse_projections=False)
+    graph = GraphedDecode(model, 2, inputs["input_ids"].shape[1] + 8, fuse_projections=False)
+    assert torch.equal(model.generate(**inputs, **kw, cuda_graph=graph), want)  # default fuse: skipped
+    model.fuse_projections()
+    with pytest.raises(ValueError, match="weights moved since this GraphedDecode was captured"):
+        model.generate(**inputs, **kw, cuda_graph=graph)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="generate fuses the projections on CUDA only")
@@ -146,9 +164,9 @@ def test_generate_fuses_projections_on_cuda_unless_told_not(models):
     attn = model.language_model.model.layers[0].self_attn
     shared = lambda: attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4 == attn.k_proj.weight.data_ptr()  # noqa: E731
     inputs = batch(config)
-    want = model.generate(**inputs, max_new_tokens=4, fuse_projections=False)
+    want = model.generate(**inputs, max_new_tokens=4, eos_token_id=[], fuse_projections=False)
     assert not shared()
-    got = model.generate(**inputs, max_new_tokens=4)
+    got = model.generate(**inputs, max_new_tokens=4, eos_token_id=[])
     assert shared() and torch.equal(got, want)
 
 
