@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--prompt-format", default=None, choices=["mistral", "vicuna", "chatml"],
                         help="prompt template (default: the checkpoint's)")
     common.add_argument("--system", default=None, help="system message")
+    common.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, decode without replaying each step as a CUDA graph (the graph is "
+                             "used with the Triton kernels by default)")
     g = sub.add_parser("generate", parents=[common], help="answer one prompt about an image (streams the answer)")
     g.add_argument("--image", action="append", default=[], help="image path or http(s) URL; repeatable")
     g.add_argument("--prompt", required=True)
@@ -173,9 +176,11 @@ def answer(processor, model, inputs, args) -> str:
 
     n, context = inputs["input_ids"].shape[1], model.config.text_config.max_position_embeddings
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    # The graph-replayed decode is the one the Triton path was checked with on a GPU.
+    graph = model.device.type == "cuda" and model.attn_implementation in ("auto", "triton") and not args.no_cuda_graph
     out = model.generate(**inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
                          do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, streamer=streamer)
+                         repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph)
     return processor.decode(out[0, n:], skip_special_tokens=True).strip()
 
 
