@@ -216,6 +216,32 @@ def decode_ms(model, inp, T, b, args, device, use_graph) -> float:
     return 1e3 * (tn - t1) / (args.new_tokens - 1)
 
 
+def set_kernel_experiments(args) -> dict:
+    """Override the kernels' default tiles for this run (A/B of a sweep's lead end to end)."""
+    import llava_next.kernels  # noqa: F401  (binds the submodules; their names are the functions')
+
+    da = sys.modules["llava_next.kernels.decode_attention"]
+    fa = sys.modules["llava_next.kernels.flash_attention"]
+
+    done = {}
+    if args.flash_tile:
+        bm, bn, w, st = (int(v) for v in args.flash_tile.split(","))
+        default = fa._fwd_config
+
+        def tile(block_d, tq, dtype, device):
+            cfg = default(block_d, tq, dtype, device)
+            if device.type == "cuda" and dtype != torch.float32 and tq > 64 and block_d <= 128:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            return cfg
+
+        fa._fwd_config = tile
+        done["flash_tile"] = [bm, bn, w, st]
+    if args.decode_programs_per_sm is not None:
+        da.PROGRAMS_PER_SM = args.decode_programs_per_sm
+        done["decode_programs_per_sm"] = args.decode_programs_per_sm
+    return done
+
+
 def _version(package):
     from importlib.metadata import version
 
@@ -278,8 +304,13 @@ def main():
     ap.add_argument("--no-graph", action="store_true", help="decode without CUDA graph capture")
     ap.add_argument("--no-fuse", action="store_true",
                     help="keep q/k/v and gate/up as separate products (an A/B of fuse_projections)")
+    ap.add_argument("--flash-tile", default=None, metavar="BM,BN,WARPS,STAGES",
+                    help="experiment: this tile for fp16/bf16 flash attention instead of the default")
+    ap.add_argument("--decode-programs-per-sm", type=float, default=None,
+                    help="experiment: the decode-attention split target (default: the kernel's, 4)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
     args = ap.parse_args()
+    experiments = set_kernel_experiments(args)
     args.image = tuple(PRESETS[args.preset].get("image", (672, 672)))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -311,7 +342,8 @@ def main():
 
     result = dict(card=card, date=datetime.date.today().isoformat(), preset=args.preset, dtype=str(dtype),
                   attn=ours.attn_implementation, cuda_graph=device.type == "cuda" and not args.no_graph,
-                  fused_projections=args.fuse, image=list(args.image), new_tokens=args.new_tokens,
+                  fused_projections=args.fuse, kernel_experiments=experiments, image=list(args.image),
+                  new_tokens=args.new_tokens,
                   torch=torch.__version__, transformers_version=None if args.no_hf else _version("transformers"),
                   ours=r_ours, transformers=r_hf, peak_gpu_memory_gib=peak,
                   copy_bandwidth_bytes_per_s=copy_bw, spec_bandwidth_bytes_per_s=spec)

@@ -38,6 +38,8 @@ def render(results: list[dict]) -> str:
             flags.append(f"eager decode at b={','.join(map(str, o['graph_errors']))}: graph capture failed")
         if r.get("fused_projections") is False:
             flags.append("projections not fused")
+        if r.get("kernel_experiments"):
+            flags.append("experiment: " + ", ".join(f"{k}={v}" for k, v in r["kernel_experiments"].items()))
         preset = r["preset"] + (f" ({'; '.join(flags)})" if flags else "")
         lines.append(
             f"| {r['card']} | {r['date']} | {preset} | {f(o['ttft_ms'])} / {f(h.get('ttft_ms'))} "

@@ -10,6 +10,7 @@
 #   e2e          scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
 #   e2e_b1       scripts/bench.py at batch 1 only, no transformers (<= 90 s)
 #   profile      scripts/profile_step.py: prefill and decode time by kernel family (<= 100 s)
+#   ab           bench.py at batch 1 and 8 four ways: as is, --no-fuse, and the sweep's two leads
 #
 #     bash scripts/gpu_check.sh                   # tests kernels sweep: under 5 minutes
 #     bash scripts/gpu_check.sh e2e kernels tests sweep   # what a first GPU session owes (~7 min)
@@ -34,7 +35,7 @@ failed=""
 
 pack() {
   tar czf "$DEST/logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2>/dev/null
-  cp -f "$LOG"/*.json "$DEST"/ 2>/dev/null
+  cp -f "$LOG"/bench_*.json "$DEST"/ 2>/dev/null  # at most 4; the rest is in the tarball
   return 0
 }
 
@@ -93,6 +94,18 @@ e2e() {
 e2e_b1() {
   timeout 90 "$PY" scripts/bench.py --batches 1 --no-hf --runs 3 --out "$LOG/bench_e2e_b1.json" 2>&1 \
     | tee "$LOG/bench_e2e_b1.txt"
+}
+
+ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~4 x 45 s)
+  local i=0 v rc=0
+  for v in "" "--no-fuse" "--flash-tile 64,64,4,3" "--decode-programs-per-sm 1"; do
+    i=$((i + 1))
+    echo "-- bench.py $v"
+    # shellcheck disable=SC2086  # $v is a list of arguments
+    timeout 90 "$PY" scripts/bench.py --batches 1 8 --no-hf --runs 3 $v --out "$LOG/ab_$i.json" 2>&1 \
+      | tee -a "$LOG/ab.txt" | grep -E "^TTFT|^ +[0-9]+ " || rc=1
+  done
+  return $rc
 }
 
 profile() {
