@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import _offset_arg
+from .flash_attention import _offset_arg, online_softmax_step
 
 # Flash-decoding (Dao et al. 2023), stage 1. With one query per sequence, a program per
 # (batch, head) would leave most of the GPU idle at batch 1, so the cache is also cut along the
@@ -88,14 +88,7 @@ def _decode_split_kernel(
             valid = valid & (keep != 0)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N)
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, DOT_PRECISION)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -83,21 +83,28 @@ def _attn_fwd_inner(
             keep = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < Tk, other=0)
             qk = tl.where((keep != 0)[None, :], qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        # a row with nothing visible yet keeps m = -inf; subtract 0 instead of -inf (NaN)
-        if MASK_BLOCK:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        elif HAS_KV_MASK:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = tl.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # only a masked tile can leave a row with nothing visible yet
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MASK_BLOCK or HAS_KV_MASK,
+                                            DOT_PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MAY_BE_EMPTY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of keys into a streaming softmax (shared with decode attention).
+    qk (rows, BLOCK_N) fp32 unscaled logits, -inf where hidden; v (BLOCK_N, BLOCK_D); m_i, l_i
+    the running max (log2 domain) and sum per row, acc the unnormalized output."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MAY_BE_EMPTY:  # a row with nothing visible yet keeps m = -inf; subtract 0 instead of -inf (NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "window"])  # no recompiles per length
