@@ -88,28 +88,11 @@ def report(title, wall, fams, top, extra=""):
         print(f"    {ms:8.3f} ms  {name[:110]}")
 
 
-def graph_ms(fn, reps: int = 20) -> float:
-    """ms per fn() when `reps` calls are captured in one CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return sorted(times)[len(times) // 2]
+def graph_ms(fn) -> float:
+    """ms per fn() as a CUDA-graph replay of back-to-back calls (median), as bench_kernels.py times."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
 
 
 def fusion_gains(cfg, dtype):
