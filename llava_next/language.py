@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 
 from .attention import kernels_enabled
 from .config import TextConfig
-from .fused_linear import fused_linear
+from .fused_linear import run_linears
 
 
 class LlamaRMSNorm(nn.Module):
@@ -77,12 +77,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
         B, T, _ = x.shape
-        qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # None unless fuse_projections()
-        if qkv is not None:
-            q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                 self.n_kv_head * self.head_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = run_linears(x, (self.q_proj, self.k_proj, self.v_proj))  # one product after fuse_projections()
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -114,8 +109,7 @@ class LlamaMLP(nn.Module):
         self.kernels = kernels
 
     def forward(self, x):
-        gate_up = fused_linear(x, (self.gate_proj, self.up_proj))  # None unless fuse_projections()
-        gate, up = gate_up.chunk(2, dim=-1) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        gate, up = run_linears(x, (self.gate_proj, self.up_proj))  # one product after fuse_projections()
         # The kernel has no backward: it steps aside whenever either input needs a gradient.
         if kernels_enabled(self.kernels, x) and not (torch.is_grad_enabled()
                                                      and (gate.requires_grad or up.requires_grad)):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import VisionConfig
-from .fused_linear import fused_linear
+from .fused_linear import run_linears
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -47,8 +47,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):  # (N, T, C)
         N, T, C = x.shape
-        qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # None unless fuse_projections()
-        q, k, v = qkv.chunk(3, dim=-1) if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = run_linears(x, (self.q_proj, self.k_proj, self.v_proj))  # one product after fuse_projections()
         q = q.view(N, T, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, T, hd)
         k = k.view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
