@@ -30,15 +30,16 @@ fa = sys.modules["llava_next.kernels.flash_attention"]
 rk = sys.modules["llava_next.kernels.rope_kv_write"]
 rn = sys.modules["llava_next.kernels.rms_norm"]
 sw = sys.modules["llava_next.kernels.swiglu"]
+dl = sys.modules["llava_next.kernels.decode_linear"]
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"qk_scale", "eps", "attn_scaling"}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3):
+def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3, divisible=()):
     """Compile as a real launch would specialize it: head-dim strides == 1 become constants,
-    pointers and the other strides carry the divisible-by-16 hint."""
+    pointers, the other strides and the ints named in `divisible` carry the divisible-by-16 hint."""
     sig, consts, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(jitfn.arg_names):
         if name in consts:
@@ -53,6 +54,8 @@ def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+            if name in divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -100,6 +103,23 @@ def decode(dtype, D, group, window=False, mask=False):
     report(f"decode split {dtype} D{D} group{group} BN{block_n}", compile_kernel(da._decode_split_kernel, ptrs, consts, 4, 3))
 
 
+def linear(M, N, K, gated=False, bias=False, residual=False, config=None):
+    import torch
+
+    cfg = dict(config or dl._config(M, N, K, torch.bfloat16, torch.device("cuda")))
+    bm, bn, bk, w, s = (cfg.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+    ptrs = {name: "*bf16" for name in ("X", "W", "Bias", "Res", "Y")}
+    consts = dict(GATED=gated, HAS_BIAS=bias, HAS_RESIDUAL=residual, EVEN_K=K % bk == 0,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32")
+    name = (" gated" if gated else "") + (" +bias" if bias else "") + (" +residual" if residual else "")
+    report(f"decode_linear bf16 M{M} N{N} K{K}{name} BM{bm} BN{bn} BK{bk} w{w} s{s}",
+           compile_kernel(dl._decode_linear_kernel, ptrs, consts, w, s, divisible=("N", "K")))
+
+
+def _sm_count_h100(device):
+    return 132
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -139,6 +159,14 @@ def main():
              QOut="*bf16", CachePos="*i64"),
         dict(POS_FROM_PTR=True, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_F=64), 4))
     report("rms_norm bf16 N4096", compile_kernel(rn._rms_norm_kernel, dict(X="*bf16", W="*bf16", Y="*bf16"), dict(BLOCK_N=4096), 16))
+    dl._sm_count = _sm_count_h100  # the configs ask the device; compile as for an H100 / H200
+    linear(1, 14336, 4096, gated=True)  # mistral-7b gate/up with the SiLU-mul
+    if not quick:
+        linear(1, 6144, 4096)  # q/k/v
+        linear(1, 4096, 4096, residual=True)  # o_proj + residual
+        linear(1, 4096, 14336, residual=True)  # down + residual
+        linear(8, 4096, 14336, residual=True)
+        linear(32, 32000, 4096, bias=True)
     report("silu_mul bf16", compile_kernel(sw._silu_mul_kernel, dict(G="*bf16", U="*bf16", Y="*bf16"), dict(BLOCK_N=1024), 4))
 
 

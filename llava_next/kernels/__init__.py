@@ -2,6 +2,7 @@
 
     flash_attention   prefill / vision attention (causal or not, GQA, padding, sliding window)
     decode_attention  one query token over a static KV cache (split-K flash-decoding)
+    decode_linear     a few rows times a weight, RMSNorm / SiLU-mul before and residual add after fused
     rope_kv_write     rotary on q and k fused with the KV-cache write
     rms_norm          LlamaRMSNorm
     silu_mul          the SwiGLU activation
@@ -18,6 +19,7 @@ __all__ = [
     "triton_available",
     "flash_attention", "flash_attention_reference",
     "decode_attention", "decode_attention_reference",
+    "decode_linear", "decode_linear_reference",
     "rope_kv_write", "rope_kv_write_reference",
     "rms_norm", "rms_norm_reference",
     "silu_mul", "silu_mul_reference",
@@ -61,6 +63,7 @@ if importlib.util.find_spec("triton") is not None:
     # Imported eagerly (and after the submodules are bound) so that `llava_next.kernels.rms_norm`
     # is always the function, never the submodule of the same name.
     from .decode_attention import decode_attention, decode_attention_reference
+    from .decode_linear import decode_linear, decode_linear_reference
     from .flash_attention import flash_attention, flash_attention_reference
     from .rms_norm import rms_norm, rms_norm_reference
     from .rope_kv_write import rope_kv_write, rope_kv_write_reference
