@@ -63,21 +63,16 @@ def _back_to_back(params) -> bool:
     return True
 
 
-def fused_linear(x, linears):
-    """x through all `linears` as one matrix product, concatenated on the last dim, when
-    fuse_linears laid their parameters out back to back and no gradient is needed (the fused
-    view is built behind autograd's back); None otherwise."""
+def fused_weights(linears):
+    """(weight, bias) of `linears` as single tensors over the one storage fuse_linears laid them
+    out in (bias None when they have none), or None when they are not laid out so. Detached: the
+    view is built behind autograd's back, for use without gradients only."""
     if torch.compiler.is_compiling():
         return None  # the layout check reads addresses, which a compiled graph cannot trace
     if not getattr(linears[0], "_fused_group", False):
         return None  # never fused: skip the checks, which cost microseconds a call on CPU
-    if not all(type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks) for lin in linears):
-        return None  # a wrapped layer (LoRA, quantized) or a hook must see its own call
     params = [lin.weight for lin in linears]
     biases = [lin.bias for lin in linears]
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
-                                                           for p in params + biases)):
-        return None
     if not _back_to_back(params):
         return None
     if any(b is None for b in biases) and not all(b is None for b in biases):
@@ -89,7 +84,21 @@ def fused_linear(x, linears):
         rows = sum(p.shape[0] for p in ps)
         return ps[0].detach().as_strided((rows, *ps[0].shape[1:]), ps[0].stride(), ps[0].storage_offset())
 
-    return F.linear(x, view(params), view(biases) if biases[0] is not None else None)
+    return view(params), view(biases) if biases[0] is not None else None
+
+
+def fused_linear(x, linears):
+    """x through all `linears` as one matrix product, concatenated on the last dim, when
+    fuse_linears laid their parameters out back to back and no gradient is needed; None otherwise."""
+    if not getattr(linears[0], "_fused_group", False):
+        return None  # never fused: skip the checks, which cost microseconds a call on CPU
+    if not all(type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks) for lin in linears):
+        return None  # a wrapped layer (LoRA, quantized) or a hook must see its own call
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
+                                                           for lin in linears for p in (lin.weight, lin.bias))):
+        return None
+    weights = fused_weights(linears)
+    return None if weights is None else F.linear(x, *weights)
 
 
 def run_linears(x, linears) -> tuple:

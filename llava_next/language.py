@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 
 from .attention import kernels_enabled
 from .config import TextConfig
-from .fused_linear import run_linears
+from .fused_linear import fused_weights, run_linears
 
 
 class LlamaRMSNorm(nn.Module):
@@ -76,8 +76,13 @@ class LlamaAttention(nn.Module):
         self.attn_fn = attn_fn
 
     def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
-        B, T, _ = x.shape
         q, k, v = run_linears(x, (self.q_proj, self.k_proj, self.v_proj))  # one product after fuse_projections()
+        return self.o_proj(self.attend(q, k, v, rope, cache, cache_pos, kv_mask))
+
+    def attend(self, q, k, v, rope, cache=None, cache_pos=None, kv_mask=None):
+        """The projections q (B, T, nh*hd), k, v (B, T, nkv*hd) -> attention output (B, T, nh*hd),
+        the input of o_proj: rotary embedding, the KV cache, then the attention seam."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -96,7 +101,7 @@ class LlamaAttention(nn.Module):
         q_offset = cache_pos if cache is not None else None
         y = self.attn_fn(q, k, v, causal=True, q_offset=q_offset, kv_mask=kv_mask,
                          sliding_window=self.sliding_window)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -125,10 +130,55 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, layer_idx, attn_fn)
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.mlp = LlamaMLP(cfg, kernels)
+        self.kernels = kernels
+        self.decode_kernels = False  # set by LlavaNextForConditionalGeneration.enable_decode_kernels()
 
     def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
+        if self.decode_kernels:
+            weights = self._decode_weights(x)
+            if weights is not None:
+                return self.decode_forward(x, weights, rope, cache, cache_pos, kv_mask)
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, cache_pos, kv_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_forward(self, x, weights, rope, cache=None, cache_pos=None, kv_mask=None):
+        """forward() for a few rows without gradients (a decode step): the four products run as
+        decode_linear kernels with the SiLU-mul and both residual adds folded into their outputs,
+        so the layer is 8 kernels instead of 12 or more (kernels/decode_linear.py)."""
+        from .kernels import decode_linear
+
+        (qkv_w, qkv_b), (gate_up_w, gate_up_b) = weights
+        attn, mlp = self.self_attn, self.mlp
+        qkv = decode_linear(self.input_layernorm(x), qkv_w, qkv_b)  # (B, T, (nh + 2 nkv) hd)
+        q, k, v = qkv.split([attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], dim=-1)
+        y = attn.attend(q, k, v, rope, cache, cache_pos, kv_mask)  # (B, T, nh*hd)
+        x = decode_linear(y, attn.o_proj.weight, attn.o_proj.bias, residual=x)
+        h = decode_linear(self.post_attention_layernorm(x), gate_up_w, gate_up_b, gated=True)  # (B, T, I)
+        return decode_linear(h, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
+
+    def _decode_weights(self, x):
+        """((q/k/v weight, bias), (gate/up weight, bias)) as single tensors when decode_forward
+        may run this call, else None: Triton kernels on x, at most decode_linear's row limit, no
+        gradient, plain layers without hooks (a LoRA wrapper or a hook must see its own call),
+        one dtype, and the projections laid out by fuse_projections()."""
+        from .kernels.decode_linear import MAX_ROWS
+
+        if (not kernels_enabled(self.kernels, x) or x.numel() > MAX_ROWS * x.shape[-1]
+                or torch.compiler.is_compiling()):
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        modules = (self, attn, mlp, self.input_layernorm, self.post_attention_layernorm,
+                   attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules[1:]):
+            return None
+        if any(type(m) is not nn.Linear or m.weight.dtype != x.dtype for m in modules[5:]):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        qkv, gate_up = fused_weights((attn.q_proj, attn.k_proj, attn.v_proj)), fused_weights((mlp.gate_proj, mlp.up_proj))
+        if qkv is None or gate_up is None:
+            return None
+        return qkv, gate_up
 
 
 class LlamaModel(nn.Module):

@@ -228,6 +228,19 @@ class LlavaNextForConditionalGeneration(nn.Module):
             fuse_linears((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
         return self
 
+    def enable_decode_kernels(self, enabled: bool = True):
+        """Run the decoder's few-row, no-gradient forwards (decode steps, at most 64 rows) through
+        `decode_forward`: the q/k/v, o, gate/up and down products as decode_linear Triton kernels
+        with the SiLU-mul and both residual adds folded into their outputs (kernels/decode_linear.py).
+        Needs the Triton kernels (attn_implementation "triton", or "auto" on CUDA); calls
+        fuse_projections() first. Experimental and off by default: it has not yet been timed on
+        a GPU against the cuBLAS path (`scripts/bench.py --decode-kernels` is the A/B). Returns self."""
+        if enabled:
+            self.fuse_projections()
+        for layer in self.language_model.model.layers:
+            layer.decode_kernels = bool(enabled)
+        return self
+
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):
         """transformers-shaped generation; see `llava_next.generation.generate` for the arguments."""
         from .generation import generate

@@ -308,8 +308,12 @@ def main():
                     help="experiment: this tile for fp16/bf16 flash attention instead of the default")
     ap.add_argument("--decode-programs-per-sm", type=float, default=None,
                     help="experiment: the decode-attention split target (default: the kernel's, 4)")
+    ap.add_argument("--decode-kernels", action="store_true",
+                    help="experiment: decode steps through the decode_linear kernels (enable_decode_kernels)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
     args = ap.parse_args()
+    if args.decode_kernels and args.no_fuse:
+        ap.error("--decode-kernels runs on the fused projections: drop --no-fuse")
     experiments = set_kernel_experiments(args)
     args.image = tuple(PRESETS[args.preset].get("image", (672, 672)))
     device = torch.device(args.device)
@@ -324,6 +328,9 @@ def main():
     args.fuse = device.type == "cuda" and not args.no_fuse  # what generate() does by default on CUDA
     if args.fuse:
         ours.fuse_projections()  # before any timing, so the vision/prefill split matches TTFT
+    if args.decode_kernels:
+        ours.enable_decode_kernels()
+        experiments["decode_kernels"] = True
     log(f"built ours ({args.preset}, {dtype}) on {card} in {time.perf_counter() - t0:.1f} s")
     r_ours = measure_ours(ours, cfg_dict, args, device, dtype)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

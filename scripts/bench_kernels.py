@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from llava_next.kernels import (  # noqa: E402
     decode_attention,
+    decode_linear,
     flash_attention,
     rms_norm,
     rms_norm_reference,
@@ -48,6 +49,7 @@ from llava_next.kernels import (  # noqa: E402
     silu_mul,
 )
 from llava_next.kernels.decode_attention import _decode_config  # noqa: E402
+from llava_next.kernels.decode_linear import _config as _linear_config  # noqa: E402
 from llava_next.kernels.flash_attention import _flash_attention_forward  # noqa: E402
 
 GPU = args.device == "cuda"
@@ -284,6 +286,63 @@ def bench_silu_mul(M, N):
     row("silu_mul", f"{M}x{N}", "GB/s", nbytes, ours, "eager silu*up", base)
 
 
+def _linear_inputs(M, N, K, gated):
+    elem = torch.empty((), dtype=DTYPE).element_size()
+    rows = 2 * N if gated else N
+    nbytes = rows * K * elem + M * K * elem + 2 * M * N * elem  # the weight once, x in, y out (+ residual)
+
+    def make():
+        return (torch.randn(M, K, device=DEV, dtype=DTYPE), torch.randn(rows, K, device=DEV, dtype=DTYPE) * K ** -0.5,
+                torch.randn(M, N, device=DEV, dtype=DTYPE))
+
+    return nbytes, input_sets(make, nbytes)
+
+
+def bench_decode_linear(name, M, N, K, gated=False, residual=False):
+    """decode_linear against what the model runs without it: the cuBLAS product (F.linear), then
+    the SiLU-mul kernel when gated, then the residual add."""
+    nbytes, sets = _linear_inputs(M, N, K, gated)
+
+    def ours(x, w, r):
+        return decode_linear(x, w, residual=r if residual else None, gated=gated)
+
+    def unfused(x, w, r):
+        y = F.linear(x, w)
+        if gated:
+            y = silu_mul(*y.chunk(2, dim=-1))
+        return r + y if residual else y
+
+    ms = bench(lambda: ours(*next(sets)))
+    base = bench(lambda: unfused(*next(sets)))
+    cfg = _linear_config(M, N, K, DTYPE, torch.device(DEV))
+    note = f"BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} s{cfg['num_stages']}"
+    if GPU and peak_bandwidth_gbs():
+        note += f", {100 * nbytes / (ms * 1e-3) / 1e9 / peak_bandwidth_gbs():.0f}% of spec"
+    what = ("gated " if gated else "") + ("+res " if residual else "")
+    row(name, f"M{M} N{N} K{K} {what}".rstrip(), "GB/s", nbytes, ms,
+        "F.linear" + (" + silu_mul" if gated else "") + (" + add" if residual else "") if GPU else "unfused", base, note)
+
+
+def sweep_decode_linear(name, M, N, K, gated=False, residual=False):
+    nbytes, sets = _linear_inputs(M, N, K, gated)
+    for bn, bk, w, st in [(16, 128, 4, 4), (16, 256, 4, 3), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3),
+                          (16, 128, 4, 6), (64, 128, 4, 3), (16, 512, 4, 2), (32, 128, 8, 4)]:
+        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+        try:
+            ms = bench(lambda: (lambda x, wt, r: decode_linear(x, wt, residual=r if residual else None, gated=gated,
+                                                               config=cfg))(*next(sets)), rep=20)
+        except Exception as e:
+            print(f"  sweep {name} {cfg}: failed ({type(e).__name__})")
+            continue
+        print(f"  sweep {name} M{M} N{N} K{K} BN{bn} BK{bk} w{w} s{st}: {ms * 1e3:.1f} us "
+              f"{nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+
+
+# mistral-7b's decoder products at decode, as decode_linear runs them in a layer
+LINEAR_SHAPES = [("linear_qkv", 6144, 4096, False, False), ("linear_o", 4096, 4096, False, True),
+                 ("linear_gate_up", 14336, 4096, True, False), ("linear_down", 4096, 14336, False, True)]
+
+
 def main():
     if GPU and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu for the interpreter smoke test")
@@ -303,6 +362,9 @@ def main():
         bench_rms_norm(32, 4096)
         bench_silu_mul(3000, 14336)
         bench_silu_mul(32, 14336)
+        for M in (1, 8):
+            for name, N, K, gated, residual in LINEAR_SHAPES:
+                bench_decode_linear(name, M, N, K, gated, residual)
     else:  # interpreter smoke: tiny shapes, timings meaningless
         print(f"CPU smoke run under the Triton interpreter ({DTYPE}); times are not performance")
         bench_attention("prefill_attn", 1, 4, 2, 40, 64, True)
@@ -312,6 +374,8 @@ def main():
         bench_rope(1, 5, 4, 2, 64, 16)
         bench_rms_norm(4, 256)
         bench_silu_mul(4, 256)
+        bench_decode_linear("linear_gate_up", 1, 48, 64, gated=True)
+        bench_decode_linear("linear_down", 3, 64, 96, residual=True)
     print_table()
     if args.json:
         meta = dict(device=torch.cuda.get_device_name() if GPU else "cpu-interpreter", torch=torch.__version__,
@@ -326,6 +390,8 @@ def main():
         for B in (1, 8, 32):
             sweep_decode(B, 32, 8, 3000, 3072, 128)
         sweep_decode(32, 32, 32, 3000, 3072, 128)
+        for name, N, K, gated, residual in LINEAR_SHAPES:
+            sweep_decode_linear(name, 1, N, K, gated, residual)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
 #   sweep        the kernel table again plus alternative tile configs, until SESSION_SECONDS
 #   e2e          scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
 #   e2e_b1       scripts/bench.py at batch 1 only, no transformers (<= 90 s)
-#   profile      scripts/profile_step.py: prefill and decode time by kernel family (<= 100 s)
-#   ab           bench.py at batch 1 and 8 four ways: as is, --no-fuse, and the sweep's two leads
+#   profile      scripts/profile_step.py: prefill and decode time by kernel family, decode twice (<= 120 s)
+#   ab           bench.py at batch 1 and 8 five ways: as is, --no-fuse, the sweep's two leads, --decode-kernels
 #
 #     bash scripts/gpu_check.sh                   # tests kernels sweep: under 5 minutes
 #     bash scripts/gpu_check.sh e2e kernels tests sweep   # what a first GPU session owes (~7 min)
@@ -51,7 +51,7 @@ tests() {  # Triton compiles are CPU-bound and single-threaded per process: shar
   local bad=0
   run_shard attention_fwd tests/test_kernels_attention.py -k "not realistic and not backward" &
   run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" &
-  run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py &
+  run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py tests/test_kernels_linear.py &
   run_shard model tests -k "(triton or cuda or gpu or fuse) and not test_kernels" &
   wait
   for f in "$LOG"/test_*.rc; do
@@ -96,9 +96,9 @@ e2e_b1() {
     | tee "$LOG/bench_e2e_b1.txt"
 }
 
-ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~4 x 45 s)
+ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~5 x 45 s)
   local i=0 v rc=0
-  for v in "" "--no-fuse" "--flash-tile 64,64,4,3" "--decode-programs-per-sm 1"; do
+  for v in "" "--no-fuse" "--flash-tile 64,64,4,3" "--decode-programs-per-sm 1" "--decode-kernels"; do
     i=$((i + 1))
     echo "-- bench.py $v"
     # shellcheck disable=SC2086  # $v is a list of arguments
@@ -109,7 +109,7 @@ ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no tra
 }
 
 profile() {
-  timeout 100 "$PY" scripts/profile_step.py 2>&1 | tee "$LOG/profile.txt"
+  timeout 120 "$PY" scripts/profile_step.py --decode-kernels 2>&1 | tee "$LOG/profile.txt"
 }
 
 stages=${*:-tests kernels sweep}

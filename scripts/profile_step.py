@@ -6,11 +6,13 @@ time of the kernels (from torch.profiler) grouped by family (GEMM, attention, th
 kernels, other), and the gap between them: a gap near the wall time means the GPU waited on
 Python. The decode step is also timed as bench.py runs it, a CUDA-graph replay, so
 "graph replay - kernel sum" is what the kernels' ramp-up and the gaps between them cost.
-The model's projections are fused (`fuse_projections`, as generate() does on CUDA). Then it
-times what that fusion buys in isolation: q/k/v and gate/up as one matrix-vector product against
+The model's projections are fused (`fuse_projections`, as generate() does on CUDA);
+--decode-kernels profiles the decode step a second time with `enable_decode_kernels()`. Then it
+times what the fusion buys in isolation: q/k/v and gate/up as one matrix-vector product against
 three and two, at batch 1.
 
     python scripts/profile_step.py                    # mistral-7b shapes, bf16
+    python scripts/profile_step.py --decode-kernels   # and the decode step with decode_linear
     python scripts/profile_step.py --preset vicuna-7b
 """
 
@@ -34,6 +36,7 @@ from llava_next.kv_cache import KVCache  # noqa: E402
 FAMILIES = [  # first match wins; names of cuBLAS/cuDNN kernels vary by version and card
     ("gemm", r"gemm|gemv|cutlass|nvjet|sm90_xmma|sm80_xmma|ampere|hopper|cublas|splitK"),
     ("flash_attn (ours)", r"_attn_fwd"),
+    ("decode_linear (ours)", r"_decode_linear"),
     ("decode_attn (ours)", r"_decode_"),
     ("rope_kv_write (ours)", r"_rope_kv_write"),
     ("rms_norm (ours)", r"_rms_norm"),
@@ -121,6 +124,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mistral-7b", choices=[p for p in e2e.PRESETS if p != "tiny"])
     ap.add_argument("--context", type=int, default=None, help="decode at this cache length (default: the prompt's)")
+    ap.add_argument("--decode-kernels", action="store_true",
+                    help="then profile the decode step again with model.enable_decode_kernels()")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
@@ -144,6 +149,8 @@ def main():
 
     section(lambda: report("prefill (vision + projector + language model)", *kernel_times(run_prefill)))
     section(lambda: decode_step(model, one, T, args.context))
+    if args.decode_kernels:
+        section(lambda: decode_step(model.enable_decode_kernels(), one, T, args.context, "decode_linear kernels"))
     section(lambda: fusion_gains(cfg, dtype))
 
 
@@ -159,7 +166,7 @@ def section(fn):
         torch.cuda.synchronize()
 
 
-def decode_step(model, one, T, context):
+def decode_step(model, one, T, context, variant="cuBLAS products"):
     device = model.device
     ctx = context or T
     graphed = GraphedDecode(model, 1, ctx + 64)
@@ -177,7 +184,7 @@ def decode_step(model, one, T, context):
     torch.cuda.synchronize()
     replay = start.elapsed_time(end) / 50
     nbytes = e2e.decode_bytes(model, 1, int(pos) + 1)
-    report("decode step, batch 1, eager", wall, fams, top,
+    report(f"decode step, batch 1, {variant}, eager", wall, fams, top,
            extra=f"\n  as a CUDA-graph replay: {replay:.3f} ms ({nbytes / replay / 1e6:.0f} GB/s of "
                  f"{nbytes / 2**30:.2f} GiB); graph replay - kernel sum = {replay - sum(fams.values()):.3f} ms")
 

@@ -44,14 +44,23 @@ def test_prefill_logits_match_sdpa(models):
     assert diff <= 2e-4
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused_projections"])
-def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse):
+@pytest.mark.parametrize("fuse", ["separate", "fused_projections", "decode_kernels"])
+def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse, monkeypatch):
     """With a cache the triton model uses the fused rope + cache-write kernel, flash attention for
     the prompt and flash-decoding for each new token; with fuse_projections, q/k/v come out of
-    one product as strided views, which the rope kernel must read as such."""
+    one product as strided views, which the rope kernel must read as such; with decode kernels,
+    each decode step's layers run as decode_linear kernels (decode_forward)."""
+    from llava_next.language import LlamaDecoderLayer
+
     config, sdpa, triton = models
-    if fuse:
+    if fuse == "fused_projections":
         triton = copy.deepcopy(triton).fuse_projections()
+    elif fuse == "decode_kernels":
+        triton = copy.deepcopy(triton).enable_decode_kernels()
+    decode_calls = []
+    fast = LlamaDecoderLayer.decode_forward
+    monkeypatch.setattr(LlamaDecoderLayer, "decode_forward",
+                        lambda self, x, *a, **k: decode_calls.append(x.shape) or fast(self, x, *a, **k))
     inputs = batch(config)
     T = inputs["input_ids"].shape[1]
     steps = torch.randint(3, 1000, (2, 3), device=DEVICE)
@@ -67,6 +76,34 @@ def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse):
     diff = (outs[1] - outs[0]).abs().max().item()
     print(f"cached prefill + 3 decode steps, triton vs sdpa: max abs diff {diff:.2e}")
     assert diff <= 2e-4
+    n_layers = config.text_config.num_hidden_layers
+    assert decode_calls == ([(2, 1, config.text_config.hidden_size)] * 3 * n_layers if fuse == "decode_kernels" else [])
+
+
+def test_decode_kernels_greedy_tokens_and_stepping_aside(models):
+    """enable_decode_kernels: the same greedy tokens as sdpa; a hook on a layer's MLP, or weights
+    no longer laid out by fuse_projections, send the step back to the module path (same result)."""
+    config, sdpa, triton = models
+    inputs = batch(config)
+    want = sdpa.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    model = copy.deepcopy(triton).enable_decode_kernels()
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, eos_token_id=[]), want)
+    layer = model.language_model.model.layers[0]
+    x = torch.randn(2, 1, config.text_config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        assert layer._decode_weights(x) is not None
+        seen = []
+        handle = layer.mlp.register_forward_hook(lambda *a: seen.append(1))
+        assert layer._decode_weights(x) is None
+        assert torch.equal(model.generate(**inputs, max_new_tokens=6, eos_token_id=[]), want)
+        assert len(seen) == 6  # the hook saw the prompt and each of the 5 decode steps
+        handle.remove()
+        assert layer._decode_weights(torch.randn(65, 1, x.shape[-1], device=DEVICE)) is None  # too many rows
+        layer.mlp.up_proj.weight.data = layer.mlp.up_proj.weight.data.clone()  # gate/up no longer back to back
+        assert layer._decode_weights(x) is None
+    assert layer._decode_weights(x.requires_grad_()) is None  # gradients: the module path
+    model.enable_decode_kernels(False)
+    assert not any(layer.decode_kernels for layer in model.language_model.model.layers)
 
 
 def test_greedy_tokens_equal_sdpa(models):
