@@ -129,6 +129,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         if not step.same_weights(model):
             raise ValueError("the model's weights moved since this GraphedDecode was captured (.to(), "
                              "load_state_dict(assign=True), fuse_projections): capture a new one")
+        if not step.same_path(model):
+            raise ValueError("enable_decode_kernels() was switched since this GraphedDecode was captured, "
+                             "and the graph replays the path it captured: capture a new one")
         cache = step.cache
         cache.reset()
     else:
@@ -191,6 +194,7 @@ class GraphedDecode:
                 self.logits = decode_one_token(model, self.token, self.cache, self.pos)
         self.cache.reset()
         self.weights = _weight_addresses(model)  # the graph reads these exact buffers
+        self.decode_kernels = _decode_kernels(model)  # and runs the path chosen at capture
 
     def fits(self, model, batch_size: int, length: int) -> bool:
         k = self.cache.k
@@ -199,6 +203,10 @@ class GraphedDecode:
 
     def same_weights(self, model) -> bool:
         return _weight_addresses(model) == self.weights
+
+    def same_path(self, model) -> bool:
+        """Whether the model's decode path (enable_decode_kernels) is the one captured."""
+        return _decode_kernels(model) == self.decode_kernels
 
     def __call__(self, token, pos):
         self.token.copy_(token)
@@ -209,6 +217,10 @@ class GraphedDecode:
 
 def _weight_addresses(model) -> list[int]:
     return [p.data_ptr() for p in model.parameters()]
+
+
+def _decode_kernels(model) -> list[bool]:
+    return [layer.decode_kernels for layer in model.language_model.model.layers]
 
 
 class TextStreamer:

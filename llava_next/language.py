@@ -144,7 +144,8 @@ class LlamaDecoderLayer(nn.Module):
     def decode_forward(self, x, weights, rope, cache=None, cache_pos=None, kv_mask=None):
         """forward() for a few rows without gradients (a decode step): the four products run as
         decode_linear kernels with the SiLU-mul and both residual adds folded into their outputs,
-        so the layer is 8 kernels instead of 12 or more (kernels/decode_linear.py)."""
+        so the layer is 9 kernels instead of 12 or more (kernels/decode_linear.py). `weights`
+        comes from _decode_weights, which decides when this may run."""
         from .kernels import decode_linear
 
         (qkv_w, qkv_b), (gate_up_w, gate_up_b) = weights
@@ -158,27 +159,48 @@ class LlamaDecoderLayer(nn.Module):
 
     def _decode_weights(self, x):
         """((q/k/v weight, bias), (gate/up weight, bias)) as single tensors when decode_forward
-        may run this call, else None: Triton kernels on x, at most decode_linear's row limit, no
-        gradient, plain layers without hooks (a LoRA wrapper or a hook must see its own call),
-        one dtype, and the projections laid out by fuse_projections()."""
+        may run this call, else None (the module path runs, whatever changed). It runs only with
+        the Triton kernels on x, at most decode_linear's row limit, no gradient, no autocast or
+        torch.compile, this layer's own module classes with no hooks and no replaced forward (a
+        LoRA wrapper, a quantized layer or a hook must see its own call), plain weights and
+        biases of x's dtype and device, and the projections laid out by fuse_projections()."""
         from .kernels.decode_linear import MAX_ROWS
 
         if (not kernels_enabled(self.kernels, x) or x.numel() > MAX_ROWS * x.shape[-1]
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or _autocast(x)):
             return None
         attn, mlp = self.self_attn, self.mlp
-        modules = (self, attn, mlp, self.input_layernorm, self.post_attention_layernorm,
-                   attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in modules[1:]):
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        modules = {attn: LlamaAttention, mlp: LlamaMLP, self.input_layernorm: LlamaRMSNorm,
+                   self.post_attention_layernorm: LlamaRMSNorm, **{lin: nn.Linear for lin in linears}}
+        hooks = nn.modules.module
+        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
             return None
-        if any(type(m) is not nn.Linear or m.weight.dtype != x.dtype for m in modules[5:]):
+        if any(type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+               for m, cls in modules.items()):
+            return None
+        if not all(_plain(t, x) for lin in linears for t in (lin.weight, lin.bias)):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
-        qkv, gate_up = fused_weights((attn.q_proj, attn.k_proj, attn.v_proj)), fused_weights((mlp.gate_proj, mlp.up_proj))
+        qkv, gate_up = fused_weights(linears[:3]), fused_weights(linears[4:6])
         if qkv is None or gate_up is None:
             return None
         return qkv, gate_up
+
+
+def _plain(t, x) -> bool:
+    """A weight or bias decode_linear can read as it is: None, or a plain contiguous tensor (no
+    subclass such as a DTensor or a quantized tensor) of x's dtype and device."""
+    return t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.dtype == x.dtype and t.device == x.device
+                         and t.is_contiguous())
+
+
+def _autocast(x) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
 
 class LlamaModel(nn.Module):

@@ -314,7 +314,7 @@ def bench_decode_linear(name, M, N, K, gated=False, residual=False):
 
     ms = bench(lambda: ours(*next(sets)))
     base = bench(lambda: unfused(*next(sets)))
-    cfg = _linear_config(M, N, K, DTYPE, torch.device(DEV))
+    cfg = _linear_config(M, N, K, gated, DTYPE, torch.device(DEV))
     note = f"BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} s{cfg['num_stages']}"
     if GPU and peak_bandwidth_gbs():
         note += f", {100 * nbytes / (ms * 1e-3) / 1e9 / peak_bandwidth_gbs():.0f}% of spec"

@@ -108,3 +108,5 @@ def test_decode_linear_errors():
         decode_linear(x, w, residual=torch.zeros(1, 5, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         decode_linear(x, torch.zeros(8, 4, device=DEVICE).T)
+    with pytest.raises(ValueError, match="smaller than the 20 rows"):
+        decode_linear(torch.zeros(20, 8, device=DEVICE), w, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))

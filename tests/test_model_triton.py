@@ -98,10 +98,27 @@ def test_decode_kernels_greedy_tokens_and_stepping_aside(models):
         assert torch.equal(model.generate(**inputs, max_new_tokens=6, eos_token_id=[]), want)
         assert len(seen) == 6  # the hook saw the prompt and each of the 5 decode steps
         handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        assert layer._decode_weights(x) is None  # a global hook must see every module's call
+        handle.remove()
+        layer.self_attn.o_proj.forward = lambda t: torch.nn.functional.linear(t, layer.self_attn.o_proj.weight)
+        assert layer._decode_weights(x) is None  # a forward replaced on the instance (accelerate-style)
+        del layer.self_attn.o_proj.forward
+        assert layer._decode_weights(x) is not None
+        assert layer._decode_weights(x.double()) is None  # another dtype than the weights'
         assert layer._decode_weights(torch.randn(65, 1, x.shape[-1], device=DEVICE)) is None  # too many rows
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            assert layer._decode_weights(x) is None
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    assert layer._decode_weights(x) is not None  # grad mode on, but nothing needs a gradient
+    assert layer._decode_weights(x.clone().requires_grad_()) is None  # an input that needs one
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    assert layer._decode_weights(x) is None  # trainable weights
+    with torch.no_grad():
         layer.mlp.up_proj.weight.data = layer.mlp.up_proj.weight.data.clone()  # gate/up no longer back to back
         assert layer._decode_weights(x) is None
-    assert layer._decode_weights(x.requires_grad_()) is None  # gradients: the module path
     model.enable_decode_kernels(False)
     assert not any(layer.decode_kernels for layer in model.language_model.model.layers)
 
@@ -163,10 +180,12 @@ def test_triton_mlp_kernel_steps_aside_for_any_input_needing_grad(models):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_decode_equals_eager_decode(models):
+@pytest.mark.parametrize("decode_kernels", [False, True], ids=["cublas", "decode_kernels"])
+def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels):
     from llava_next.generation import GraphedDecode
 
     config, _, triton = models
+    triton = copy.deepcopy(triton).enable_decode_kernels(decode_kernels)
     inputs = batch(config)
     kw = dict(max_new_tokens=8, eos_token_id=[])
     want = triton.generate(**inputs, **kw)
@@ -174,6 +193,41 @@ def test_cuda_graph_decode_equals_eager_decode(models):
     graph = GraphedDecode(triton, 2, inputs["input_ids"].shape[1] + 16)
     for _ in range(2):  # captured once, replayed over calls
         assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=graph), want)
+    triton.enable_decode_kernels(not decode_kernels)  # moves no weight, but the graph holds the old path
+    with pytest.raises(ValueError, match="enable_decode_kernels"):
+        triton.generate(**inputs, **kw, cuda_graph=graph)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_decode_forward_with_biases_equals_forward(dtype):
+    """decode_forward against forward on a decoder with q/k/v/o and MLP biases (the tiny
+    checkpoints have none), a few rows, no cache: only the products and their fusions differ."""
+    from llava_next.attention import triton_attention
+    from llava_next.config import TextConfig
+    from llava_next.fused_linear import fuse_linears
+    from llava_next.language import LlamaModel
+
+    cfg = TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    model = LlamaModel(cfg, triton_attention, kernels="triton").to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    model = model.to(dtype)
+    for layer in model.layers:
+        fuse_linears((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+        fuse_linears((layer.mlp.gate_proj, layer.mlp.up_proj))
+    x = torch.randn(2, 3, 64, device=DEVICE, dtype=dtype)
+    pos = torch.arange(3, device=DEVICE)[None].expand(2, 3)
+    with torch.no_grad():
+        want = model(x, pos)
+        for layer in model.layers:
+            layer.decode_kernels = True
+        assert model.layers[0]._decode_weights(x) is not None
+        got = model(x, pos)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

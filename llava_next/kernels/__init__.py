@@ -2,7 +2,7 @@
 
     flash_attention   prefill / vision attention (causal or not, GQA, padding, sliding window)
     decode_attention  one query token over a static KV cache (split-K flash-decoding)
-    decode_linear     a few rows times a weight, RMSNorm / SiLU-mul before and residual add after fused
+    decode_linear     a few rows times a weight, with the SiLU-mul of gate/up or a residual add fused after
     rope_kv_write     rotary on q and k fused with the KV-cache write
     rms_norm          LlamaRMSNorm
     silu_mul          the SwiGLU activation

@@ -55,9 +55,10 @@ def _decode_linear_kernel(
     offs_k0 = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_rows = X + offs_m[:, None] * stride_xm  # (BLOCK_M, 1)
-    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1); N * K can pass 2**31
-    up_rows = w_rows + N * stride_wn  # GATED: up's rows follow gate's
+    # 64-bit offsets: N * K can pass 2**31 (a 34b gate/up), and x's rows may be far apart
+    x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm  # (BLOCK_M, 1)
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
+    up_rows = w_rows + N.to(tl.int64) * stride_wn  # GATED: up's rows follow gate's
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -89,18 +90,21 @@ def _decode_linear_kernel(
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
         y = y.to(out_ty).to(tl.float32)  # linear(x) is rounded before the add
-        y += tl.load(Res + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(out_ty), mask=out_mask)
+        y += tl.load(Res + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask,
+                     other=0.0).to(tl.float32)
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(out_ty), mask=out_mask)
 
 
 MAX_ROWS = 64  # the kernel holds all rows in one tile; more rows are a matrix product (cuBLAS)
 
 
-def _config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _config(M: int, N: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device) -> dict:
     """Tiles by shape. On a GPU: the widest BLOCK_N that still gives every SM about four
     programs (so the tail of the last wave is short), 128-wide K chunks four stages deep
-    (BLOCK_N x 128 x 2 bytes per stage: 8 KiB at BLOCK_N 32, several programs per SM). Not yet
-    timed on a GPU: `config=` and scripts/bench_kernels.py --sweep exist to pick these."""
+    (BLOCK_N x 128 x 2 bytes per stage: 8 KiB at BLOCK_N 32, several programs per SM), fewer
+    stages where many rows or wide gated tiles would pass 96 KiB of shared memory (within an
+    A100's 163 KiB as well as a Hopper's 227). Not yet timed on a GPU: `config=` and
+    scripts/bench_kernels.py --sweep exist to pick these."""
     block_m = max(16, triton.next_power_of_2(M))
     if device.type != "cuda":  # the interpreter: small tiles so the masks and loops are exercised
         return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -111,7 +115,11 @@ def _config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) ->
             block_n = bn
             break
     block_k = 64 if dtype == torch.float32 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    stages = 4
+    stage_bytes = (block_m + (2 if gated else 1) * block_n) * block_k * dtype.itemsize
+    while stages > 2 and stages * stage_bytes > 96 * 1024:
+        stages -= 1
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
 
 
 def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=None):
@@ -147,9 +155,11 @@ def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=No
     if M == 0 or N == 0:
         return y.view(out_shape)
     r2 = residual.reshape(M, N) if residual is not None else None
-    cfg = dict(config) if config is not None else _config(M, N, K, x.dtype, x.device)
+    cfg = dict(config) if config is not None else _config(M, N, K, gated, x.dtype, x.device)
     block_n, block_k = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     block_m = cfg.pop("BLOCK_M", max(16, triton.next_power_of_2(M)))
+    if block_m < M:
+        raise ValueError(f"config BLOCK_M={block_m} is smaller than the {M} rows: one tile holds them all")
     _decode_linear_kernel[(triton.cdiv(N, block_n),)](
         x2, weight, bias if bias is not None else x2, r2 if r2 is not None else y, y,
         x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
