@@ -239,6 +239,9 @@ def set_kernel_experiments(args) -> dict:
     if args.decode_programs_per_sm is not None:
         da.PROGRAMS_PER_SM = args.decode_programs_per_sm
         done["decode_programs_per_sm"] = args.decode_programs_per_sm
+    if args.flash_tma:
+        fa.USE_TMA = True
+        done["flash_tma"] = True
     return done
 
 
@@ -308,6 +311,8 @@ def main():
                     help="experiment: this tile for fp16/bf16 flash attention instead of the default")
     ap.add_argument("--decode-programs-per-sm", type=float, default=None,
                     help="experiment: the decode-attention split target (default: the kernel's, 4)")
+    ap.add_argument("--flash-tma", action="store_true",
+                    help="experiment: flash attention fetches K/V with the copy engine (TMA, Hopper)")
     ap.add_argument("--decode-kernels", action="store_true",
                     help="experiment: decode steps through the decode_linear kernels (enable_decode_kernels)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")

@@ -122,17 +122,18 @@ def print_table():
               f"{r['baseline']:<18}{base_ms}{base}{ratio}  {r['note']}")
 
 
-def bench_attention(name, B, Hq, Hkv, T, D, causal):
+def bench_attention(name, B, Hq, Hkv, T, D, causal, use_tma=False):
     sets = input_sets(lambda: tuple(torch.randn(B, H, T, D, device=DEV, dtype=DTYPE) for H in (Hq, Hkv, Hkv)),
                       (Hq + 2 * Hkv) * B * T * D * 2)
     flops = 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
-    ours = bench(lambda: flash_attention(*next(sets), causal=causal))
+    ours = bench(lambda: _flash_attention_forward(*next(sets), causal, use_tma=use_tma)[0])
     base = None
     if GPU:
         sdpa = sdpa_gqa(*next(sets), causal)  # checks once whether this torch shares kv heads natively
         base = bench(lambda: sdpa(*next(sets)))
     shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
-    row(name, shape, "TFLOP/s", flops, ours, "torch SDPA" if GPU else "-", base)
+    row(name, shape, "TFLOP/s", flops, ours, "torch SDPA" if GPU else "-", base,
+        "K/V by TMA (experiment)" if use_tma else "")
 
 
 def sweep_attention(name, B, Hq, Hkv, T, D, causal):
@@ -142,18 +143,20 @@ def sweep_attention(name, B, Hq, Hkv, T, D, causal):
     flops = 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
     shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
     best = None
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
-                         (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 128, 4, 3), (64, 32, 4, 4),
-                         (128, 32, 4, 4), (128, 64, 4, 3)]:
+    tiles = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
+             (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 128, 4, 3), (64, 32, 4, 4),
+             (128, 32, 4, 4), (128, 64, 4, 3)]
+    tma = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)]
+    for (bm, bn, w, s), use_tma in [(t, False) for t in tiles] + [(t, True) for t in tma]:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
         try:
-            ms = bench(lambda: _flash_attention_forward(*next(sets), causal, config=cfg), rep=20)
+            ms = bench(lambda: _flash_attention_forward(*next(sets), causal, config=cfg, use_tma=use_tma), rep=20)
         except Exception as e:  # e.g. out of shared memory for this tile
-            print(f"  sweep {name} {cfg}: failed ({type(e).__name__})")
+            print(f"  sweep {name} {cfg}{' TMA' if use_tma else ''}: failed ({type(e).__name__})")
             continue
         tf = flops / (ms * 1e-3) / 1e12
-        print(f"  sweep {name} {shape} BM{bm} BN{bn} w{w} s{s}: {ms:.3f} ms {tf:.1f} TFLOP/s")
-        best = max(best or (0, None), (tf, cfg), key=lambda x: x[0])
+        print(f"  sweep {name} {shape} BM{bm} BN{bn} w{w} s{s}{' TMA' if use_tma else ''}: {ms:.3f} ms {tf:.1f} TFLOP/s")
+        best = max(best or (0, None), (tf, dict(cfg, TMA=use_tma)), key=lambda x: x[0])
     if best and best[1]:
         print(f"  sweep {name} {shape} best: {best[1]} {best[0]:.1f} TFLOP/s")
 
@@ -350,8 +353,10 @@ def main():
     if GPU:
         print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {DTYPE}")
         bench_attention("prefill_attn", 1, 32, 8, 3000, 128, True)
+        bench_attention("prefill_attn", 1, 32, 8, 3000, 128, True, use_tma=True)
         bench_attention("prefill_attn", 1, 32, 32, 3000, 128, True)
         bench_attention("vision_attn", 5, 16, 16, 577, 64, False)
+        bench_attention("vision_attn", 5, 16, 16, 577, 64, False, use_tma=True)
         bench_attention_backward("attn_backward", 1, 32, 8, 3000, 128, True)
         for B in (1, 8, 32):
             bench_decode(B, 32, 8, 3000, 3072, 128)
@@ -368,6 +373,7 @@ def main():
     else:  # interpreter smoke: tiny shapes, timings meaningless
         print(f"CPU smoke run under the Triton interpreter ({DTYPE}); times are not performance")
         bench_attention("prefill_attn", 1, 4, 2, 40, 64, True)
+        bench_attention("prefill_attn", 1, 4, 2, 40, 64, True, use_tma=True)
         bench_attention("vision_attn", 1, 2, 2, 33, 40, False)
         bench_attention_backward("attn_backward", 1, 2, 1, 33, 40, True)
         bench_decode(2, 4, 2, 50, 64, 64)

@@ -3,8 +3,8 @@
 The Triton interpreter runs kernels as numpy and forgives things the compiler does not (a
 constexpr computed from a runtime int, say). This script compiles the kernels the way a launch
 on an H100 would (strides of 1 as constants, 16-byte alignment hints) and prints, per variant,
-registers, spills, shared memory and whether the loads are pipelined (cp.async) and the dots run
-on wgmma. It needs triton's bundled ptxas/cuobjdump, not a driver.
+registers, spills, shared memory and whether the loads are pipelined (cp.async, or the copy engine:
+tma) and the dots run on wgmma. It needs triton's bundled ptxas/cuobjdump, not a driver.
 
     python scripts/check_kernels_compile.py           # all variants
     python scripts/check_kernels_compile.py --quick   # one variant per kernel
@@ -72,22 +72,25 @@ def report(label, kernel):
         usage = " ".join(w for line in out.splitlines() if "REG:" in line for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
     print(f"{label:<58} {usage:<24} smem={kernel.metadata.shared // 1024:>4} KiB  "
           f"wgmma={'yes' if 'wgmma.mma_async' in ptx else 'no ':<3} mma.sync={'yes' if 'mma.sync' in ptx else 'no ':<3} "
-          f"cp.async={'yes' if 'cp.async' in ptx else 'no'}")
+          f"cp.async={'yes' if 'cp.async.ca' in ptx or 'cp.async.cg' in ptx else 'no '} "
+          f"tma={'yes' if 'cp.async.bulk.tensor' in ptx else 'no'}")
 
 
-def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, config=None):
+def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, config=None, tma=False):
     block_d = max(16, triton.next_power_of_2(D))
     import torch
 
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     cfg = dict(config or fa._fwd_config(block_d, 4096, tdt, torch.device("cuda")))
     bm, bn, w, s = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("num_warps"), cfg.pop("num_stages")
-    ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, Out="*" + dtype, Lse="*fp32", KvMask="*u8", QOffset="*i64")
+    desc = f"tensordesc<{dtype}[1,1,{bn},{D}]>" if tma else "*" + dtype
+    ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, Out="*" + dtype, Lse="*fp32", KvMask="*u8", QOffset="*i64",
+                KDesc=desc, VDesc=desc)
     consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_WINDOW=window, HAS_KV_MASK=mask, OFFSET_FROM_PTR=offset_ptr,
                   STORE_LSE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", USE_TMA=tma)
     label = (f"flash {dtype} D{D} {'causal' if causal else 'full'}{' window' if window else ''}"
-             f"{' kv_mask' if mask else ''} BM{bm} BN{bn} w{w} s{s}")
+             f"{' kv_mask' if mask else ''}{' TMA' if tma else ''} BM{bm} BN{bn} w{w} s{s}")
     report(label, compile_kernel(fa._attn_fwd_kernel, ptrs, consts, w, s))
 
 
@@ -126,6 +129,7 @@ def main():
     quick = p.parse_args().quick
     print(f"triton {triton.__version__}, target sm_90")
     attn("bf16", 128)
+    attn("bf16", 128, tma=True)
     attn("bf16", 64, causal=False)
     if not quick:
         attn("fp16", 128, window=True, mask=True, offset_ptr=True)
@@ -135,6 +139,8 @@ def main():
         attn("fp32", 128)
         attn("bf16", 256)
         attn("bf16", 128, config=dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3))
+        attn("bf16", 128, config=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), tma=True)
+        attn("bf16", 64, causal=False, tma=True)
     bwd_ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", Lse="*fp32", Delta="*fp32", DK="*bf16", DV="*bf16",
                     DQ="*bf16", KvMask="*u8", QOffset="*i64")
     flags = dict(HEAD_DIM=128, CAUSAL=True, HAS_WINDOW=False, HAS_KV_MASK=False, OFFSET_FROM_PTR=False, BLOCK_D=128,

@@ -10,7 +10,7 @@
 #   e2e          scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
 #   e2e_b1       scripts/bench.py at batch 1 only, no transformers (<= 90 s)
 #   profile      scripts/profile_step.py: prefill and decode time by kernel family, decode twice (<= 120 s)
-#   ab           bench.py at batch 1 and 8 five ways: as is, --decode-kernels, the sweep's two leads, --no-fuse
+#   ab           bench.py at batch 1 and 8 six ways: as is, --decode-kernels, --flash-tma, the sweep's two leads, --no-fuse
 #
 #     bash scripts/gpu_check.sh                   # tests kernels sweep: under 5 minutes
 #     bash scripts/gpu_check.sh e2e kernels tests sweep   # what a first GPU session owes (~7 min)
@@ -96,9 +96,9 @@ e2e_b1() {
     | tee "$LOG/bench_e2e_b1.txt"
 }
 
-ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~5 x 45 s)
+ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~6 x 25 s)
   local i=0 v rc=0
-  for v in "" "--decode-kernels" "--decode-programs-per-sm 1" "--flash-tile 64,64,4,3" "--no-fuse"; do
+  for v in "" "--decode-kernels" "--flash-tma" "--decode-programs-per-sm 1" "--flash-tile 64,64,4,3" "--no-fuse"; do
     i=$((i + 1))
     echo "-- bench.py $v"
     # shellcheck disable=SC2086  # $v is a list of arguments

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 from kernel_utils import CUDA, DEVICE, DTYPES, TOL, assert_matches_reference, require_interpreter  # noqa: E402
 
 from llava_next.kernels import flash_attention, flash_attention_reference  # noqa: E402
-from llava_next.kernels.flash_attention import _attn_fwd_kernel, _flash_attention_forward  # noqa: E402
+from llava_next.kernels.flash_attention import _attn_fwd_kernel, _flash_attention_forward, _tma_descriptors  # noqa: E402
 
 require_interpreter(_attn_fwd_kernel)
 
@@ -112,6 +112,53 @@ def test_flash_lse_for_backward():
     torch.testing.assert_close(lse, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["causal", "full_D128", "one_query", "offset_window_padding", "bhtd"])
+def test_flash_tma_loads_match(case, dtype, monkeypatch):
+    """The copy-engine (TMA) variant of the K/V loads (flash_attention.USE_TMA, an experiment):
+    same results as the pointer loads, including the ragged last key block, which the engine
+    fills with zeros, and the masks; tensors it cannot read fall back to pointer loads."""
+    import sys
+
+    fa = sys.modules["llava_next.kernels.flash_attention"]
+    Tq, Tk, D, layout, kw = {
+        "causal": (129, 129, 64, "bthd", dict(causal=True)),
+        "full_D128": (129, 129, 128, "bthd", dict(causal=False)),
+        "one_query": (1, 129, 64, "bthd", dict(causal=True)),
+        "offset_window_padding": (7, 129, 64, "bthd", dict(causal=True, q_offset=torch.tensor([3, 100], device=DEVICE),
+                                                            sliding_window=9)),
+        "bhtd": (33, 33, 32, "bhtd", dict(causal=True)),
+    }[case]
+    q, k, v = make_qkv(2, 6, 3, Tq, Tk, D, dtype, layout=layout)
+    if case == "offset_window_padding":
+        kv_mask = torch.ones(2, Tk, dtype=torch.bool, device=DEVICE)
+        kv_mask[1, :20] = False
+        kw["kv_mask"] = kv_mask
+    assert _tma_descriptors(k, v, 32) is not None
+    pointer_loads = flash_attention(q, k, v, **kw)
+    monkeypatch.setattr(fa, "USE_TMA", True)
+    launches, kernel = [], fa._attn_fwd_kernel
+
+    class Spy:  # records how the kernel was specialized
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(k["USE_TMA"]) or kernel[grid](*a, **k)
+
+    monkeypatch.setattr(fa, "_attn_fwd_kernel", Spy())
+    out = check(q, k, v, **kw)
+    assert launches == [True]
+    if not CUDA:  # the interpreter computes both the same way, value for value
+        torch.testing.assert_close(out, pointer_loads, atol=0, rtol=0)
+
+
+def test_flash_tma_falls_back_where_it_cannot_read():
+    q, k, v = make_qkv(1, 2, 1, 9, 9, 40, torch.float32)
+    assert _tma_descriptors(k, v, 32) is None  # head_dim 40: not a power of two
+    q, k, v = make_qkv(1, 2, 1, 9, 9, 32, torch.float16, layout="sliced")
+    assert _tma_descriptors(k, v, 32) is None  # 6-byte offset into a wider buffer: not 16-byte aligned
+    out, _ = _flash_attention_forward(q, k, v, True, use_tma=True)
+    assert_matches_reference(out, flash_attention_reference(q.float(), k.float(), v.float(), causal=True), q)
+
+
 def test_flash_input_errors():
     q, k, v = make_qkv(1, 6, 4, 7, 7, 64, torch.float32)
     with pytest.raises(ValueError, match="multiple of kv heads"):
@@ -174,9 +221,10 @@ def test_flash_backward_realistic_cuda(dtype):
     "B,Hq,Hkv,T,D,causal",
     [(1, 32, 8, 1500, 128, True), (5, 16, 16, 577, 64, False), (2, 32, 32, 300, 128, True), (1, 40, 8, 250, 128, True)],
 )
-def test_flash_realistic_cuda(B, Hq, Hkv, T, D, causal, dtype):
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointer_loads", "tma"])
+def test_flash_realistic_cuda(B, Hq, Hkv, T, D, causal, dtype, use_tma):
     q, k, v = make_qkv(B, Hq, Hkv, T, T, D, dtype)
-    out = flash_attention(q, k, v, causal=causal)
+    out, _ = _flash_attention_forward(q, k, v, causal, use_tma=use_tma)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(Hq // Hkv, 1), v.float().repeat_interleave(Hq // Hkv, 1), is_causal=causal)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])

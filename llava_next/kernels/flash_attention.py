@@ -41,7 +41,7 @@ from ..attention import visibility_mask
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, q_pos,
-    k_base, v_base, mask_base,
+    k_base, v_base, mask_base, k_desc, v_desc, b, kv_h,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
     qk_scale, window, Tk,
     lo, hi,
@@ -54,22 +54,27 @@ def _attn_fwd_inner(
     PAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (BLOCK_D, BLOCK_N)
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
-        if MASK_BLOCK:
-            in_k = offs_n < Tk
-            kt = tl.load(kt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs, mask=in_k[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif PAD_D:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        if USE_TMA:  # the copy engine fetches the tiles; keys past Tk arrive as zeros
+            kt = tl.trans(tl.reshape(k_desc.load([b, kv_h, start_n, 0]), [BLOCK_N, HEAD_DIM]))  # (BLOCK_D, BLOCK_N)
+            v = tl.reshape(v_desc.load([b, kv_h, start_n, 0]), [BLOCK_N, HEAD_DIM])  # (BLOCK_N, BLOCK_D)
         else:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
+            kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (BLOCK_D, BLOCK_N)
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+            if MASK_BLOCK:
+                in_k = offs_n < Tk
+                kt = tl.load(kt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+                v = tl.load(v_ptrs, mask=in_k[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            elif PAD_D:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+                v = tl.load(v_ptrs)
 
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32, unscaled
         if MASK_BLOCK:
@@ -109,7 +114,7 @@ def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, MAY_BE_EMPTY: tl.constex
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset", "window"])  # no recompiles per length
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, KvMask, QOffset,
+    Q, K, V, Out, Lse, KvMask, QOffset, KDesc, VDesc,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -129,6 +134,7 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -177,22 +183,22 @@ def _attn_fwd_kernel(
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     if HAS_WINDOW:
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base,
+            acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base, KDesc, VDesc, b.to(tl.int32), kv_h,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
             qk_scale, window, Tk, lo, full_lo, offs_n0, offs_d, HEAD_DIM,
-            True, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION,
+            True, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION, USE_TMA,
         )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base,
+        acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base, KDesc, VDesc, b.to(tl.int32), kv_h,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
         qk_scale, window, Tk, full_lo, full_hi, offs_n0, offs_d, HEAD_DIM,
-        False, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION,
+        False, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION, USE_TMA,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base,
+        acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base, KDesc, VDesc, b.to(tl.int32), kv_h,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_maskn,
         qk_scale, window, Tk, diag_lo, hi, offs_n0, offs_d, HEAD_DIM,
-        True, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION,
+        True, CAUSAL, HAS_WINDOW, HAS_KV_MASK, PAD_D, BLOCK_N, DOT_PRECISION, USE_TMA,
     )
 
     empty = l_i == 0.0
@@ -202,6 +208,31 @@ def _attn_fwd_kernel(
     if STORE_LSE:
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=offs_m < Tq)
+
+
+# Experiment: fetch K and V tiles with the Hopper tensor-memory-access engine (a host-side
+# TensorDescriptor per tensor; Triton pipelines its loads with mbarriers) instead of pointer
+# loads. Off until timed on a GPU (bench.py --flash-tma, bench_kernels.py --sweep).
+USE_TMA = False
+
+
+def _tma_descriptors(k, v, block_n: int):
+    """(k_desc, v_desc) covering (B, Hkv, Tk, D) with (1, 1, block_n, D) tiles, or None where the
+    copy engine cannot read the tensors as they are: it needs a power-of-two head_dim (the tile
+    is the whole head), a contiguous last dim and 16-byte aligned addresses and strides."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # triton < 3.4
+        return None
+    D = k.shape[-1]
+    if D < 16 or D & (D - 1):
+        return None
+    descs = []
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return None
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, D]))
+    return tuple(descs)
 
 
 def _fwd_config(block_d: int, tq: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -261,9 +292,10 @@ def _check_attention_inputs(q, k, v, kv_mask):
 
 
 def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, sliding_window=None,
-                             scale=None, store_lse=False, config=None):
+                             scale=None, store_lse=False, config=None, use_tma=None):
     """Launches the forward kernel; returns (out, lse). lse is (B, Hq, Tq) fp32 in the log2 domain
-    (+inf for rows that see no key) or None. `config` overrides the tile sizes (benchmark sweeps)."""
+    (+inf for rows that see no key) or None. `config` overrides the tile sizes (benchmark sweeps);
+    `use_tma` (default: the module's USE_TMA) asks for the copy-engine loads where they apply."""
     B, Hq, Tq, D, Hkv, Tk = _check_attention_inputs(q, k, v, kv_mask)
     offset, offset_t, stride_offb = _offset_arg(q_offset, Tk - Tq, B)
     if sliding_window is not None and int(sliding_window) <= 0:
@@ -281,10 +313,12 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     mask_t = kv_mask.view(torch.uint8) if kv_mask is not None else None
     lse_arg = lse if lse is not None else out
+    descs = _tma_descriptors(k, v, block_n) if (USE_TMA if use_tma is None else use_tma) else None
     grid = (B * Hq, triton.cdiv(Tq, block_m))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse_arg,
         mask_t if mask_t is not None else q, offset_t if offset_t is not None else q,
+        *(descs if descs is not None else (k, v)),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *(lse.stride() if lse is not None else (0, 0, 0)),
         *(mask_t.stride() if mask_t is not None else (0, 0)),
@@ -301,6 +335,7 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_TMA=descs is not None,
         **cfg,
     )
     return out, lse
