@@ -79,13 +79,21 @@ class LlamaAttention(nn.Module):
         q, k, v = run_linears(x, (self.q_proj, self.k_proj, self.v_proj))  # one product after fuse_projections()
         return self.o_proj(self.attend(q, k, v, rope, cache, cache_pos, kv_mask))
 
-    def attend(self, q, k, v, rope, cache=None, cache_pos=None, kv_mask=None):
+    def attend(self, q, k, v, rope, cache=None, cache_pos=None, kv_mask=None, one_kernel_decode=False):
         """The projections q (B, T, nh*hd), k, v (B, T, nkv*hd) -> attention output (B, T, nh*hd),
-        the input of o_proj: rotary embedding, the KV cache, then the attention seam."""
+        the input of o_proj: rotary embedding, the KV cache, then the attention seam.
+        one_kernel_decode (decode_forward): a decode step on the Triton path does all three in
+        one kernel, rope_decode_attention."""
         B, T, _ = q.shape
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if one_kernel_decode and rope.cos is None and T == 1 and torch.is_tensor(cache_pos):
+            from .kernels import rope_decode_attention
+            y = rope_decode_attention(q, k, v, rope.position_ids, rope.inv_freq, cache.k[self.layer_idx],
+                                      cache.v[self.layer_idx], cache_pos, kv_mask=kv_mask,
+                                      sliding_window=self.sliding_window)  # (B, nh, 1, hd)
+            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         if rope.cos is None:
             # One Triton kernel rotates q and k and writes k, v into the cache.
             from .kernels import rope_kv_write
@@ -144,7 +152,8 @@ class LlamaDecoderLayer(nn.Module):
     def decode_forward(self, x, weights, rope, cache=None, cache_pos=None, kv_mask=None):
         """forward() for a few rows without gradients (a decode step): the four products run as
         decode_linear kernels with the SiLU-mul and both residual adds folded into their outputs,
-        so the layer is 9 kernels instead of 12 or more (kernels/decode_linear.py). `weights`
+        and a one-token step's rotary + cache write + attention as one kernel
+        (rope_decode_attention), so the layer is 8 kernels instead of 12 or more. `weights`
         comes from _decode_weights, which decides when this may run."""
         from .kernels import decode_linear
 
@@ -152,7 +161,7 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         qkv = decode_linear(self.input_layernorm(x), qkv_w, qkv_b)  # (B, T, (nh + 2 nkv) hd)
         q, k, v = qkv.split([attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], dim=-1)
-        y = attn.attend(q, k, v, rope, cache, cache_pos, kv_mask)  # (B, T, nh*hd)
+        y = attn.attend(q, k, v, rope, cache, cache_pos, kv_mask, one_kernel_decode=True)  # (B, T, nh*hd)
         x = decode_linear(y, attn.o_proj.weight, attn.o_proj.bias, residual=x)
         h = decode_linear(self.post_attention_layernorm(x), gate_up_w, gate_up_b, gated=True)  # (B, T, I)
         return decode_linear(h, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)

@@ -44,6 +44,7 @@ from llava_next.kernels import (  # noqa: E402
     flash_attention,
     rms_norm,
     rms_norm_reference,
+    rope_decode_attention,
     rope_kv_write,
     rope_kv_write_reference,
     silu_mul,
@@ -243,6 +244,35 @@ def sweep_decode(B, Hq, Hkv, L, Tmax, D):
               f"{ms * 1e3:.1f} us {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
 
 
+def bench_rope_decode(B, Hq, Hkv, L, Tmax, D):
+    """rope_decode_attention against what the model runs without it: rope_kv_write, then
+    decode_attention. Bytes as for decode attention (the valid cache once)."""
+    elem = torch.empty((), dtype=DTYPE).element_size()
+    nbytes = 2 * B * Hkv * L * D * elem + 2 * B * Hq * D * elem
+
+    def make():
+        qkv = torch.randn(B, 1, (Hq + 2 * Hkv) * D, device=DEV, dtype=DTYPE)
+        q, k, v = (t.view(B, 1, -1, D) for t in qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1))
+        return q, k, v, *(torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE) for _ in range(2))
+
+    sets = input_sets(make, 2 * B * Hkv * Tmax * D * elem)
+    pos_ids = torch.full((B, 1), L - 1, device=DEV, dtype=torch.int64)
+    slot = torch.tensor(L - 1, device=DEV)
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
+
+    def two_kernels(q, k, v, kc, vc):
+        q_rot = rope_kv_write(q, k, v, pos_ids, inv, kc, vc, slot)
+        return decode_attention(q_rot, kc, vc, q_offset=slot)
+
+    def fused(q, k, v, kc, vc):
+        return rope_decode_attention(q, k, v, pos_ids, inv, kc, vc, slot)
+
+    ours = bench(lambda: fused(*next(sets)))
+    base = bench(lambda: two_kernels(*next(sets)))
+    row("rope_decode", f"B{B} H{Hq}/{Hkv} L{L}/{Tmax} D{D}", "GB/s", nbytes, ours,
+        "rope_kv_write+decode" if GPU else "-", base, "2 launches (split, reduce) instead of 3")
+
+
 def peak_bandwidth_gbs():
     name = torch.cuda.get_device_name()
     for key, gbs in (("H200", 4800), ("H100", 3350), ("A100", 2039), ("L40", 864)):
@@ -361,6 +391,8 @@ def main():
         for B in (1, 8, 32):
             bench_decode(B, 32, 8, 3000, 3072, 128)
         bench_decode(32, 32, 32, 3000, 3072, 128)
+        for B in (1, 8):
+            bench_rope_decode(B, 32, 8, 3000, 3072, 128)
         bench_rope(1, 3000, 32, 8, 128, 4096)
         bench_rope(32, 1, 32, 8, 128, 4096)
         bench_rms_norm(3000, 4096)
@@ -377,6 +409,7 @@ def main():
         bench_attention("vision_attn", 1, 2, 2, 33, 40, False)
         bench_attention_backward("attn_backward", 1, 2, 1, 33, 40, True)
         bench_decode(2, 4, 2, 50, 64, 64)
+        bench_rope_decode(2, 4, 2, 50, 64, 64)
         bench_rope(1, 5, 4, 2, 64, 16)
         bench_rms_norm(4, 256)
         bench_silu_mul(4, 256)

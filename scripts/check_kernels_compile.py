@@ -94,16 +94,18 @@ def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, conf
     report(label, compile_kernel(fa._attn_fwd_kernel, ptrs, consts, w, s))
 
 
-def decode(dtype, D, group, window=False, mask=False):
+def decode(dtype, D, group, window=False, mask=False, new_kv=False):
     import torch
 
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     block_n = 32 if tdt == torch.float32 else 64
-    ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, KvMask="*u8", QOffset="*i64", PartO="*fp32", PartLse="*fp32")
-    consts = dict(HEAD_DIM=D, HAS_WINDOW=window, HAS_KV_MASK=mask, OFFSET_FROM_PTR=True,
+    ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, KvMask="*u8", QOffset="*i64", PartO="*fp32", PartLse="*fp32",
+                KNew="*" + dtype, VNew="*" + dtype, PosIds="*i64", InvFreq="*fp32")
+    consts = dict(HEAD_DIM=D, HAS_WINDOW=window, HAS_KV_MASK=mask, OFFSET_FROM_PTR=True, NEW_KV=new_kv,
                   BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    report(f"decode split {dtype} D{D} group{group} BN{block_n}", compile_kernel(da._decode_split_kernel, ptrs, consts, 4, 3))
+    label = f"decode split {dtype} D{D} group{group}{' +rope/cache write' if new_kv else ''} BN{block_n}"
+    report(label, compile_kernel(da._decode_split_kernel, ptrs, consts, 4, 3))
 
 
 def linear(M, N, K, gated=False, bias=False, residual=False, config=None):
@@ -154,7 +156,9 @@ def main():
         report(f"flash bwd {name} bf16 D128 causal BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}",
                compile_kernel(fn, ptrs, consts, cfg["num_warps"], cfg["num_stages"]))
     decode("bf16", 128, 4)
+    decode("bf16", 128, 4, new_kv=True)
     if not quick:
+        decode("bf16", 128, 4, mask=True, new_kv=True)
         decode("bf16", 128, 1, window=True, mask=True)
         decode("fp32", 40, 2)
     report("decode reduce bf16 D128", compile_kernel(

@@ -126,3 +126,67 @@ def test_decode_cuda_graph_replay():
         graph.replay()
         ref = decode_attention_reference(q.float(), k.float(), v.float(), q_offset=offset)
         torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
+
+
+# ---------------------------------------------------------------- rope_decode_attention
+
+
+def new_token(B, Hq, Hkv, D, dtype, seed=1):
+    """q (B, 1, Hq, D), k, v (B, 1, Hkv, D): column slices of one fused q/k/v projection."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, (Hq + 2 * Hkv) * D, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    return q.view(B, 1, Hq, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "Hq,Hkv,Tmax,D,cache_pos,window,padded",
+    [
+        (6, 3, 129, 64, 100, None, "pad"),  # GQA, a left-padded row (its positions lag the slot)
+        (6, 3, 129, 40, 0, None, "none"),  # the first token; D not a power of two
+        (4, 4, 65, 128, 64, 9, "none"),  # the last slot, a sliding window
+        (8, 1, 97, 64, 31, None, "pad"),  # MQA; slot 31 ends an interpreter split of 32 keys
+        (8, 1, 97, 64, 32, 5, "hide_new"),  # slot 32 starts the next one; row 1 masks the new key
+    ],
+)
+def test_rope_decode_attention_matches_the_two_kernels(Hq, Hkv, Tmax, D, cache_pos, window, padded, dtype):
+    """One launch against rope_kv_write's and decode_attention's references in turn: the output,
+    and the caches (the rotated k and the v at cache_pos, every other slot untouched)."""
+    from llava_next.kernels import rope_decode_attention, rope_decode_attention_reference
+
+    B = 2
+    q, k, v = new_token(B, Hq, Hkv, D, dtype)
+    _, k_cache, v_cache = make_step(B, Hq, Hkv, Tmax, D, dtype)  # random: stale slots must stay unread
+    kv_mask = torch.ones(B, Tmax, dtype=torch.bool, device=DEVICE)
+    pad = 7 if padded == "pad" else 0
+    kv_mask[1, :pad] = False
+    if padded == "hide_new":  # kv_mask hides the token itself from row 1, as decode_attention would
+        kv_mask[1, cache_pos] = False
+    position_ids = torch.tensor([[cache_pos + 3000], [max(cache_pos - pad, 0)]], device=DEVICE)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32, device=DEVICE) / D)
+    kw = dict(kv_mask=kv_mask, sliding_window=window)
+    caches = (k_cache.clone(), v_cache.clone())
+    out = rope_decode_attention(q, k, v, position_ids, inv_freq, *caches, torch.tensor(cache_pos, device=DEVICE), **kw)
+    ref_caches = (k_cache.float(), v_cache.float())
+    ref = rope_decode_attention_reference(q.float(), k.float(), v.float(), position_ids, inv_freq, *ref_caches,
+                                          cache_pos, **kw)
+    assert out.shape == (B, Hq, 1, D)
+    assert_matches_reference(out, ref, q.transpose(1, 2))
+    torch.testing.assert_close(caches[0].float(), ref_caches[0], **TOL[dtype])
+    torch.testing.assert_close(caches[1].float(), ref_caches[1], atol=0, rtol=0)
+
+
+def test_rope_decode_attention_errors():
+    from llava_next.kernels import rope_decode_attention
+
+    q, k, v = new_token(1, 4, 2, 64, torch.float32)
+    cache = torch.zeros(1, 2, 8, 64, device=DEVICE)
+    pos = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    inv = torch.ones(32, device=DEVICE)
+    with pytest.raises(ValueError, match="outside the cache"):
+        rope_decode_attention(q, k, v, pos, inv, cache, cache.clone(), 8)
+    with pytest.raises(ValueError, match="inv_freq"):
+        rope_decode_attention(q, k, v, pos, inv[:16], cache, cache.clone(), 0)
+    with pytest.raises(ValueError, match=r"\(B, 1, Hq, D\)"):
+        rope_decode_attention(q.expand(1, 2, 4, 64), k, v, pos, inv, cache, cache.clone(), 0)

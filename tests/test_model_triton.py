@@ -49,7 +49,7 @@ def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse, monkeypatch):
     """With a cache the triton model uses the fused rope + cache-write kernel, flash attention for
     the prompt and flash-decoding for each new token; with fuse_projections, q/k/v come out of
     one product as strided views, which the rope kernel must read as such; with decode kernels,
-    each decode step's layers run as decode_linear kernels (decode_forward)."""
+    each decode step's layers run as decode_linear kernels and rope_decode_attention (decode_forward)."""
     from llava_next.language import LlamaDecoderLayer
 
     config, sdpa, triton = models
@@ -57,10 +57,14 @@ def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse, monkeypatch):
         triton = copy.deepcopy(triton).fuse_projections()
     elif fuse == "decode_kernels":
         triton = copy.deepcopy(triton).enable_decode_kernels()
-    decode_calls = []
-    fast = LlamaDecoderLayer.decode_forward
+    import llava_next.kernels as K
+
+    decode_calls, fused_attention_calls = [], []
+    fast, fused_attention = LlamaDecoderLayer.decode_forward, K.rope_decode_attention
     monkeypatch.setattr(LlamaDecoderLayer, "decode_forward",
                         lambda self, x, *a, **k: decode_calls.append(x.shape) or fast(self, x, *a, **k))
+    monkeypatch.setattr(K, "rope_decode_attention",
+                        lambda *a, **k: fused_attention_calls.append(1) or fused_attention(*a, **k))
     inputs = batch(config)
     T = inputs["input_ids"].shape[1]
     steps = torch.randint(3, 1000, (2, 3), device=DEVICE)
@@ -78,6 +82,7 @@ def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse, monkeypatch):
     assert diff <= 2e-4
     n_layers = config.text_config.num_hidden_layers
     assert decode_calls == ([(2, 1, config.text_config.hidden_size)] * 3 * n_layers if fuse == "decode_kernels" else [])
+    assert len(fused_attention_calls) == len(decode_calls)  # each decode step's attention in one kernel
 
 
 def test_decode_kernels_greedy_tokens_and_stepping_aside(models):

@@ -2,6 +2,7 @@
 
     flash_attention   prefill / vision attention (causal or not, GQA, padding, sliding window)
     decode_attention  one query token over a static KV cache (split-K flash-decoding)
+    rope_decode_attention  rope_kv_write and decode_attention in one launch (one new token a row)
     decode_linear     a few rows times a weight, with the SiLU-mul of gate/up or a residual add fused after
     rope_kv_write     rotary on q and k fused with the KV-cache write
     rms_norm          LlamaRMSNorm
@@ -19,6 +20,7 @@ __all__ = [
     "triton_available",
     "flash_attention", "flash_attention_reference",
     "decode_attention", "decode_attention_reference",
+    "rope_decode_attention", "rope_decode_attention_reference",
     "decode_linear", "decode_linear_reference",
     "rope_kv_write", "rope_kv_write_reference",
     "rms_norm", "rms_norm_reference",
@@ -62,7 +64,8 @@ if importlib.util.find_spec("triton") is not None:
     _check_interpreter()
     # Imported eagerly (and after the submodules are bound) so that `llava_next.kernels.rms_norm`
     # is always the function, never the submodule of the same name.
-    from .decode_attention import decode_attention, decode_attention_reference
+    from .decode_attention import (decode_attention, decode_attention_reference, rope_decode_attention,
+                                   rope_decode_attention_reference)
     from .decode_linear import decode_linear, decode_linear_reference
     from .flash_attention import flash_attention, flash_attention_reference
     from .rms_norm import rms_norm, rms_norm_reference

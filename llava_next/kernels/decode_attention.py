@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import _offset_arg, online_softmax_step
+from .rope_kv_write import rope_cos_sin
 
 # Flash-decoding (Dao et al. 2023), stage 1. With one query per sequence, a program per
 # (batch, head) would leave most of the GPU idle at batch 1, so the cache is also cut along the
@@ -28,7 +29,7 @@ from .flash_attention import _offset_arg, online_softmax_step
 
 @triton.jit(do_not_specialize=["q_offset", "window"])
 def _decode_split_kernel(
-    Q, K, V, KvMask, QOffset, PartO, PartLse,
+    Q, K, V, KvMask, QOffset, PartO, PartLse, KNew, VNew, PosIds, InvFreq,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -36,11 +37,15 @@ def _decode_split_kernel(
     stride_offb,
     stride_pob, stride_poh, stride_pos, stride_pod,
     stride_plb, stride_plh, stride_pls,
+    stride_knb, stride_knh, stride_knd,
+    stride_vnb, stride_vnh, stride_vnd,
+    stride_posb,
     GROUP, Tmax, q_offset, window, qk_scale, split_len,
     HEAD_DIM: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_KV_MASK: tl.constexpr,
     OFFSET_FROM_PTR: tl.constexpr,
+    NEW_KV: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -52,8 +57,12 @@ def _decode_split_kernel(
     if OFFSET_FROM_PTR:
         q_offset = tl.load(QOffset + b * stride_offb).to(tl.int32)
 
-    # keys this row may see: [start, end), intersected with this program's slice
-    end = tl.minimum(q_offset + 1, Tmax)
+    # keys this row may see: [start, end), intersected with this program's slice. With NEW_KV
+    # the current token's key is not in the cache yet: the loop stops before it (see below).
+    end = q_offset + 1
+    if NEW_KV:
+        end = q_offset
+    end = tl.minimum(end, Tmax)
     start = 0
     if HAS_WINDOW:
         start = tl.maximum(q_offset - window + 1, 0)
@@ -68,10 +77,33 @@ def _decode_split_kernel(
     h = kv_h * GROUP + offs_h
     h_ok = offs_h < GROUP
     d_ok = offs_d < HEAD_DIM
+    q_tile = h_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
+                mask=q_tile, other=0.0)  # (BLOCK_H, BLOCK_D)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
+    if NEW_KV:
+        # Rotary in place of rope_kv_write, as rotate-half on whole rows: element d pairs with
+        # d +- D/2 (its partner), x_rot[d] = x[d] cos - x[d + D/2] sin in the first half and
+        # x[d] cos + x[d - D/2] sin in the second; fp32, rounded once, as rope_kv_write does.
+        half = HEAD_DIM // 2
+        partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+        sign = tl.where(offs_d < half, -1.0, 1.0)
+        pos = tl.load(PosIds + b * stride_posb).to(tl.float32)
+        cos, sin = rope_cos_sin(pos, tl.load(InvFreq + offs_d % half, mask=d_ok, other=0.0))  # (BLOCK_D,)
+        q_pair = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + partner[None, :] * stride_qd,
+                         mask=q_tile, other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_pair.to(tl.float32) * sin[None, :]).to(q.dtype)
+        k_new = tl.load(KNew + b * stride_knb + kv_h * stride_knh + offs_d * stride_knd, mask=d_ok, other=0.0)
+        k_pair = tl.load(KNew + b * stride_knb + kv_h * stride_knh + partner * stride_knd, mask=d_ok, other=0.0)
+        k_new = (k_new.to(tl.float32) * cos + sign * k_pair.to(tl.float32) * sin).to(k_new.dtype)  # (BLOCK_D,)
+        v_new = tl.load(VNew + b * stride_vnb + kv_h * stride_vnh + offs_d * stride_vnd, mask=d_ok, other=0.0)
+        # The program whose slice holds the current slot writes the token into the cache (for
+        # the next steps); no program reads that slot in this launch.
+        slot = offs_d * 0 + q_offset  # as a vector: masks built from scalars alone trip the interpreter
+        owns = (slot >= split_lo) & (slot < split_lo + split_len) & (slot < Tmax)  # (BLOCK_D,), all equal
+        tl.store(k_base + q_offset * stride_kn + offs_d * stride_kd, k_new, mask=d_ok & owns)
+        tl.store(v_base + q_offset * stride_vn + offs_d * stride_vd, v_new, mask=d_ok & owns)
 
     m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -89,6 +121,22 @@ def _decode_split_kernel(
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, DOT_PRECISION)
+
+    if NEW_KV:  # the current token's key, from registers, in the owning program only
+        owns_h = tl.max(owns.to(tl.int32), 0) + offs_h * 0 != 0  # (BLOCK_H,)
+        if HAS_KV_MASK:
+            keep = tl.load(KvMask + b * stride_maskb + tl.minimum(q_offset, Tmax - 1) * stride_maskn)
+            owns_h = owns_h & (offs_h * 0 + keep != 0)
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale  # (BLOCK_H,)
+        s_new = tl.where(owns_h, s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s_new - m_use)
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + p
+        p = p.to(v_new.dtype).to(tl.float32)  # rounded like the p fed to tl.dot in the loop
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+        m_i = m_new
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -167,6 +215,44 @@ def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_win
     tensor (or int) = cache index of the current token, keys 0..q_offset are valid; kv_mask
     (B, Tmax) bool, False = padding. Returns (B, Hq, 1, D) in q's dtype.
     `config` overrides the tile/split choice (benchmark sweeps)."""
+    return _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, scale, config)
+
+
+def rope_decode_attention(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, *, kv_mask=None,
+                          sliding_window=None, scale=None, config=None):
+    """rope_kv_write then decode_attention, as one kernel launch, for one new token per row.
+
+    q (B, 1, Hq, D), k, v (B, 1, Hkv, D): the token's projections before rotary, any strides
+    (views of one fused q/k/v product); position_ids (B, 1) int; inv_freq (D/2,) fp32; k_cache,
+    v_cache (B, Hkv, Tmax, D); cache_pos: int or 0-d int tensor, the token's cache slot, which is
+    also its key index. Writes the rotated k and v into the caches at cache_pos and returns the
+    attention output (B, Hq, 1, D), as the two kernels in turn would (within rounding)."""
+    if q.dim() != 4 or q.shape[1] != 1 or k.dim() != 4 or v.shape != k.shape or k.shape[1] != 1:
+        raise ValueError(f"q must be (B, 1, Hq, D) and k, v (B, 1, Hkv, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, _, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or k_cache.dim() != 4 or k.shape[2] != k_cache.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and k_cache {tuple(k_cache.shape)} disagree")
+    if D % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {D}")
+    if inv_freq.shape != (D // 2,):
+        raise ValueError(f"inv_freq must have shape ({D // 2},) for head_dim {D}, got {tuple(inv_freq.shape)}")
+    if position_ids.shape != (B, 1):
+        raise ValueError(f"position_ids must be ({B}, 1), got {tuple(position_ids.shape)}")
+    if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() != 1:
+        raise ValueError(f"cache_pos must be an int or a 0-d tensor, got shape {tuple(cache_pos.shape)}")
+    if not isinstance(cache_pos, torch.Tensor) and not 0 <= int(cache_pos) < k_cache.shape[2]:
+        raise ValueError(f"cache_pos {int(cache_pos)} is outside the cache of length {k_cache.shape[2]}")
+    if not (k.dtype == v.dtype == q.dtype == k_cache.dtype):
+        raise TypeError(f"q, k, v and the caches must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {k_cache.dtype}")
+    new_kv = (k[:, 0], v[:, 0], position_ids, inv_freq.to(torch.float32))  # k, v (B, Hkv, D)
+    return _decode_attention(q.transpose(1, 2), k_cache, v_cache, cache_pos, kv_mask, sliding_window, scale, config,
+                             new_kv)
+
+
+def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, scale, config, new_kv=None):
+    """Checks and launches both stages; new_kv = (k, v (B, Hkv, D), position_ids, inv_freq)
+    makes stage 1 rotate q and k and write the token into the cache (rope_decode_attention)."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode_attention takes one query token: q must be (B, Hq, 1, D), got {tuple(q.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -195,20 +281,23 @@ def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_win
     part_o = torch.empty((B, Hq, splits, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B, Hq, splits), device=q.device, dtype=torch.float32)
     mask_t = kv_mask.view(torch.uint8) if kv_mask is not None else None
+    k_new, v_new, pos_ids, inv_freq = new_kv if new_kv is not None else (q[:, :, 0],) * 2 + (q, q)
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache,
         mask_t if mask_t is not None else q, offset_t if offset_t is not None else q,
-        part_o, part_lse,
+        part_o, part_lse, k_new, v_new, pos_ids, inv_freq,
         q.stride(0), q.stride(1), q.stride(3),
         *k_cache.stride(), *v_cache.stride(),
         *(mask_t.stride() if mask_t is not None else (0, 0)),
         stride_offb,
         *part_o.stride(), *part_lse.stride(),
+        *k_new.stride(), *v_new.stride(), pos_ids.stride(0),
         group, Tmax, offset, int(sliding_window or 0), scale * 1.4426950408889634, split_len,
         HEAD_DIM=D,
         HAS_WINDOW=sliding_window is not None,
         HAS_KV_MASK=kv_mask is not None,
         OFFSET_FROM_PTR=offset_t is not None,
+        NEW_KV=new_kv is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -234,3 +323,13 @@ def decode_attention_reference(q, k_cache, v_cache, *, q_offset, kv_mask=None, s
 
     return flash_attention_reference(q, k_cache, v_cache, causal=True, q_offset=q_offset, kv_mask=kv_mask,
                                      sliding_window=sliding_window, scale=scale)
+
+
+def rope_decode_attention_reference(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, *, kv_mask=None,
+                                    sliding_window=None, scale=None):
+    """The two references in turn: rope_kv_write_reference, then decode_attention_reference."""
+    from .rope_kv_write import rope_kv_write_reference
+
+    q = rope_kv_write_reference(q, k, v, position_ids, inv_freq, k_cache, v_cache, int(cache_pos))
+    return decode_attention_reference(q, k_cache, v_cache, q_offset=cache_pos, kv_mask=kv_mask,
+                                      sliding_window=sliding_window, scale=scale)

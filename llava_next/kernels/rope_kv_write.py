@@ -21,6 +21,18 @@ import triton.language as tl
 # rounds after each product: the two agree to about one ulp).
 
 
+@triton.jit
+def rope_cos_sin(pos, inv_freq):
+    """cos and sin of pos * inv_freq (fp32), the angle reduced modulo 2 pi first (see above);
+    shared with the fused decode attention."""
+    angle = pos * inv_freq
+    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+    angle = angle - turns * 6.28125  # exact: C1 has 8 significant bits
+    angle = angle - turns * 1.9353071693331003e-03  # C2 = fp32(2 pi - C1)
+    angle = angle - turns * 1.0253376606378076e-11  # C3 = 2 pi - C1 - C2
+    return tl.cos(angle), tl.sin(angle)
+
+
 @triton.jit(do_not_specialize=["T", "cache_pos"])  # decode steps reuse one binary
 def _rope_kv_write_kernel(
     Q, K, V, PosIds, InvFreq, KCache, VCache, QOut, CachePos,
@@ -47,14 +59,9 @@ def _rope_kv_write_kernel(
     offs_f = tl.arange(0, BLOCK_F)
     f_ok = offs_f < HALF
     pos = tl.load(PosIds + b * stride_pb + t * stride_pt).to(tl.float32)
-    inv_freq = tl.load(InvFreq + offs_f, mask=f_ok, other=0.0)
-    angle = pos * inv_freq
-    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
-    angle = angle - turns * 6.28125  # exact: C1 has 8 significant bits
-    angle = angle - turns * 1.9353071693331003e-03  # C2 = fp32(2 pi - C1)
-    angle = angle - turns * 1.0253376606378076e-11  # C3 = 2 pi - C1 - C2
-    cos = tl.cos(angle)[None, :] * attn_scaling  # (1, BLOCK_F)
-    sin = tl.sin(angle)[None, :] * attn_scaling
+    cos, sin = rope_cos_sin(pos, tl.load(InvFreq + offs_f, mask=f_ok, other=0.0))
+    cos = cos[None, :] * attn_scaling  # (1, BLOCK_F)
+    sin = sin[None, :] * attn_scaling
 
     # q: rotate and store head-major
     offs_hq = tl.arange(0, BLOCK_HQ)
