@@ -184,6 +184,19 @@ def test_triton_mlp_kernel_steps_aside_for_any_input_needing_grad(models):
     assert rel <= 1e-3
 
 
+def test_decode_kernels_short_text_prompt(models):
+    """A short left-padded text prompt (2 x 6 rows <= 64): with decode kernels the prefill too runs
+    decode_forward (through the cache-writing rope kernel and flash attention, T > 1), then the
+    steps take rope_decode_attention; the same greedy tokens as sdpa."""
+    config, sdpa, triton = models
+    ids, mask = prompt_ids(config, [[], []], [5, 3])
+    inputs = dict(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE))
+    assert ids.numel() <= 64
+    want = sdpa.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    model = copy.deepcopy(triton).enable_decode_kernels()
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, eos_token_id=[]), want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("decode_kernels", [False, True], ids=["cublas", "decode_kernels"])
 def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels):
