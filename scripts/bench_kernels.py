@@ -260,12 +260,14 @@ def bench_rope_decode(B, Hq, Hkv, L, Tmax, D):
     slot = torch.tensor(L - 1, device=DEV)
     inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
 
+    kv_mask = torch.ones(B, Tmax, device=DEV, dtype=torch.bool)  # the model always passes the cache's
+
     def two_kernels(q, k, v, kc, vc):
         q_rot = rope_kv_write(q, k, v, pos_ids, inv, kc, vc, slot)
-        return decode_attention(q_rot, kc, vc, q_offset=slot)
+        return decode_attention(q_rot, kc, vc, q_offset=slot, kv_mask=kv_mask)
 
     def fused(q, k, v, kc, vc):
-        return rope_decode_attention(q, k, v, pos_ids, inv, kc, vc, slot)
+        return rope_decode_attention(q, k, v, pos_ids, inv, kc, vc, slot, kv_mask=kv_mask)
 
     ours = bench(lambda: fused(*next(sets)))
     base = bench(lambda: two_kernels(*next(sets)))

@@ -104,7 +104,8 @@ def decode(dtype, D, group, window=False, mask=False, new_kv=False):
     consts = dict(HEAD_DIM=D, HAS_WINDOW=window, HAS_KV_MASK=mask, OFFSET_FROM_PTR=True, NEW_KV=new_kv,
                   BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    label = f"decode split {dtype} D{D} group{group}{' +rope/cache write' if new_kv else ''} BN{block_n}"
+    label = (f"decode split {dtype} D{D} group{group}{' window' if window else ''}{' kv_mask' if mask else ''}"
+             f"{' +rope/cache write' if new_kv else ''} BN{block_n}")
     report(label, compile_kernel(da._decode_split_kernel, ptrs, consts, 4, 3))
 
 

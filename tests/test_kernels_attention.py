@@ -155,6 +155,7 @@ def test_flash_tma_falls_back_where_it_cannot_read():
     assert _tma_descriptors(k, v, 32) is None  # head_dim 40: not a power of two
     q, k, v = make_qkv(1, 2, 1, 9, 9, 32, torch.float16, layout="sliced")
     assert _tma_descriptors(k, v, 32) is None  # 6-byte offset into a wider buffer: not 16-byte aligned
+    assert _tma_descriptors(*make_qkv(1, 2, 1, 9, 0, 32, torch.float16)[1:], 32) is None  # no keys
     out, _ = _flash_attention_forward(q, k, v, True, use_tma=True)
     assert_matches_reference(out, flash_attention_reference(q.float(), k.float(), v.float(), causal=True), q)
 
@@ -224,6 +225,7 @@ def test_flash_backward_realistic_cuda(dtype):
 @pytest.mark.parametrize("use_tma", [False, True], ids=["pointer_loads", "tma"])
 def test_flash_realistic_cuda(B, Hq, Hkv, T, D, causal, dtype, use_tma):
     q, k, v = make_qkv(B, Hq, Hkv, T, T, D, dtype)
+    assert not use_tma or _tma_descriptors(k, v, 64) is not None  # really the TMA loads
     out, _ = _flash_attention_forward(q, k, v, causal, use_tma=use_tma)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(Hq // Hkv, 1), v.float().repeat_interleave(Hq // Hkv, 1), is_causal=causal)

@@ -167,7 +167,8 @@ def test_rope_decode_attention_matches_the_two_kernels(Hq, Hkv, Tmax, D, cache_p
     inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32, device=DEVICE) / D)
     kw = dict(kv_mask=kv_mask, sliding_window=window)
     caches = (k_cache.clone(), v_cache.clone())
-    out = rope_decode_attention(q, k, v, position_ids, inv_freq, *caches, torch.tensor(cache_pos, device=DEVICE), **kw)
+    slot = cache_pos if cache_pos % 2 else torch.tensor(cache_pos, device=DEVICE)  # the int and tensor forms
+    out = rope_decode_attention(q, k, v, position_ids, inv_freq, *caches, slot, **kw)
     ref_caches = (k_cache.float(), v_cache.float())
     ref = rope_decode_attention_reference(q.float(), k.float(), v.float(), position_ids, inv_freq, *ref_caches,
                                           cache_pos, **kw)
@@ -190,3 +191,6 @@ def test_rope_decode_attention_errors():
         rope_decode_attention(q, k, v, pos, inv[:16], cache, cache.clone(), 0)
     with pytest.raises(ValueError, match=r"\(B, 1, Hq, D\)"):
         rope_decode_attention(q.expand(1, 2, 4, 64), k, v, pos, inv, cache, cache.clone(), 0)
+    with pytest.raises(ValueError, match="fewer than the cache's 8"):  # a split config leaving slots uncovered
+        rope_decode_attention(q, k, v, pos, inv, cache, cache.clone(), 7,
+                              config=dict(BLOCK_N=16, SPLIT_LEN=3, NUM_SPLITS=2, num_warps=4, num_stages=1))

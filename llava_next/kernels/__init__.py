@@ -2,7 +2,7 @@
 
     flash_attention   prefill / vision attention (causal or not, GQA, padding, sliding window)
     decode_attention  one query token over a static KV cache (split-K flash-decoding)
-    rope_decode_attention  rope_kv_write and decode_attention in one launch (one new token a row)
+    rope_decode_attention  rope_kv_write folded into decode_attention (one new token a row)
     decode_linear     a few rows times a weight, with the SiLU-mul of gate/up or a residual add fused after
     rope_kv_write     rotary on q and k fused with the KV-cache write
     rms_norm          LlamaRMSNorm

@@ -125,7 +125,7 @@ def _decode_split_kernel(
     if NEW_KV:  # the current token's key, from registers, in the owning program only
         owns_h = tl.max(owns.to(tl.int32), 0) + offs_h * 0 != 0  # (BLOCK_H,)
         if HAS_KV_MASK:
-            keep = tl.load(KvMask + b * stride_maskb + tl.minimum(q_offset, Tmax - 1) * stride_maskn)
+            keep = tl.load(KvMask + b * stride_maskb + tl.maximum(tl.minimum(q_offset, Tmax - 1), 0) * stride_maskn)
             owns_h = owns_h & (offs_h * 0 + keep != 0)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale  # (BLOCK_H,)
         s_new = tl.where(owns_h, s_new, float("-inf"))
@@ -220,7 +220,8 @@ def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_win
 
 def rope_decode_attention(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, *, kv_mask=None,
                           sliding_window=None, scale=None, config=None):
-    """rope_kv_write then decode_attention, as one kernel launch, for one new token per row.
+    """rope_kv_write then decode_attention with one launch fewer (the rotary and the cache write
+    happen in decode attention's split kernel), for one new token per row.
 
     q (B, 1, Hq, D), k, v (B, 1, Hkv, D): the token's projections before rotary, any strides
     (views of one fused q/k/v product); position_ids (B, 1) int; inv_freq (D/2,) fp32; k_cache,
@@ -276,6 +277,8 @@ def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, sc
 
     cfg = dict(config) if config is not None else _decode_config(B, Hkv, Tmax, q.dtype, q.device)
     block_n, split_len, splits = cfg.pop("BLOCK_N"), cfg.pop("SPLIT_LEN"), cfg.pop("NUM_SPLITS")
+    if splits * split_len < Tmax:  # a slot no split covers: its key dropped, and with new_kv never cached
+        raise ValueError(f"config covers {splits} x {split_len} keys, fewer than the cache's {Tmax}")
     block_d = max(16, triton.next_power_of_2(D))
     group = Hq // Hkv
     part_o = torch.empty((B, Hq, splits, D), device=q.device, dtype=torch.float32)

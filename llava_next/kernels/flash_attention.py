@@ -225,7 +225,7 @@ def _tma_descriptors(k, v, block_n: int):
     except ImportError:  # triton < 3.4
         return None
     D = k.shape[-1]
-    if D < 16 or D & (D - 1):
+    if D < 16 or D & (D - 1) or 0 in k.shape:  # a descriptor needs every dimension > 0
         return None
     descs = []
     for t in (k, v):
