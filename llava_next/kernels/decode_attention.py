@@ -25,6 +25,9 @@ from .rope_kv_write import rope_cos_sin
 # Each program runs the online softmax over its slice (masked to [window start, q_offset] and
 # by kv_mask) and writes the normalized partial output o_s = acc / l and its log-sum-exp
 # lse_s = m + log2(l) (log2 domain; -inf for a slice that saw no key, e.g. past q_offset).
+# With NEW_KV (rope_decode_attention) q and the token's k arrive unrotated: each program rotates
+# them, the program whose slice holds the token's slot writes k and v into the cache, and the
+# token's own key is folded in from registers rather than read back (see the kernel body).
 
 
 @triton.jit(do_not_specialize=["q_offset", "window"])

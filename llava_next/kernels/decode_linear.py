@@ -8,8 +8,9 @@ At batch 1 a decoder layer reads each weight once and does almost no arithmetic,
 the weights' bytes over the memory bandwidth plus a fixed cost per kernel. cuBLAS runs these
 products well, but around them sit small kernels (SiLU-mul, two residual adds per layer), and
 cuBLAS adds split-K reduction kernels for some shapes. Folding the activation and the residual
-adds into the products' outputs leaves a decoder layer at four matrix kernels, two RMSNorms, the
-rope + cache write and attention (llava_next/language.py, `LlamaDecoderLayer.decode_forward`).
+adds into the products' outputs leaves a decoder layer at four matrix kernels, two RMSNorms and
+attention, which does the rotary and the cache write too (rope_decode_attention; see
+`LlamaDecoderLayer.decode_forward` in llava_next/language.py).
 """
 
 import torch
@@ -27,9 +28,10 @@ from .decode_attention import _sm_count
 #
 # Why the fusions sit after the product, never before it: every program needs the whole input
 # row, so an operation on the input (RMSNorm, SiLU-mul) would be recomputed by each of the
-# hundreds of programs, on a 16-row tile that is mostly padding. Compiled for sm_90 that cost
-# more issue slots per K chunk than the chunk's bytes take to arrive. An operation on the output
-# is done once, by the program that owns the columns.
+# hundreds of programs, on a 16-row tile that is mostly padding: in a version compiled for sm_90
+# the SiLU-mul's exp and reciprocal alone came to about four times the cycles a K chunk's bytes
+# take to arrive (an estimate from the SASS, bench/NOTES.md). An operation on the output is done
+# once, by the program that owns the columns.
 #
 # Rounding follows the unfused modules where they round: the product (+ bias) is rounded to the
 # dtype; SiLU-mul is silu(g) * u in fp32 from the rounded g and u, rounded once (swiglu.py);
