@@ -361,7 +361,8 @@ def bench_decode_linear(name, M, N, K, gated=False, residual=False):
 def sweep_decode_linear(name, M, N, K, gated=False, residual=False):
     nbytes, sets = _linear_inputs(M, N, K, gated)
     for bn, bk, w, st in [(16, 128, 4, 4), (16, 256, 4, 3), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3),
-                          (16, 128, 4, 6), (64, 128, 4, 3), (16, 512, 4, 2), (32, 128, 8, 4)]:
+                          (16, 128, 4, 6), (64, 128, 4, 3), (16, 512, 4, 2), (32, 128, 8, 4),
+                          (16, 128, 2, 4), (16, 256, 2, 4)]:  # 2 warps: no warp idles on a 16-wide tile
         cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
         try:
             ms = bench(lambda: (lambda x, wt, r: decode_linear(x, wt, residual=r if residual else None, gated=gated,
