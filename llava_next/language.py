@@ -188,12 +188,13 @@ class LlamaDecoderLayer(nn.Module):
         if any(type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
                for m, cls in modules.items()):
             return None
-        if not all(_plain(t, x) for lin in linears for t in (lin.weight, lin.bias)):
-            return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
-        qkv, gate_up = fused_weights(linears[:3]), fused_weights(linears[4:6])
+        qkv, gate_up = fused_weights(linears[:3]), fused_weights(linears[4:6])  # plain tensors, one dtype
         if qkv is None or gate_up is None:
+            return None
+        o, down = attn.o_proj, mlp.down_proj
+        if not all(_plain(t, x) for t in (*qkv, *gate_up, o.weight, o.bias, down.weight, down.bias)):
             return None
         return qkv, gate_up
 
