@@ -51,6 +51,8 @@ from llava_next.kernels import (  # noqa: E402
 )
 from llava_next.kernels.decode_attention import _decode_config  # noqa: E402
 from llava_next.kernels.decode_linear import _config as _linear_config  # noqa: E402
+
+dl = sys.modules["llava_next.kernels.decode_linear"]
 from llava_next.kernels.flash_attention import _flash_attention_forward  # noqa: E402
 
 GPU = args.device == "cuda"
@@ -349,8 +351,12 @@ def bench_decode_linear(name, M, N, K, gated=False, residual=False):
 
     ms = bench(lambda: ours(*next(sets)))
     base = bench(lambda: unfused(*next(sets)))
-    cfg = _linear_config(M, N, K, gated, DTYPE, torch.device(DEV))
-    note = f"BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} s{cfg['num_stages']}"
+    if GPU and dl.AUTOTUNE:  # the tile the autotuner kept for this shape (the last one launched)
+        best = dl._tuned_kernel.best_config
+        note = f"autotuned BN{best.kwargs['BLOCK_N']} BK{best.kwargs['BLOCK_K']} w{best.num_warps} s{best.num_stages}"
+    else:
+        cfg = _linear_config(M, N, K, gated, DTYPE, torch.device(DEV))
+        note = f"BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} s{cfg['num_stages']}"
     if GPU and peak_bandwidth_gbs():
         note += f", {100 * nbytes / (ms * 1e-3) / 1e9 / peak_bandwidth_gbs():.0f}% of spec"
     what = ("gated " if gated else "") + ("+res " if residual else "")

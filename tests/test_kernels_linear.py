@@ -76,6 +76,27 @@ def test_decode_linear_config_override():
         torch.testing.assert_close(y, want, **TOL[torch.float32])
 
 
+def test_decode_linear_autotuned_launch(monkeypatch):
+    """The GPU's launch path (triton.autotune over the tiles, EVEN_K from the tile chosen) with one
+    candidate, which the autotuner runs without timing, so the interpreter can take it too."""
+    import sys
+
+    import triton
+
+    dl = sys.modules["llava_next.kernels.decode_linear"]
+    tuned = triton.autotune(configs=[triton.Config(dict(BLOCK_N=16, BLOCK_K=64), num_warps=4, num_stages=1)],
+                            key=["M", "N", "K"])(dl._kernel)
+    monkeypatch.setattr(dl, "_tuned_kernel", tuned)
+    monkeypatch.setattr(dl, "_autotune", lambda x: True)
+    g = torch.Generator().manual_seed(5)
+    x, w, r = randn(3, 100, g=g), randn(2 * 40, 100, g=g, scale=0.1), randn(3, 40, g=g)  # K % 64 != 0
+    torch.testing.assert_close(decode_linear(x, w, residual=r, gated=True),
+                               decode_linear_reference(x, w, residual=r, gated=True), **TOL[torch.float32])
+    x, w = randn(2, 128, g=g), randn(40, 128, g=g, scale=0.1)  # K % 64 == 0: EVEN_K
+    torch.testing.assert_close(decode_linear(x, w), x @ w.T, **TOL[torch.float32])
+    assert tuned.best_config.kwargs == dict(BLOCK_N=16, BLOCK_K=64)  # the launch went through the autotuner
+
+
 def test_decode_linear_matches_transformers_mlp():
     """transformers' LlamaMLP plus the residual, as two kernels: gated gate/up, then down + residual."""
     from transformers import LlamaConfig

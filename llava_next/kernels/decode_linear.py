@@ -99,10 +99,24 @@ def _decode_linear_kernel(
 
 MAX_ROWS = 64  # the kernel holds all rows in one tile; more rows are a matrix product (cuBLAS)
 
+# EVEN_K follows from the tile: whichever BLOCK_K runs, the K mask is dropped when it divides K.
+_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_decode_linear_kernel)
+
+# On a GPU the tiles are picked per shape by timing these on its first call (triton.autotune:
+# each config compiled and run, the fastest kept for that (M, N, K, ...)); a CUDA graph's warm-up
+# steps do it before capture. The candidates are the sweep's (scripts/bench_kernels.py --sweep);
+# none has been timed on a GPU yet. AUTOTUNE = False uses `_config`'s heuristic instead.
+AUTOTUNE = True
+_TUNED_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                  for bn, bk, w, st in ((16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
+                                        (16, 128, 2, 4), (64, 128, 4, 3))]
+_tuned_kernel = triton.autotune(configs=_TUNED_CONFIGS, key=["M", "N", "K", "GATED", "HAS_BIAS", "HAS_RESIDUAL"])(_kernel)
+
 
 def _config(M: int, N: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tiles by shape. On a GPU: the widest BLOCK_N that still gives every SM about four
-    programs (so the tail of the last wave is short), 128-wide K chunks four stages deep
+    """Tiles by shape where nothing is autotuned (the interpreter, AUTOTUNE = False). On a GPU:
+    the widest BLOCK_N that still gives every SM about four programs (so the tail of the last
+    wave is short), 128-wide K chunks four stages deep
     (BLOCK_N x 128 x 2 bytes per stage: 8 KiB at BLOCK_N 32, several programs per SM), fewer
     stages where many rows or wide gated tiles would pass 96 KiB of shared memory (within an
     A100's 163 KiB as well as a Hopper's 227). Not yet timed on a GPU: `config=` and
@@ -124,13 +138,18 @@ def _config(M: int, N: int, K: int, gated: bool, dtype: torch.dtype, device: tor
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
 
 
+def _autotune(x) -> bool:
+    return AUTOTUNE and x.is_cuda  # the interpreter cannot time configs
+
+
 def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=None):
     """x @ weight.T + bias (+ residual) for a few rows (at most MAX_ROWS); with gated=True,
     weight (and bias) stack [gate; up] and the result is silu(x @ gate.T) * (x @ up.T).
 
     x (..., K) with a contiguous last dim; weight (N, K), or (2N, K) gated, contiguous; bias
     matching weight's rows or None; residual (..., N) like the output, or None. All share x's
-    dtype. Returns (..., N) in x's dtype. `config` overrides the tiles (benchmark sweeps)."""
+    dtype. Returns (..., N) in x's dtype. `config` overrides the tiles (benchmark sweeps; on a
+    GPU they are otherwise autotuned, see AUTOTUNE)."""
     K = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != K or K == 0:
         raise ValueError(f"decode_linear weight must be (N, {K}) with K > 0 to match x {tuple(x.shape)}, "
@@ -157,25 +176,20 @@ def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=No
     if M == 0 or N == 0:
         return y.view(out_shape)
     r2 = residual.reshape(M, N) if residual is not None else None
+    args = (x2, weight, bias if bias is not None else x2, r2 if r2 is not None else y, y,
+            x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), M, N, K)
+    flags = dict(GATED=bool(gated), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    if config is None and _autotune(x):
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _tuned_kernel[grid](*args, BLOCK_M=max(16, triton.next_power_of_2(M)), **flags)
+        return y.view(out_shape)
     cfg = dict(config) if config is not None else _config(M, N, K, gated, x.dtype, x.device)
-    block_n, block_k = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    block_m = cfg.pop("BLOCK_M", max(16, triton.next_power_of_2(M)))
-    if block_m < M:
-        raise ValueError(f"config BLOCK_M={block_m} is smaller than the {M} rows: one tile holds them all")
-    _decode_linear_kernel[(triton.cdiv(N, block_n),)](
-        x2, weight, bias if bias is not None else x2, r2 if r2 is not None else y, y,
-        x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
-        M, N, K,
-        GATED=bool(gated),
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        EVEN_K=K % block_k == 0,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **cfg,
-    )
+    block_n = cfg["BLOCK_N"]
+    cfg.setdefault("BLOCK_M", max(16, triton.next_power_of_2(M)))
+    if cfg["BLOCK_M"] < M:
+        raise ValueError(f"config BLOCK_M={cfg['BLOCK_M']} is smaller than the {M} rows: one tile holds them all")
+    _kernel[(triton.cdiv(N, block_n),)](*args, **flags, **cfg)
     return y.view(out_shape)
 
 
