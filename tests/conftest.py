@@ -8,6 +8,9 @@ import torch
 # anything imports triton (it is read when @triton.jit decorates).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# decode_linear would compile and time six tiles for every shape a test tries on a GPU; one test
+# switches the autotuner back on (test_kernels_linear.py).
+os.environ.setdefault("LLAVA_NEXT_AUTOTUNE", "0")
 
 # Real images, tokenizer models and checkpoint configs live beside the checkout, read-only.
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

@@ -97,6 +97,22 @@ def test_decode_linear_autotuned_launch(monkeypatch):
     assert tuned.best_config.kwargs == dict(BLOCK_N=16, BLOCK_K=64)  # the launch went through the autotuner
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configs on a GPU")
+def test_decode_linear_autotuned_on_gpu(monkeypatch):
+    """The real autotuner (six tiles timed) on mistral-7b's down projection at batch 1."""
+    import sys
+
+    dl = sys.modules["llava_next.kernels.decode_linear"]
+    monkeypatch.setattr(dl, "AUTOTUNE", True)
+    g = torch.Generator().manual_seed(6)
+    x, w, r = (randn(1, 14336, g=g), randn(4096, 14336, g=g, scale=14336 ** -0.5), randn(1, 4096, g=g))
+    x, w, r = (t.to(torch.bfloat16) for t in (x, w, r))
+    y = decode_linear(x, w, residual=r)
+    want = decode_linear_reference(x.float(), w.float(), residual=r.float())
+    torch.testing.assert_close(y.float(), want, **TOL[torch.bfloat16])
+    assert dl._tuned_kernel.best_config in dl._TUNED_CONFIGS
+
+
 def test_decode_linear_matches_transformers_mlp():
     """transformers' LlamaMLP plus the residual, as two kernels: gated gate/up, then down + residual."""
     from transformers import LlamaConfig
