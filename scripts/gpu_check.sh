@@ -3,7 +3,7 @@
 # box, so one that hangs cannot take the others' time. Uses the device's own torch, triton and
 # transformers; nothing is installed.
 #
-#   tests        the kernel and model tests on CUDA (fp32/fp16/bf16), four shards in parallel (<= 150 s)
+#   tests        the kernel and model tests on CUDA (fp32/fp16/bf16), five shards in parallel (<= 150 s)
 #   model_tests  the model-level CUDA tests only (<= 150 s), when only the model code changed
 #   kernels      scripts/bench_kernels.py: each kernel vs SDPA / its eager reference (<= 150 s; decode_linear autotunes)
 #   sweep        the kernel table again plus alternative tile configs, until SESSION_SECONDS
@@ -51,7 +51,8 @@ tests() {  # Triton compiles are CPU-bound and single-threaded per process: shar
   local bad=0
   run_shard attention_fwd tests/test_kernels_attention.py -k "not realistic and not backward" &
   run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" &
-  run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py tests/test_kernels_linear.py &
+  run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py &
+  run_shard linear tests/test_kernels_linear.py &
   run_shard model tests -k "(triton or cuda or gpu or fuse) and not test_kernels" &
   wait
   for f in "$LOG"/test_*.rc; do
