@@ -25,3 +25,30 @@ def test_bench_smoke_and_table(tmp_path):
     assert run.returncode == 0, run.stderr
     text = readme.read_text()
     assert "| cpu |" in text and "old" not in text and text.startswith("before") and text.endswith("after\n")
+
+
+def test_gpu_check_ab_variants_run(tmp_path):
+    """Every bench.py variant gpu_check.sh's `ab` stage runs parses and runs (CPU smoke), and the
+    script refuses an unknown stage before touching a GPU: a typo there would cost a lent
+    GPU's minutes."""
+    import re
+    import shlex
+
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    loop = re.search(r'for v in ((?:"[^"]*" ?)+); do', script)
+    assert loop, "gpu_check.sh's ab loop not found"
+    variants = [shlex.split(v) for v in re.findall(r'"([^"]*)"', loop.group(1))]
+    assert ["--decode-kernels"] in variants and ["--flash-tma"] in variants
+    for i, extra in enumerate(variants):
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--preset", "tiny",
+                              "--new-tokens", "2", "--runs", "1", "--batches", "1", "--no-hf",
+                              "--out", str(tmp_path / f"ab_{i}.json"), *extra],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, (extra, run.stderr[-2000:])
+    profile = re.search(r'"\$PY" scripts/profile_step.py(.*?) 2>&1', script).group(1).split()
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), *profile, "--preset", "vicuna-7b"],
+                         capture_output=True, text=True, timeout=120, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert "needs a CUDA GPU" in run.stderr  # its flags parsed; without a GPU it stops there
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "no_such_stage"], capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert run.returncode == 2 and "unknown stage" in run.stderr
