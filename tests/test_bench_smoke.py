@@ -52,3 +52,17 @@ def test_gpu_check_ab_variants_run(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "no_such_stage"], capture_output=True,
                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
     assert run.returncode == 2 and "unknown stage" in run.stderr
+
+
+def test_bench_kernels_smoke(tmp_path):
+    """scripts/bench_kernels.py's CPU mode (the interpreter, tiny shapes): every kernel's row is
+    produced and written, as the `kernels` stage of gpu_check.sh needs."""
+    out = tmp_path / "kernels.json"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--device", "cpu", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    kernels = {r["kernel"] for r in rows}
+    assert {"prefill_attn", "vision_attn", "attn_backward", "decode_attn", "rope_decode", "rope_kv_write", "rms_norm",
+            "silu_mul", "linear_gate_up", "linear_down"} <= kernels
+    assert any(r["note"].startswith("K/V by TMA") for r in rows)
