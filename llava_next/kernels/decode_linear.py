@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .decode_attention import _sm_count
+from .swiglu import silu_mul_f32
 
 # One program owns BLOCK_N output columns (rows of the weight; with GATED, the same BLOCK_N rows
 # of gate and of up) for all M <= BLOCK_M input rows, and streams its slab of the weight once,
@@ -90,7 +91,7 @@ def _decode_linear_kernel(
         if HAS_BIAS:
             up += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         g = y.to(out_ty).to(tl.float32)  # gate and up are rounded, as the unfused product leaves them
-        y = g / (1.0 + tl.exp(-g)) * up.to(out_ty).to(tl.float32)
+        y = silu_mul_f32(g, up.to(out_ty).to(tl.float32))
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
         y = y.to(out_ty).to(tl.float32)  # linear(x) is rounded before the add

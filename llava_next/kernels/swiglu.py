@@ -11,6 +11,12 @@ import triton.language as tl
 
 
 @triton.jit
+def silu_mul_f32(g, u):
+    """silu(g) * u on fp32 values, as every fused SwiGLU here forms it (shared with decode_linear)."""
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
 def _silu_mul_kernel(
     G, U, Y,
     stride_gm, stride_um, stride_ym,
@@ -22,7 +28,7 @@ def _silu_mul_kernel(
     mask = offs < N
     g = tl.load(G + row * stride_gm + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_um + offs, mask=mask, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
+    y = silu_mul_f32(g, u)
     tl.store(Y + row * stride_ym + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
