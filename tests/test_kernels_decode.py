@@ -185,7 +185,7 @@ def test_rope_decode_attention_errors():
     cache = torch.zeros(1, 2, 8, 64, device=DEVICE)
     pos = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
     inv = torch.ones(32, device=DEVICE)
-    with pytest.raises(ValueError, match="outside the cache"):
+    with pytest.raises(ValueError, match="overflows the cache of length 8"):
         rope_decode_attention(q, k, v, pos, inv, cache, cache.clone(), 8)
     with pytest.raises(ValueError, match="inv_freq"):
         rope_decode_attention(q, k, v, pos, inv[:16], cache, cache.clone(), 0)

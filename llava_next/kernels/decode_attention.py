@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import _offset_arg, online_softmax_step
-from .rope_kv_write import rope_cos_sin
+from .rope_kv_write import _check_rope_inputs, rope_cos_sin
 
 # Flash-decoding (Dao et al. 2023), stage 1. With one query per sequence, a program per
 # (batch, head) would leave most of the GPU idle at batch 1, so the cache is also cut along the
@@ -231,22 +231,9 @@ def rope_decode_attention(q, k, v, position_ids, inv_freq, k_cache, v_cache, cac
     v_cache (B, Hkv, Tmax, D); cache_pos: int or 0-d int tensor, the token's cache slot, which is
     also its key index. Writes the rotated k and v into the caches at cache_pos and returns the
     attention output (B, Hq, 1, D), as the two kernels in turn would (within rounding)."""
-    if q.dim() != 4 or q.shape[1] != 1 or k.dim() != 4 or v.shape != k.shape or k.shape[1] != 1:
-        raise ValueError(f"q must be (B, 1, Hq, D) and k, v (B, 1, Hkv, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, _, Hq, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or k_cache.dim() != 4 or k.shape[2] != k_cache.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and k_cache {tuple(k_cache.shape)} disagree")
-    if D % 2:
-        raise ValueError(f"rotary needs an even head_dim, got {D}")
-    if inv_freq.shape != (D // 2,):
-        raise ValueError(f"inv_freq must have shape ({D // 2},) for head_dim {D}, got {tuple(inv_freq.shape)}")
-    if position_ids.shape != (B, 1):
-        raise ValueError(f"position_ids must be ({B}, 1), got {tuple(position_ids.shape)}")
-    if isinstance(cache_pos, torch.Tensor) and cache_pos.numel() != 1:
-        raise ValueError(f"cache_pos must be an int or a 0-d tensor, got shape {tuple(cache_pos.shape)}")
-    if not isinstance(cache_pos, torch.Tensor) and not 0 <= int(cache_pos) < k_cache.shape[2]:
-        raise ValueError(f"cache_pos {int(cache_pos)} is outside the cache of length {k_cache.shape[2]}")
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"rope_decode_attention takes one token a row: q must be (B, 1, Hq, D), got {tuple(q.shape)}")
+    _check_rope_inputs(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos)  # rope_kv_write's checks
     if not (k.dtype == v.dtype == q.dtype == k_cache.dtype):
         raise TypeError(f"q, k, v and the caches must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {k_cache.dtype}")
     new_kv = (k[:, 0], v[:, 0], position_ids, inv_freq.to(torch.float32))  # k, v (B, Hkv, D)

@@ -98,29 +98,8 @@ def rope_kv_write(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, 
     fp32; k_cache, v_cache (B, Hkv, Tmax, D); cache_pos: int or 0-d int tensor.
     Returns q_rot (B, Hq, T, D), a new tensor in q's dtype. Cache slots >= Tmax are not written
     (checked eagerly when cache_pos is an int)."""
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be (B, T, Hq, D) and k, v (B, T, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, length or head_dim")
-    if D % 2:
-        raise ValueError(f"rotary needs an even head_dim, got {D}")
-    if inv_freq.shape != (D // 2,):
-        raise ValueError(f"inv_freq must have shape ({D // 2},) for head_dim {D}, got {tuple(inv_freq.shape)}")
-    if position_ids.shape != (B, T):
-        raise ValueError(f"position_ids must be ({B}, {T}), got {tuple(position_ids.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[0] != B or k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache and v_cache must both be ({B}, {Hkv}, Tmax, {D}); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    Tmax = k_cache.shape[2]
-    if isinstance(cache_pos, torch.Tensor):
-        if cache_pos.numel() != 1:
-            raise ValueError(f"cache_pos must be an int or a 0-d tensor, got shape {tuple(cache_pos.shape)}")
-        pos_t, pos_int = cache_pos, 0
-    else:
-        pos_t, pos_int = None, int(cache_pos)
-        if pos_int < 0 or pos_int + T > Tmax:
-            raise ValueError(f"writing {T} tokens at cache_pos {pos_int} overflows the cache of length {Tmax}")
+    B, T, Hq, Hkv, D, Tmax = _check_rope_inputs(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos)
+    pos_t, pos_int = (cache_pos, 0) if isinstance(cache_pos, torch.Tensor) else (None, int(cache_pos))
 
     q_rot = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
     if B * T == 0:
@@ -139,6 +118,31 @@ def rope_kv_write(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, 
         num_warps=4,
     )
     return q_rot
+
+
+def _check_rope_inputs(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos):
+    """The shapes rope_kv_write (and rope_decode_attention) take, checked: (B, T, Hq, Hkv, D, Tmax)."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be (B, T, Hq, D) and k, v (B, T, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, length or head_dim")
+    if D % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {D}")
+    if inv_freq.shape != (D // 2,):
+        raise ValueError(f"inv_freq must have shape ({D // 2},) for head_dim {D}, got {tuple(inv_freq.shape)}")
+    if position_ids.shape != (B, T):
+        raise ValueError(f"position_ids must be ({B}, {T}), got {tuple(position_ids.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[0] != B or k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache and v_cache must both be ({B}, {Hkv}, Tmax, {D}); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    Tmax = k_cache.shape[2]
+    if isinstance(cache_pos, torch.Tensor):
+        if cache_pos.numel() != 1:
+            raise ValueError(f"cache_pos must be an int or a 0-d tensor, got shape {tuple(cache_pos.shape)}")
+    elif int(cache_pos) < 0 or int(cache_pos) + T > Tmax:
+        raise ValueError(f"writing {T} tokens at cache_pos {int(cache_pos)} overflows the cache of length {Tmax}")
+    return B, T, Hq, Hkv, D, Tmax
 
 
 def rope_kv_write_reference(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, *, attention_scaling: float = 1.0):
