@@ -231,7 +231,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def enable_decode_kernels(self, enabled: bool = True):
         """Run the decoder's few-row, no-gradient forwards (decode steps, at most 64 rows) through
         `decode_forward`: the q/k/v, o, gate/up and down products as decode_linear Triton kernels
-        with the SiLU-mul and both residual adds folded into their outputs (kernels/decode_linear.py).
+        with the SiLU-mul and both residual adds folded into their outputs (kernels/decode_linear.py),
+        and a one-token step's rotary, cache write and attention as one rope_decode_attention kernel.
         Needs the Triton kernels (attn_implementation "triton", or "auto" on CUDA); calls
         fuse_projections() first. Experimental and off by default: it has not yet been timed on
         a GPU against the cuBLAS path (`scripts/bench.py --decode-kernels` is the A/B). Returns self."""

@@ -123,6 +123,10 @@ def never_trained(model) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in unused}
 
 
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
 def set_trainable(model, patterns) -> list[str]:
     """Train exactly the parameters whose names match one of the fnmatch `patterns`; freeze the rest.
     Returns the names left trainable."""
@@ -130,7 +134,7 @@ def set_trainable(model, patterns) -> list[str]:
     skip = never_trained(model)
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(name not in skip and any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+        p.requires_grad_(name not in skip and _matches(name, patterns))
         if p.requires_grad:
             trainable.append(name)
     return trainable
@@ -139,7 +143,7 @@ def set_trainable(model, patterns) -> list[str]:
 def _set_frozen(model, patterns, frozen: bool) -> None:
     skip = never_trained(model)
     for name, p in model.named_parameters():
-        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+        if _matches(name, patterns):
             p.requires_grad_(not frozen and name not in skip)
 
 
@@ -170,7 +174,7 @@ def parameter_groups(model, lrs: dict | None = None, default_lr: float | None = 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr = next((lr for pats, lr in rules if any(fnmatch.fnmatchcase(name, pat) for pat in pats)), default_lr)
+        lr = next((lr for pats, lr in rules if _matches(name, pats)), default_lr)
         if lr is None:
             continue
         decay = weight_decay if p.dim() >= 2 else 0.0
