@@ -60,6 +60,7 @@ DEV = args.device
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 if not GPU:
     DTYPE = torch.float16  # the interpreter gets bf16 wrong
+ELEM = DTYPE.itemsize  # bytes per element
 ROWS = []
 EAGER_FALLBACKS = []  # timings whose graph capture failed: eager do_bench, launch time included
 _FALLBACKS_SEEN = 0
@@ -125,26 +126,32 @@ def print_table():
               f"{r['baseline']:<18}{base_ms}{base}{ratio}  {r['note']}")
 
 
-def bench_attention(name, B, Hq, Hkv, T, D, causal, use_tma=False):
+def attention_work(B, Hq, Hkv, T, D, causal):
+    """(forward FLOPs, shape label) of one attention benchmark; causal counts half the square."""
+    return 4 * B * Hq * T * T * D * (0.5 if causal else 1.0), f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
+
+
+def attention_case(B, Hq, Hkv, T, D, causal):
+    """(input sets, forward FLOPs, shape label) of one attention benchmark."""
     sets = input_sets(lambda: tuple(torch.randn(B, H, T, D, device=DEV, dtype=DTYPE) for H in (Hq, Hkv, Hkv)),
-                      (Hq + 2 * Hkv) * B * T * D * 2)
-    flops = 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
+                      (Hq + 2 * Hkv) * B * T * D * ELEM)
+    return (sets, *attention_work(B, Hq, Hkv, T, D, causal))
+
+
+def bench_attention(name, B, Hq, Hkv, T, D, causal, use_tma=False):
+    sets, flops, shape = attention_case(B, Hq, Hkv, T, D, causal)
     ours = bench(lambda: _flash_attention_forward(*next(sets), causal, use_tma=use_tma)[0])
     base = None
     if GPU:
         sdpa = sdpa_gqa(*next(sets), causal)  # checks once whether this torch shares kv heads natively
         base = bench(lambda: sdpa(*next(sets)))
-    shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
     row(name, shape, "TFLOP/s", flops, ours, "torch SDPA" if GPU else "-", base,
         "K/V by TMA (experiment)" if use_tma else "")
 
 
 def sweep_attention(name, B, Hq, Hkv, T, D, causal):
     """Alternative tile configs for the flash forward kernel, printed as they come."""
-    sets = input_sets(lambda: tuple(torch.randn(B, H, T, D, device=DEV, dtype=DTYPE) for H in (Hq, Hkv, Hkv)),
-                      (Hq + 2 * Hkv) * B * T * D * 2)
-    flops = 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
-    shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
+    sets, flops, shape = attention_case(B, Hq, Hkv, T, D, causal)
     best = None
     tiles = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
              (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 128, 4, 3), (64, 32, 4, 4),
@@ -184,20 +191,24 @@ def bench_attention_backward(name, B, Hq, Hkv, T, D, causal):
     at ~1 ms a call, launch overhead does not matter."""
     q, k, v = (torch.randn(B, H, T, D, device=DEV, dtype=DTYPE, requires_grad=True) for H in (Hq, Hkv, Hkv))
     dout = torch.randn(B, Hq, T, D, device=DEV, dtype=DTYPE)
-    flops = 2.5 * 4 * B * Hq * T * T * D * (0.5 if causal else 1.0)
+    fwd_flops, shape = attention_work(B, Hq, Hkv, T, D, causal)
+    flops = 2.5 * fwd_flops
     out = flash_attention(q, k, v, causal=causal)
     ours = bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), graph=False)
     base = None
     if GPU:
         ref = sdpa_gqa(q, k, v, causal)(q, k, v)
         base = bench(lambda: torch.autograd.grad(ref, (q, k, v), dout, retain_graph=True), graph=False)
-    shape = f"B{B} H{Hq}/{Hkv} T{T} D{D} {'causal' if causal else 'full'}"
     row(name, shape, "TFLOP/s", flops, ours, "torch SDPA bwd" if GPU else "-", base)
 
 
+def decode_bytes(B, Hq, Hkv, L, D):
+    """What one decode-attention step must move: the valid K and V once, q in, the output out."""
+    return 2 * B * Hkv * L * D * ELEM + 2 * B * Hq * D * ELEM
+
+
 def bench_decode(B, Hq, Hkv, L, Tmax, D):
-    elem = torch.empty((), dtype=DTYPE).element_size()
-    nbytes = 2 * B * Hkv * L * D * elem + 2 * B * Hq * D * elem  # valid K and V once, q in, out
+    nbytes = decode_bytes(B, Hq, Hkv, L, D)
 
     def make():
         q = torch.randn(B, Hq, 1, D, device=DEV, dtype=DTYPE)
@@ -205,7 +216,7 @@ def bench_decode(B, Hq, Hkv, L, Tmax, D):
         v_cache = torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE)
         return q, k_cache, v_cache
 
-    sets = input_sets(make, 2 * B * Hkv * Tmax * D * elem)
+    sets = input_sets(make, 2 * B * Hkv * Tmax * D * ELEM)
     offset = torch.full((B,), L - 1, device=DEV, dtype=torch.int64)
     ours = bench(lambda: decode_attention(*next(sets), q_offset=offset))
     base = None
@@ -224,11 +235,10 @@ def bench_decode(B, Hq, Hkv, L, Tmax, D):
 
 def sweep_decode(B, Hq, Hkv, L, Tmax, D):
     """Alternative tiles and split counts for decode attention."""
-    elem = torch.empty((), dtype=DTYPE).element_size()
-    nbytes = 2 * B * Hkv * L * D * elem + 2 * B * Hq * D * elem
+    nbytes = decode_bytes(B, Hq, Hkv, L, D)
     sets = input_sets(lambda: (torch.randn(B, Hq, 1, D, device=DEV, dtype=DTYPE),
                                *(torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE) for _ in range(2))),
-                      2 * B * Hkv * Tmax * D * elem)
+                      2 * B * Hkv * Tmax * D * ELEM)
     offset = torch.full((B,), L - 1, device=DEV, dtype=torch.int64)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for block_n, warps, stages, mult in [(64, 4, 3, 4), (32, 4, 4, 4), (64, 4, 4, 8), (128, 8, 3, 4),
@@ -249,15 +259,14 @@ def sweep_decode(B, Hq, Hkv, L, Tmax, D):
 def bench_rope_decode(B, Hq, Hkv, L, Tmax, D):
     """rope_decode_attention against what the model runs without it: rope_kv_write, then
     decode_attention. Bytes as for decode attention (the valid cache once)."""
-    elem = torch.empty((), dtype=DTYPE).element_size()
-    nbytes = 2 * B * Hkv * L * D * elem + 2 * B * Hq * D * elem
+    nbytes = decode_bytes(B, Hq, Hkv, L, D)
 
     def make():
         qkv = torch.randn(B, 1, (Hq + 2 * Hkv) * D, device=DEV, dtype=DTYPE)
         q, k, v = (t.view(B, 1, -1, D) for t in qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1))
         return q, k, v, *(torch.randn(B, Hkv, Tmax, D, device=DEV, dtype=DTYPE) for _ in range(2))
 
-    sets = input_sets(make, 2 * B * Hkv * Tmax * D * elem)
+    sets = input_sets(make, 2 * B * Hkv * Tmax * D * ELEM)
     pos_ids = torch.full((B, 1), L - 1, device=DEV, dtype=torch.int64)
     slot = torch.tensor(L - 1, device=DEV)
     inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
@@ -286,8 +295,7 @@ def peak_bandwidth_gbs():
 
 
 def bench_rope(B, T, Hq, Hkv, D, Tmax):
-    elem = torch.empty((), dtype=DTYPE).element_size()
-    nbytes = 2 * B * T * (Hq + 2 * Hkv) * D * elem
+    nbytes = 2 * B * T * (Hq + 2 * Hkv) * D * ELEM
 
     def make():
         qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEV, dtype=DTYPE)
@@ -305,8 +313,7 @@ def bench_rope(B, T, Hq, Hkv, D, Tmax):
 
 
 def bench_rms_norm(M, N):
-    elem = torch.empty((), dtype=DTYPE).element_size()
-    nbytes = 2 * M * N * elem + N * elem
+    nbytes = 2 * M * N * ELEM + N * ELEM
     sets = input_sets(lambda: (torch.randn(M, N, device=DEV, dtype=DTYPE), torch.randn(N, device=DEV, dtype=DTYPE)),
                       nbytes)
     ours = bench(lambda: rms_norm(*next(sets), 1e-5))
@@ -315,8 +322,7 @@ def bench_rms_norm(M, N):
 
 
 def bench_silu_mul(M, N):
-    elem = torch.empty((), dtype=DTYPE).element_size()
-    nbytes = 3 * M * N * elem
+    nbytes = 3 * M * N * ELEM
     sets = input_sets(lambda: torch.randn(M, 2 * N, device=DEV, dtype=DTYPE).chunk(2, dim=-1), nbytes)
     ours = bench(lambda: silu_mul(*next(sets)))
     base = bench(lambda: (lambda gate, up: F.silu(gate) * up)(*next(sets)))
@@ -324,9 +330,8 @@ def bench_silu_mul(M, N):
 
 
 def _linear_inputs(M, N, K, gated):
-    elem = torch.empty((), dtype=DTYPE).element_size()
     rows = 2 * N if gated else N
-    nbytes = rows * K * elem + M * K * elem + 2 * M * N * elem  # the weight once, x in, y out (+ residual)
+    nbytes = rows * K * ELEM + M * K * ELEM + 2 * M * N * ELEM  # the weight once, x in, y out (+ residual)
 
     def make():
         return (torch.randn(M, K, device=DEV, dtype=DTYPE), torch.randn(rows, K, device=DEV, dtype=DTYPE) * K ** -0.5,
