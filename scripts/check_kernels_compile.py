@@ -18,6 +18,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -33,6 +34,7 @@ sw = sys.modules["llava_next.kernels.swiglu"]
 dl = sys.modules["llava_next.kernels.decode_linear"]
 
 TARGET = GPUTarget("cuda", 90, 32)
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FLOAT_ARGS = {"qk_scale", "eps", "attn_scaling"}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -78,10 +80,7 @@ def report(label, kernel):
 
 def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, config=None, tma=False):
     block_d = max(16, triton.next_power_of_2(D))
-    import torch
-
-    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    cfg = dict(config or fa._fwd_config(block_d, 4096, tdt, torch.device("cuda")))
+    cfg = dict(config or fa._fwd_config(block_d, 4096, TORCH_DTYPES[dtype], torch.device("cuda")))
     bm, bn, w, s = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("num_warps"), cfg.pop("num_stages")
     desc = f"tensordesc<{dtype}[1,1,{bn},{D}]>" if tma else "*" + dtype
     ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, Out="*" + dtype, Lse="*fp32", KvMask="*u8", QOffset="*i64",
@@ -95,10 +94,7 @@ def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, conf
 
 
 def decode(dtype, D, group, window=False, mask=False, new_kv=False):
-    import torch
-
-    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    block_n = 32 if tdt == torch.float32 else 64
+    block_n = 32 if dtype == "fp32" else 64
     ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, KvMask="*u8", QOffset="*i64", PartO="*fp32", PartLse="*fp32",
                 KNew="*" + dtype, VNew="*" + dtype, PosIds="*i64", InvFreq="*fp32")
     consts = dict(HEAD_DIM=D, HAS_WINDOW=window, HAS_KV_MASK=mask, OFFSET_FROM_PTR=True, NEW_KV=new_kv,
@@ -110,8 +106,6 @@ def decode(dtype, D, group, window=False, mask=False, new_kv=False):
 
 
 def linear(M, N, K, gated=False, bias=False, residual=False, config=None):
-    import torch
-
     cfg = dict(config or dl._config(M, N, K, gated, torch.bfloat16, torch.device("cuda")))
     bm, bn, bk, w, s = (cfg.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
     ptrs = {name: "*bf16" for name in ("X", "W", "Bias", "Res", "Y")}
@@ -148,8 +142,6 @@ def main():
                     DQ="*bf16", KvMask="*u8", QOffset="*i64")
     flags = dict(HEAD_DIM=128, CAUSAL=True, HAS_WINDOW=False, HAS_KV_MASK=False, OFFSET_FROM_PTR=False, BLOCK_D=128,
                  DOT_PRECISION="tf32")
-    import torch
-
     cfg_kv, cfg_q = fa._bwd_config(torch.bfloat16, torch.device("cuda"))
     for name, fn, cfg in (("dk/dv", fa._attn_bwd_dkdv_kernel, cfg_kv), ("dq", fa._attn_bwd_dq_kernel, cfg_q)):
         ptrs = {k: v for k, v in bwd_ptrs.items() if k in fn.arg_names}
