@@ -39,6 +39,8 @@ pack() {
   return 0
 }
 
+MODEL_TESTS="(triton or cuda or gpu or fuse) and not test_kernels"  # the model-level CUDA tests
+
 run_shard() {  # name, pytest args...
   local name=$1; shift
   timeout 150 "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG/test_$name.txt" 2>&1
@@ -53,7 +55,7 @@ tests() {  # Triton compiles are CPU-bound and single-threaded per process: shar
   run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" &
   run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py &
   run_shard linear tests/test_kernels_linear.py &
-  run_shard model tests -k "(triton or cuda or gpu or fuse) and not test_kernels" &
+  run_shard model tests -k "$MODEL_TESTS" &
   wait
   for f in "$LOG"/test_*.rc; do
     local name rc
@@ -66,7 +68,7 @@ tests() {  # Triton compiles are CPU-bound and single-threaded per process: shar
 }
 
 model_tests() {
-  run_shard model tests -k "(triton or cuda or gpu or fuse) and not test_kernels"
+  run_shard model tests -k "$MODEL_TESTS"
   echo "== model: rc=$(cat "$LOG/test_model.rc")  $(tail -n 1 "$LOG/test_model.txt")"
   [ "$(cat "$LOG/test_model.rc")" = 0 ] || { grep -E "^(FAILED|ERROR)" "$LOG/test_model.txt" | head -20; return 1; }
 }
