@@ -29,3 +29,16 @@ def assert_matches_reference(out, ref, like) -> None:
     assert out.shape == like.shape and out.dtype == like.dtype
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), ref, **TOL[like.dtype])
+
+
+def inv_freq(D, theta=10000.0):
+    """Rotary inverse frequencies (D/2,) fp32, as the model computes them."""
+    return 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=DEVICE) / D)
+
+
+def qkv_views(B, T, Hq, Hkv, D, dtype, seed=0):
+    """q (B, T, Hq, D), k, v (B, T, Hkv, D) as column slices of one fused projection output."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    return q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)

@@ -5,7 +5,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_utils import CUDA, DEVICE, DTYPES, TOL, assert_matches_reference, require_interpreter  # noqa: E402
+from kernel_utils import (  # noqa: E402
+    CUDA, DEVICE, DTYPES, TOL, assert_matches_reference, inv_freq, qkv_views, require_interpreter)
 
 from llava_next.kernels import decode_attention, decode_attention_reference, flash_attention  # noqa: E402
 from llava_next.kernels.decode_attention import _decode_split_kernel  # noqa: E402
@@ -131,14 +132,6 @@ def test_decode_cuda_graph_replay():
 # ---------------------------------------------------------------- rope_decode_attention
 
 
-def new_token(B, Hq, Hkv, D, dtype, seed=1):
-    """q (B, 1, Hq, D), k, v (B, 1, Hkv, D): column slices of one fused q/k/v projection."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, 1, (Hq + 2 * Hkv) * D, generator=g).to(DEVICE, dtype)
-    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-    return q.view(B, 1, Hq, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "Hq,Hkv,Tmax,D,cache_pos,window,padded",
@@ -156,7 +149,7 @@ def test_rope_decode_attention_matches_the_two_kernels(Hq, Hkv, Tmax, D, cache_p
     from llava_next.kernels import rope_decode_attention, rope_decode_attention_reference
 
     B = 2
-    q, k, v = new_token(B, Hq, Hkv, D, dtype)
+    q, k, v = qkv_views(B, 1, Hq, Hkv, D, dtype, seed=1)  # the new token's projections
     _, k_cache, v_cache = make_step(B, Hq, Hkv, Tmax, D, dtype)  # random: stale slots must stay unread
     kv_mask = torch.ones(B, Tmax, dtype=torch.bool, device=DEVICE)
     pad = 7 if padded == "pad" else 0
@@ -164,13 +157,12 @@ def test_rope_decode_attention_matches_the_two_kernels(Hq, Hkv, Tmax, D, cache_p
     if padded == "hide_new":  # kv_mask hides the token itself from row 1, as decode_attention would
         kv_mask[1, cache_pos] = False
     position_ids = torch.tensor([[cache_pos + 3000], [max(cache_pos - pad, 0)]], device=DEVICE)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32, device=DEVICE) / D)
     kw = dict(kv_mask=kv_mask, sliding_window=window)
     caches = (k_cache.clone(), v_cache.clone())
     slot = cache_pos if cache_pos % 2 else torch.tensor(cache_pos, device=DEVICE)  # the int and tensor forms
-    out = rope_decode_attention(q, k, v, position_ids, inv_freq, *caches, slot, **kw)
+    out = rope_decode_attention(q, k, v, position_ids, inv_freq(D), *caches, slot, **kw)
     ref_caches = (k_cache.float(), v_cache.float())
-    ref = rope_decode_attention_reference(q.float(), k.float(), v.float(), position_ids, inv_freq, *ref_caches,
+    ref = rope_decode_attention_reference(q.float(), k.float(), v.float(), position_ids, inv_freq(D), *ref_caches,
                                           cache_pos, **kw)
     assert out.shape == (B, Hq, 1, D)
     assert_matches_reference(out, ref, q.transpose(1, 2))
@@ -181,7 +173,7 @@ def test_rope_decode_attention_matches_the_two_kernels(Hq, Hkv, Tmax, D, cache_p
 def test_rope_decode_attention_errors():
     from llava_next.kernels import rope_decode_attention
 
-    q, k, v = new_token(1, 4, 2, 64, torch.float32)
+    q, k, v = qkv_views(1, 1, 4, 2, 64, torch.float32, seed=1)
     cache = torch.zeros(1, 2, 8, 64, device=DEVICE)
     pos = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
     inv = torch.ones(32, device=DEVICE)

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_utils import DEVICE, DTYPES, TOL, require_interpreter  # noqa: E402
+from kernel_utils import DEVICE, DTYPES, TOL, inv_freq, qkv_views, require_interpreter  # noqa: E402
 
 from llava_next.kernels import (  # noqa: E402
     rms_norm,
@@ -20,18 +20,6 @@ from llava_next.kernels.rms_norm import _rms_norm_kernel  # noqa: E402
 
 require_interpreter(_rms_norm_kernel)
 TOL = {**TOL, torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}  # elementwise ops: tighter than attention
-
-
-def inv_freq(D, theta=10000.0):
-    return 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=DEVICE) / D)
-
-
-def qkv_views(B, T, Hq, Hkv, D, dtype, seed=0):
-    """q (B, T, Hq, D), k, v (B, T, Hkv, D) as column slices of one fused projection output."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).to(DEVICE, dtype)
-    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-    return q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
 
 
 # ---------------------------------------------------------------- rope_kv_write
