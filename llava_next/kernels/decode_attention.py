@@ -274,6 +274,7 @@ def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, sc
     part_o = torch.empty((B, Hq, splits, D), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B, Hq, splits), device=q.device, dtype=torch.float32)
     mask_t = kv_mask.view(torch.uint8) if kv_mask is not None else None
+    # without new_kv the kernel never reads these: any tensors of the right rank stand in
     k_new, v_new, pos_ids, inv_freq = new_kv if new_kv is not None else (q[:, :, 0],) * 2 + (q, q)
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache,
