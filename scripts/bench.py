@@ -242,6 +242,9 @@ def set_kernel_experiments(args) -> dict:
     if args.flash_tma:
         fa.USE_TMA = True
         done["flash_tma"] = True
+    if args.pdl:
+        sys.modules["llava_next.kernels.pdl"].USE_PDL = True
+        done["pdl"] = True
     return done
 
 
@@ -315,6 +318,8 @@ def main():
                     help="experiment: flash attention fetches K/V with the copy engine (TMA, Hopper)")
     ap.add_argument("--decode-kernels", action="store_true",
                     help="experiment: decode steps through the decode_linear kernels (enable_decode_kernels)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="experiment: the decode step's Triton kernels start early (programmatic dependent launch)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
     args = ap.parse_args()
     if args.decode_kernels and args.no_fuse:

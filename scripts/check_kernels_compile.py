@@ -3,8 +3,9 @@
 The Triton interpreter runs kernels as numpy and forgives things the compiler does not (a
 constexpr computed from a runtime int, say). This script compiles the kernels the way a launch
 on an H100 would (strides of 1 as constants, 16-byte alignment hints) and prints, per variant,
-registers, spills, shared memory and whether the loads are pipelined (cp.async, or the copy engine:
-tma) and the dots run on wgmma. It needs triton's bundled ptxas/cuobjdump, not a driver.
+registers, spills, shared memory, whether the loads are pipelined (cp.async, or the copy engine:
+tma), whether the dots run on wgmma and whether the kernel waits for its predecessor (pdl: the
+griddepcontrol instructions of a programmatic dependent launch, kernels/pdl.py). It needs triton's bundled ptxas/cuobjdump, not a driver.
 
     python scripts/check_kernels_compile.py           # all variants
     python scripts/check_kernels_compile.py --quick   # one variant per kernel
@@ -12,6 +13,7 @@ tma) and the dots run on wgmma. It needs triton's bundled ptxas/cuobjdump, not a
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,10 +41,13 @@ FLOAT_ARGS = {"qk_scale", "eps", "attn_scaling"}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3, divisible=()):
+def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3, divisible=(), pdl=False):
     """Compile as a real launch would specialize it: head-dim strides == 1 become constants,
-    pointers, the other strides and the ints named in `divisible` carry the divisible-by-16 hint."""
+    pointers, the other strides and the ints named in `divisible` carry the divisible-by-16 hint.
+    pdl: as launched with programmatic dependent launch (USE_PDL in a kernel that takes part)."""
     sig, consts, attrs = {}, dict(constexprs), {}
+    if "USE_PDL" in jitfn.arg_names:
+        consts.setdefault("USE_PDL", pdl)
     for i, name in enumerate(jitfn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
@@ -59,7 +64,17 @@ def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3, divisib
             if name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl))
+
+
+def pdl_wait(ptx) -> str:
+    """'yes' where the kernel waits for its predecessor (griddepcontrol.wait) before its first
+    global memory access, 'LATE' where an access comes first (a race under PDL), 'no' without."""
+    wait = ptx.find("griddepcontrol.wait")
+    if wait < 0:
+        return "no"
+    first = re.search(r"\b(ld|st|atom|red)\.global|\bcp\.async", ptx)
+    return "yes" if first is None or wait < first.start() else "LATE"
 
 
 def report(label, kernel):
@@ -75,7 +90,7 @@ def report(label, kernel):
     print(f"{label:<58} {usage:<24} smem={kernel.metadata.shared // 1024:>4} KiB  "
           f"wgmma={'yes' if 'wgmma.mma_async' in ptx else 'no ':<3} mma.sync={'yes' if 'mma.sync' in ptx else 'no ':<3} "
           f"cp.async={'yes' if 'cp.async.ca' in ptx or 'cp.async.cg' in ptx else 'no '} "
-          f"tma={'yes' if 'cp.async.bulk.tensor' in ptx else 'no'}")
+          f"tma={'yes' if 'cp.async.bulk.tensor' in ptx else 'no '} pdl={pdl_wait(ptx)}")
 
 
 def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, config=None, tma=False):
@@ -93,7 +108,7 @@ def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, conf
     report(label, compile_kernel(fa._attn_fwd_kernel, ptrs, consts, w, s))
 
 
-def decode(dtype, D, group, window=False, mask=False, new_kv=False):
+def decode(dtype, D, group, window=False, mask=False, new_kv=False, pdl=False):
     block_n = 32 if dtype == "fp32" else 64
     ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, KvMask="*u8", QOffset="*i64", PartO="*fp32", PartLse="*fp32",
                 KNew="*" + dtype, VNew="*" + dtype, PosIds="*i64", InvFreq="*fp32")
@@ -101,19 +116,19 @@ def decode(dtype, D, group, window=False, mask=False, new_kv=False):
                   BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     label = (f"decode split {dtype} D{D} group{group}{' window' if window else ''}{' kv_mask' if mask else ''}"
-             f"{' +rope/cache write' if new_kv else ''} BN{block_n}")
-    report(label, compile_kernel(da._decode_split_kernel, ptrs, consts, 4, 3))
+             f"{' +rope/cache write' if new_kv else ''}{' PDL' if pdl else ''} BN{block_n}")
+    report(label, compile_kernel(da._decode_split_kernel, ptrs, consts, 4, 3, pdl=pdl))
 
 
-def linear(M, N, K, gated=False, bias=False, residual=False, config=None):
+def linear(M, N, K, gated=False, bias=False, residual=False, config=None, pdl=False):
     cfg = dict(config or dl._config(M, N, K, gated, torch.bfloat16, torch.device("cuda")))
     bm, bn, bk, w, s = (cfg.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
     ptrs = {name: "*bf16" for name in ("X", "W", "Bias", "Res", "Y")}
     consts = dict(GATED=gated, HAS_BIAS=bias, HAS_RESIDUAL=residual, EVEN_K=K % bk == 0,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32")
-    name = (" gated" if gated else "") + (" +bias" if bias else "") + (" +residual" if residual else "")
+    name = (" gated" if gated else "") + (" +bias" if bias else "") + (" +residual" if residual else "") + (" PDL" if pdl else "")
     report(f"decode_linear bf16 M{M} N{N} K{K}{name} BM{bm} BN{bn} BK{bk} w{w} s{s}",
-           compile_kernel(dl._decode_linear_kernel, ptrs, consts, w, s, divisible=("N", "K")))
+           compile_kernel(dl._decode_linear_kernel, ptrs, consts, w, s, divisible=("N", "K"), pdl=pdl))
 
 
 def _sm_count_h100(device):
@@ -154,16 +169,24 @@ def main():
         decode("bf16", 128, 4, mask=True, new_kv=True)
         decode("bf16", 128, 1, window=True, mask=True)
         decode("fp32", 40, 2)
-    report("decode reduce bf16 D128", compile_kernel(
-        da._decode_reduce_kernel, dict(PartO="*fp32", PartLse="*fp32", Out="*bf16"), dict(BLOCK_S=32, BLOCK_D=128), 4))
-    report("rope_kv_write bf16 H32/8 D128", compile_kernel(
-        rk._rope_kv_write_kernel,
-        dict(Q="*bf16", K="*bf16", V="*bf16", PosIds="*i64", InvFreq="*fp32", KCache="*bf16", VCache="*bf16",
-             QOut="*bf16", CachePos="*i64"),
-        dict(POS_FROM_PTR=True, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_F=64), 4))
-    report("rms_norm bf16 N4096", compile_kernel(rn._rms_norm_kernel, dict(X="*bf16", W="*bf16", Y="*bf16"), dict(BLOCK_N=4096), 16))
+    decode("bf16", 128, 4, mask=True, new_kv=True, pdl=True)  # enable_decode_kernels() with PDL
+    for pdl in (False, True):  # the decode step's small kernels, then as launched with PDL
+        tag = " PDL" if pdl else ""
+        report("decode reduce bf16 D128" + tag, compile_kernel(
+            da._decode_reduce_kernel, dict(PartO="*fp32", PartLse="*fp32", Out="*bf16"), dict(BLOCK_S=32, BLOCK_D=128),
+            4, pdl=pdl))
+        report("rope_kv_write bf16 H32/8 D128" + tag, compile_kernel(
+            rk._rope_kv_write_kernel,
+            dict(Q="*bf16", K="*bf16", V="*bf16", PosIds="*i64", InvFreq="*fp32", KCache="*bf16", VCache="*bf16",
+                 QOut="*bf16", CachePos="*i64"),
+            dict(POS_FROM_PTR=True, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_F=64), 4, pdl=pdl))
+        report("rms_norm bf16 N4096" + tag, compile_kernel(
+            rn._rms_norm_kernel, dict(X="*bf16", W="*bf16", Y="*bf16"), dict(BLOCK_N=4096), 16, pdl=pdl))
+        if quick:
+            break
     dl._sm_count = _sm_count_h100  # the configs ask the device; compile as for an H100 / H200
     linear(1, 14336, 4096, gated=True)  # mistral-7b gate/up with the SiLU-mul
+    linear(1, 14336, 4096, gated=True, pdl=True)
     if not quick:
         linear(1, 6144, 4096)  # q/k/v
         linear(1, 4096, 4096, residual=True)  # o_proj + residual

@@ -9,8 +9,9 @@
 #   sweep        the kernel table again plus alternative tile configs, until SESSION_SECONDS
 #   e2e          scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
 #   e2e_b1       scripts/bench.py at batch 1 only, no transformers (<= 90 s)
-#   profile      scripts/profile_step.py: prefill and decode time by kernel family, decode twice (<= 120 s)
-#   ab           bench.py at batch 1 and 8 six ways: as is, --decode-kernels, --flash-tma, the sweep's two leads, --no-fuse
+#   profile      scripts/profile_step.py: prefill and decode time by kernel family, decode three times (<= 120 s)
+#   ab           bench.py at batch 1 and 8 seven ways: as is, --decode-kernels, the same with --pdl, --flash-tma,
+#                the sweep's two leads, --no-fuse (most wanted first: a time-out cuts the last ones)
 #
 #     bash scripts/gpu_check.sh                   # tests kernels sweep: under 5 minutes
 #     bash scripts/gpu_check.sh e2e kernels tests sweep   # what a first GPU session owes (~7 min)
@@ -54,7 +55,7 @@ tests() {  # Triton compiles are CPU-bound and single-threaded per process: shar
   run_shard attention_fwd tests/test_kernels_attention.py -k "not realistic and not backward" &
   run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" &
   run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py &
-  run_shard linear tests/test_kernels_linear.py &
+  run_shard linear tests/test_kernels_linear.py tests/test_kernels_pdl.py &
   run_shard model tests -k "$MODEL_TESTS" &
   wait
   for f in "$LOG"/test_*.rc; do
@@ -99,9 +100,10 @@ e2e_b1() {
     | tee "$LOG/bench_e2e_b1.txt"
 }
 
-ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~6 x 25 s)
+ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~7 x 25 s)
   local i=0 v rc=0
-  for v in "" "--decode-kernels" "--flash-tma" "--decode-programs-per-sm 1" "--flash-tile 64,64,4,3" "--no-fuse"; do
+  for v in "" "--decode-kernels" "--decode-kernels --pdl" "--flash-tma" "--decode-programs-per-sm 1" \
+      "--flash-tile 64,64,4,3" "--no-fuse"; do
     i=$((i + 1))
     echo "-- bench.py $v"
     # shellcheck disable=SC2086  # $v is a list of arguments
@@ -112,7 +114,7 @@ ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no tra
 }
 
 profile() {
-  timeout 120 "$PY" scripts/profile_step.py --decode-kernels 2>&1 | tee "$LOG/profile.txt"
+  timeout 120 "$PY" scripts/profile_step.py --decode-kernels --pdl 2>&1 | tee "$LOG/profile.txt"
 }
 
 stages=${*:-tests kernels sweep}

@@ -126,6 +126,8 @@ def main():
     ap.add_argument("--context", type=int, default=None, help="decode at this cache length (default: the prompt's)")
     ap.add_argument("--decode-kernels", action="store_true",
                     help="then profile the decode step again with model.enable_decode_kernels()")
+    ap.add_argument("--pdl", action="store_true",
+                    help="then once more with programmatic dependent launch (kernels/pdl.py)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
@@ -151,6 +153,10 @@ def main():
     section(lambda: decode_step(model, one, T, args.context))
     if args.decode_kernels:
         section(lambda: decode_step(model.enable_decode_kernels(), one, T, args.context, "decode_linear kernels"))
+    if args.pdl:  # on the last variant's path; a kernel's time now includes its wait for the one before
+        sys.modules["llava_next.kernels.pdl"].USE_PDL = True
+        variant = "decode_linear kernels" if args.decode_kernels else "cuBLAS products"
+        section(lambda: decode_step(model, one, T, args.context, variant + " + PDL (kernel times include the waits)"))
     section(lambda: fusion_gains(cfg, dtype))
 
 

@@ -198,8 +198,12 @@ def test_decode_kernels_short_text_prompt(models):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("decode_kernels", [False, True], ids=["cublas", "decode_kernels"])
-def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels):
+@pytest.mark.parametrize("decode_kernels,pdl", [(False, False), (True, False), (True, True)],
+                         ids=["cublas", "decode_kernels", "decode_kernels_pdl"])
+def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels, pdl, monkeypatch):
+    """pdl: the graph (and an eager run) with programmatic dependent launch against ordinary launches."""
+    import sys
+
     from llava_next.generation import GraphedDecode
 
     config, _, triton = models
@@ -207,6 +211,8 @@ def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels):
     inputs = batch(config)
     kw = dict(max_new_tokens=8, eos_token_id=[])
     want = triton.generate(**inputs, **kw)
+    monkeypatch.setattr(sys.modules["llava_next.kernels.pdl"], "USE_PDL", pdl)
+    assert torch.equal(triton.generate(**inputs, **kw), want)
     assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=True), want)
     graph = GraphedDecode(triton, 2, inputs["input_ids"].shape[1] + 16)
     for _ in range(2):  # captured once, replayed over calls

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import _offset_arg, online_softmax_step
+from .pdl import pdl_args, wait_for_previous_kernel
 from .rope_kv_write import _check_rope_inputs, rope_cos_sin
 
 # Flash-decoding (Dao et al. 2023), stage 1. With one query per sequence, a program per
@@ -53,7 +54,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     kv_h = tl.program_id(1)
     split = tl.program_id(2)
@@ -164,7 +167,9 @@ def _decode_reduce_kernel(
     H, NUM_SPLITS, D,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -296,7 +301,7 @@ def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, sc
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **cfg,
+        **cfg, **pdl_args(q),
     )
     out = torch.empty((B, 1, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, Hq, 1, D)
     _decode_reduce_kernel[(B, Hq)](
@@ -306,7 +311,7 @@ def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, sc
         Hq, splits, D,
         BLOCK_S=triton.next_power_of_2(splits),
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=4, **pdl_args(q),
     )
     return out
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .decode_attention import _sm_count
+from .pdl import pdl_args, wait_for_previous_kernel
 from .swiglu import silu_mul_f32
 
 # One program owns BLOCK_N output columns (rows of the weight; with GATED, the same BLOCK_N rows
@@ -54,7 +55,9 @@ def _decode_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k0 = tl.arange(0, BLOCK_K)
@@ -184,7 +187,7 @@ def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=No
     args = (x2, weight, bias if bias is not None else x2, r2 if r2 is not None else y, y,
             x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), M, N, K)
     flags = dict(GATED=bool(gated), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **pdl_args(x))
     if config is None and _autotune(x):
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _tuned_kernel[grid](*args, BLOCK_M=max(16, triton.next_power_of_2(M)), **flags)

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_args, wait_for_previous_kernel
+
 # One program per row: the whole row (N <= 64K) is one tile, so x is read once and y written
 # once. The statistics are fp32; the normalized row is rounded to x's dtype *before* the weight
 # multiply, as in transformers, and the product is formed in fp32 and rounded to the output
@@ -18,7 +20,9 @@ def _rms_norm_kernel(
     stride_xm, stride_ym,
     N, eps,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 on long batches
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -46,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block_n = triton.next_power_of_2(N)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, weight, y, x2.stride(0), y.stride(0), N, float(eps),
-        BLOCK_N=block_n, num_warps=min(16, max(1, block_n // 256)),
+        BLOCK_N=block_n, num_warps=min(16, max(1, block_n // 256)), **pdl_args(x),
     )
     return y.view(x.shape)
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_args, wait_for_previous_kernel
+
 # One program per (batch row, token): all heads of that token at once, as a (heads, D/2) tile of
 # first halves x1 and one of second halves x2:
 #     out1 = x1 cos - x2 sin,   out2 = x2 cos + x1 sin.
@@ -48,7 +50,9 @@ def _rope_kv_write_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * stride can pass 2**31
     b = pid // T
     t = pid % T
@@ -115,7 +119,7 @@ def rope_kv_write(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, 
         BLOCK_HQ=triton.next_power_of_2(Hq),
         BLOCK_HKV=triton.next_power_of_2(Hkv),
         BLOCK_F=triton.next_power_of_2(D // 2),
-        num_warps=4,
+        num_warps=4, **pdl_args(q),
     )
     return q_rot
 
