@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .decode_attention import _sm_count
-from .pdl import pdl_args, wait_for_previous_kernel
+from .pdl import pdl_args, prefetch_l2, wait_for_previous_kernel
 from .swiglu import silu_mul_f32
 
 # One program owns BLOCK_N output columns (rows of the weight; with GATED, the same BLOCK_N rows
@@ -42,6 +42,11 @@ from .swiglu import silu_mul_f32
 # the residual add is `residual + linear(x)` on rounded values, rounded again.
 
 
+# Under PDL, the columns of each weight row a program asks L2 for before it waits: 1 KiB of a bf16
+# row, about the four 128-wide chunks its pipeline loads first.
+PREFETCH_K = tl.constexpr(512)
+
+
 @triton.jit
 def _decode_linear_kernel(
     X, W, Bias, Res, Y,
@@ -57,9 +62,19 @@ def _decode_linear_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_PDL:
+        # Launched early (kernels/pdl.py): the weights do not depend on the kernel before, so
+        # while it finishes, ask L2 for the first PREFETCH_K columns of this program's rows (one
+        # address per 128-byte line, clamped into the matrix), then wait for the input.
+        LINE: tl.constexpr = 1024 // W.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
+        cols = tl.minimum(tl.arange(0, PREFETCH_K // LINE) * LINE, K - 1)[None, :]  # (1, PREFETCH_K // LINE)
+        prefetch_l2(W + rows + cols)
+        if GATED:
+            prefetch_l2(W + N.to(tl.int64) * stride_wn + rows + cols)
     wait_for_previous_kernel(USE_PDL)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k0 = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N

@@ -10,12 +10,15 @@ kernel is launched early (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
 each one waits in `griddepcontrol.wait` until the previous kernel has completed and its writes
 are visible, then runs. The launch and the placement overlap the previous kernel's tail.
 
-The rule that keeps it correct: a kernel launched this way touches no memory another kernel
-writes before it has waited. Every kernel here that takes part waits first thing, so each one's
-completion implies the completion of every kernel before it, and a kernel that does not take part
-(cuBLAS, a torch op) is launched the ordinary way, after its predecessor has completed. Each kernel
-also signals at its start that its dependents may be launched (`griddepcontrol.launch_dependents`):
-by then it holds every slot it will use, so a waiting dependent takes only what is left over.
+The rule that keeps it correct: a kernel launched this way reads or writes no memory before it
+has waited. Every kernel here that takes part waits first thing, so each one's completion implies
+the completion of every kernel before it, and a kernel that does not take part (cuBLAS, a torch op)
+is launched the ordinary way, after its predecessor has completed. The one thing done before the
+wait is decode_linear's L2 prefetch of its first weight columns (prefetch_l2): a hint that loads
+nothing into registers (and L2 is where every SM's writes land, so it cannot see stale data).
+Each kernel signals right after its wait that its dependents may be launched
+(`griddepcontrol.launch_dependents`); they are launched once every program of this kernel has
+signalled, so they only ever take SM slots this kernel no longer needs.
 
 Off until timed on a GPU (`bench.py --pdl`, bench/NOTES.md). Both instructions are no-ops when a
 kernel was launched without the attribute; the interpreter never sees them (USE_PDL is False for
@@ -48,6 +51,15 @@ def pdl_args(x: torch.Tensor) -> dict:
     if idx not in _CAPABLE:
         _CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
     return dict(USE_PDL=True, launch_pdl=True) if _CAPABLE[idx] else dict(USE_PDL=False)
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the lines under `ptrs` (a tensor of valid addresses) to be brought into L2, without
+    waiting for them or holding registers: what a kernel launched early may read before its wait,
+    where the memory does not depend on the kernels before it (a weight matrix)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
