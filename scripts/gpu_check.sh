@@ -101,13 +101,15 @@ e2e_b1() {
 }
 
 ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~7 x 25 s)
-  local i=0 v rc=0
+  local i=0 v rc=0 box
   for v in "" "--decode-kernels" "--decode-kernels --pdl" "--flash-tma" "--decode-programs-per-sm 1" \
       "--flash-tile 64,64,4,3" "--no-fuse"; do
     i=$((i + 1))
+    box=90
+    case "$v" in *--decode-kernels*) box=150 ;; esac  # decode_linear autotunes: ~36 compiles a new variant
     echo "-- bench.py $v"
     # shellcheck disable=SC2086  # $v is a list of arguments
-    timeout 90 "$PY" scripts/bench.py --batches 1 8 --no-hf --runs 3 $v --out "$LOG/ab_$i.json" 2>&1 \
+    timeout "$box" "$PY" scripts/bench.py --batches 1 8 --no-hf --runs 3 $v --out "$LOG/ab_$i.json" 2>&1 \
       | tee -a "$LOG/ab.txt" | grep -E "^TTFT|^ +[0-9]+ " || rc=1
   done
   return $rc
