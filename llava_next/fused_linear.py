@@ -21,7 +21,7 @@ def fuse_linears(linears) -> None:
     them again, and the layers then simply run one by one. Layers it cannot fuse as they are
     (wrapped or quantized, a tensor subclass such as FSDP's DTensor, mixed dtypes or devices,
     on the meta device) are left alone."""
-    if not _fusable(linears):
+    if _laid_out(linears) or not _fusable(linears):  # the first: generate() calls this every time
         return
     for attr in ("weight", "bias"):
         params = [getattr(lin, attr) for lin in linears]
@@ -63,22 +63,27 @@ def _back_to_back(params) -> bool:
     return True
 
 
+def _laid_out(linears) -> bool:
+    """Whether fuse_linears laid these layers' weights (and biases) out back to back, and they
+    still are."""
+    if not linears[0].__dict__.get("_fused_group", False):
+        return False  # never fused: skip the checks, which cost microseconds a call on CPU
+    biases = [lin.bias for lin in linears]
+    if any(b is None for b in biases):
+        return all(b is None for b in biases) and _back_to_back([lin.weight for lin in linears])
+    return _back_to_back([lin.weight for lin in linears]) and _back_to_back(biases)
+
+
 def fused_weights(linears):
     """(weight, bias) of `linears` as single tensors over the one storage fuse_linears laid them
     out in (bias None when they have none), or None when they are not laid out so. Detached: the
     view is built behind autograd's back, for use without gradients only."""
     if torch.compiler.is_compiling():
         return None  # the layout check reads addresses, which a compiled graph cannot trace
-    if not getattr(linears[0], "_fused_group", False):
-        return None  # never fused: skip the checks, which cost microseconds a call on CPU
+    if not _laid_out(linears):
+        return None
     params = [lin.weight for lin in linears]
     biases = [lin.bias for lin in linears]
-    if not _back_to_back(params):
-        return None
-    if any(b is None for b in biases) and not all(b is None for b in biases):
-        return None
-    if biases[0] is not None and not _back_to_back(biases):
-        return None
 
     def view(ps):  # the one storage the parameters lie in, as a single tensor
         rows = sum(p.shape[0] for p in ps)
@@ -90,7 +95,7 @@ def fused_weights(linears):
 def fused_linear(x, linears):
     """x through all `linears` as one matrix product, concatenated on the last dim, when
     fuse_linears laid their parameters out back to back and no gradient is needed; None otherwise."""
-    if not getattr(linears[0], "_fused_group", False):
+    if not linears[0].__dict__.get("_fused_group", False):
         return None  # never fused: skip the checks, which cost microseconds a call on CPU
     if not all(type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks) for lin in linears):
         return None  # a wrapped layer (LoRA, quantized) or a hook must see its own call
