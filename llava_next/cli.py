@@ -80,6 +80,10 @@ def check_args(args) -> None:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0: no top-k), got {args.top_k}")
+    if args.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     for image in args.image:
         if not image.startswith(("http://", "https://")) and not os.path.isfile(image):
             raise UsageError(f"image file not found: {image}")

@@ -85,6 +85,12 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError("llava-next generates with num_beams=1 and a KV cache (use_cache=True) only")
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the processor's output)")
+    if max_new_tokens is None:
+        max_new_tokens = 20  # the signature's default, as an explicit None asks for
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be a positive int (or 0 / None: no top-k), got {top_k}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
@@ -94,7 +100,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     cfg = model.config.text_config
     gen = getattr(model, "generation_config", None) or {}
     eos = eos_token_id if eos_token_id is not None else gen.get("eos_token_id", cfg.eos_token_id)
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if torch.is_tensor(eos):
+        eos = eos.reshape(-1).tolist()
+    eos = [eos] if isinstance(eos, int) else [int(e) for e in (eos or [])]
     pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id", cfg.pad_token_id)
     if pad is None:
         pad = eos[0] if eos else 0
@@ -103,8 +111,15 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        # as transformers does: a pad id that occurs in the prompt and is no eos id marks padding
+        if pad not in eos and bool((input_ids == pad).any()):
+            attention_mask = (input_ids != pad).long()
+        else:
+            attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
+    if attention_mask.shape == input_ids.shape and bool((attention_mask[:, -1] == 0).any()):
+        warnings.warn("right padding detected (a row's last attention_mask entry is 0): generation continues "
+                      "after the padding, not after the prompt; pad on the left (the processor's default)")
     context = cfg.max_position_embeddings
     if T > context:
         raise ValueError(f"the prompt has {T} tokens, more than the model's context of {context}")
@@ -247,7 +262,11 @@ class TextStreamer:
         self.ids.extend(value.tolist())
         text = self.tokenizer.decode(self.ids, **self.decode_kwargs)
         if text.endswith("\n"):
-            piece, self.ids, self.printed = text[self.printed:], [], 0
+            # Start over after a line, keeping its last token as context: decoded alone, the next
+            # token would lose its leading space (sentencepiece drops it at the start of a text),
+            # and the next line's indentation with it.
+            piece, self.ids = text[self.printed:], self.ids[-1:]
+            self.printed = len(self.tokenizer.decode(self.ids, **self.decode_kwargs))
         elif text.endswith("\ufffd"):
             return
         else:

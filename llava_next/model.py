@@ -36,7 +36,9 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
 
-    def __getitem__(self, key):  # out["logits"], as with transformers' outputs
+    def __getitem__(self, key):  # out["logits"] or out[0], as with transformers' outputs
+        if isinstance(key, (int, slice)):  # the fields that are set, in order: (loss, logits) or (logits,)
+            return tuple(v for v in (self.loss, self.logits) if v is not None)[key]
         return getattr(self, key)
 
 

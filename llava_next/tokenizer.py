@@ -193,6 +193,8 @@ class LlavaNextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False, **unused) -> str:
         if torch.is_tensor(ids):
             ids = ids.reshape(-1).tolist()
+        elif isinstance(ids, int):  # one id, as transformers' TextStreamer passes it
+            ids = [ids]
         skip = set(self.all_special_ids) if skip_special_tokens else ()
         out, byte_run = [], bytearray()
         for i in map(int, ids):

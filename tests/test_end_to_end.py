@@ -81,6 +81,8 @@ def test_cli_generate_sampling_flags(tiny):
     (["generate", "--prompt", "x", "--dtype", "float8"], "invalid choice: 'float8'"),
     (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["generate", "--image"], "expected one argument"),
+    (["generate", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["generate", "--prompt", "x", "--do-sample", "--top-k", "-3"], "--top-k must be >= 0"),
 ])
 def test_cli_bad_arguments_one_line_exit_2(tiny, args, message):
     run = cli(*args, "--model", tiny)

@@ -160,3 +160,43 @@ def test_cuda_graph_true_on_cpu_decodes_eagerly(pair):
     ids = torch.ones(1, 3, dtype=torch.long)
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=17),
                        ours.generate(input_ids=ids, max_new_tokens=17, cuda_graph=True))
+
+
+def test_missing_attention_mask_is_inferred_from_padding(pair):
+    """Without an attention_mask, a pad id found in the prompt (and not an eos id) marks the left
+    padding, as transformers infers it: the same tokens as with the mask, and as transformers'."""
+    hf, ours = pair
+    pad = hf.generation_config.pad_token_id
+    assert pad is not None and pad != hf.generation_config.eos_token_id
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], []], [3, 9], pad_id=pad)
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    kw = dict(pixel_values=pv, image_sizes=sizes, max_new_tokens=8)
+    got = ours.generate(input_ids=ids, **kw)
+    assert torch.equal(got, ours.generate(input_ids=ids, attention_mask=mask, **kw))
+    assert torch.equal(got, hf.generate(input_ids=ids, do_sample=False, **kw))
+
+
+def test_right_padding_warns(pair):
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [3, 9])
+    with pytest.warns(UserWarning, match="right padding"):
+        ours.generate(input_ids=ids.flip(1), attention_mask=mask.flip(1), max_new_tokens=2)
+
+
+def test_generate_argument_forms(pair):
+    """eos ids as a tensor, max_new_tokens=None (the default, 20) and the refused values."""
+    _, ours = pair
+    ids = torch.ones(1, 3, dtype=torch.long)
+    greedy = ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[])
+    eos = int(greedy[0, 5])
+    stop = 3 + greedy[0, 3:].tolist().index(eos) + 1  # generation stops after its first occurrence
+    for form in (torch.tensor(eos), torch.tensor([eos, 10**6]), [eos], eos):
+        assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=6, eos_token_id=form), greedy[:, :stop])
+    assert ours.generate(input_ids=ids, max_new_tokens=None, eos_token_id=[]).shape == (1, 3 + 20)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+            ours.generate(input_ids=ids, max_new_tokens=bad)
+    with pytest.raises(ValueError, match="top_k"):
+        ours.generate(input_ids=ids, do_sample=True, top_k=-1)
+    out = ours(input_ids=ids)
+    assert out[0] is out.logits and out["logits"] is out.logits and len(out[:]) == 1

@@ -171,3 +171,30 @@ def test_yi_style_tokenizer(yi_folder):
         assert ours.encode(text) == oracle(text)["input_ids"], repr(text)
     text = "<|im_start|>assistant\nA chart.<|im_end|>"
     assert ours.decode(ours.encode(text), skip_special_tokens=True) == "assistant\nA chart."
+
+
+STREAMED = ["code:\n    def f(x):\n        if x:\n            return 1\n    return 2", "- a\n - b\n\n  c",
+            "line one\nline two", "Ünïcödé çåfé\n日本語のテキスト", "emoji 😀🎉👍🏽 and text\n  🤖 indented",
+            "trailing newline\n", "\n\nstarts with newlines", "a" * 50 + "\n" + " b" * 10]
+
+
+def test_streamer_prints_what_decode_gives(pair):
+    """TextStreamer fed one id at a time prints, piece by piece, exactly decode() of all the ids:
+    indentation after a newline included (decoded alone, a token loses its leading space)."""
+    from llava_next.generation import TextStreamer
+
+    ours, _, _ = pair
+
+    class Collect(TextStreamer):
+        def on_text(self, text, stream_end=False):
+            self.pieces.append(text)
+
+    for text in STREAMED:
+        ids = ours.encode(text, add_special_tokens=False)
+        streamer = Collect(ours, skip_special_tokens=True)
+        streamer.pieces = []
+        for i in ids:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        assert "".join(streamer.pieces) == ours.decode(ids, skip_special_tokens=True), text
+    assert ours.decode(ids[0]) == ours.decode(ids[:1])  # one id as an int, as transformers' streamer passes it
