@@ -68,7 +68,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
-    Generation ends when every row is finished or after max_new_tokens.
+    Generation ends when every row is finished or after max_new_tokens. Without an
+    attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
+    transformers), else every position counts.
     cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call;
     pass a `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it
     over calls (the caller owns it and its KV cache). The capture runs before the prompt, so
