@@ -16,6 +16,11 @@ import torch
 
 
 class KVCache:
+    """Keys and values of every decoder layer, preallocated: k, v (layers, B, Hkv, max_length, D)
+    and kv_mask (B, max_length). `KVCache.for_model(model, batch_size, max_length)` sizes one for a
+    model (its dtype and device); pass it as `cache=` with `cache_pos=` to the model's forward
+    (see the module docstring), `reset()` before reusing it for another prompt."""
+
     def __init__(self, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
                  head_dim: int, dtype=torch.float32, device=None):
         shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)

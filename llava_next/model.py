@@ -43,6 +43,21 @@ class CausalLMOutput:
 
 
 class LlavaNextForConditionalGeneration(nn.Module):
+    """LLaVA-NeXT: CLIP vision tower, MLP projector, anyres feature packing and a Llama-family
+    decoder, with the submodule names of the llava-hf checkpoints' keys (`vision_tower`,
+    `multi_modal_projector`, `image_newline`, `language_model`).
+
+        model = LlavaNextForConditionalGeneration.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf",
+                                                                  torch_dtype=torch.float16, device_map="cuda")
+        out = model.generate(**processor(text=prompt, images=image, return_tensors="pt").to("cuda"),
+                             max_new_tokens=100)
+
+    `forward` takes transformers' keyword arguments (input_ids, pixel_values, image_sizes,
+    attention_mask, labels, ...) plus an explicit `cache=` / `cache_pos=` (kv_cache.py) and returns
+    a CausalLMOutput (logits; the loss with labels). `attn_implementation` ("auto", "triton",
+    "sdpa", "eager") picks the attention of this instance (README, "Attention implementations and
+    kernels")."""
+
     def __init__(self, config: LlavaNextConfig, attn_implementation: str | None = None, device=None):
         super().__init__()
         config.validate_for_model()
