@@ -156,7 +156,8 @@ def sweep_attention(name, B, Hq, Hkv, T, D, causal):
     tiles = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
              (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 128, 4, 3), (64, 32, 4, 4),
              (128, 32, 4, 4), (128, 64, 4, 3)]
-    tma = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)]
+    tma = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+           (64, 128, 4, 3)]  # 64-row tiles: two independent CTAs an SM (see bench/NOTES.md, fourth session)
     for (bm, bn, w, s), use_tma in [(t, False) for t in tiles] + [(t, True) for t in tma]:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
         try:
