@@ -8,6 +8,7 @@ then (sampling only) temperature, top-k, top-p.
 
 from __future__ import annotations
 
+import numbers
 import queue
 import warnings
 
@@ -104,7 +105,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     eos = eos_token_id if eos_token_id is not None else gen.get("eos_token_id", cfg.eos_token_id)
     if torch.is_tensor(eos):
         eos = eos.reshape(-1).tolist()
-    eos = [eos] if isinstance(eos, int) else [int(e) for e in (eos or [])]
+    eos = [int(eos)] if isinstance(eos, numbers.Integral) else [int(e) for e in (eos or [])]
     pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id", cfg.pad_token_id)
     if pad is None:
         pad = eos[0] if eos else 0
