@@ -19,6 +19,8 @@ import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the names save_state_dict (and transformers) write
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Buffers some exporters wrote into checkpoints; they are recomputed, never loaded.
 IGNORED = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
 
@@ -74,7 +76,7 @@ class LazyCheckpoint:
     def __init__(self, files: list[str]):
         from safetensors import safe_open
 
-        self.handles, self.where, self.shapes, self.dtypes = {}, {}, {}, {}
+        self.handles, self.where, self.shapes, self.dtypes = {}, {}, {}, {}  # dtypes: safetensors' names
         for path in files:
             try:
                 handle = safe_open(path, framework="pt", device="cpu")
@@ -123,9 +125,10 @@ def _data_end(path: str) -> int:
     return 8 + n + max(ends, default=0)
 
 
-def check_keys(expected: dict[str, tuple], ckpt: LazyCheckpoint, source: str) -> None:
-    """Every model tensor present with the right shape and nothing else, or one error naming all."""
-    found = set(ckpt.keys())
+def check_keys(expected: dict[str, tuple], ckpt: LazyCheckpoint, source: str, optional=()) -> None:
+    """Every model tensor present with the right shape and nothing else, or one error naming all.
+    `optional` keys may be in the checkpoint or not (they are not read)."""
+    found = set(ckpt.keys()) - set(optional)
     missing = sorted(set(expected) - found)
     unexpected = sorted(found - set(expected))
     problems = []
@@ -137,6 +140,9 @@ def check_keys(expected: dict[str, tuple], ckpt: LazyCheckpoint, source: str) ->
         if tuple(expected[key]) != ckpt.shapes[key]:
             problems.append(f"shape mismatch for {key}: the model expects {tuple(expected[key])}, "
                             f"the checkpoint has {ckpt.shapes[key]}")
+        elif ckpt.dtypes[key] not in FLOAT_DTYPES:
+            problems.append(f"{key} is {ckpt.dtypes[key]} in the checkpoint; the model's weights are floating "
+                            "point (a quantized checkpoint is not supported)")
     if problems:
         raise CheckpointError(f"{source} does not match the model built from its config.json:\n  "
                               + "\n  ".join(problems))
@@ -180,18 +186,24 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str, max_shard_
         current_size += nbytes
     shards.append(current)
     os.makedirs(folder, exist_ok=True)
-    for stale in [n for n in os.listdir(folder) if n.startswith("model") and n.endswith(".safetensors")] + (
-            [INDEX_FILE] if os.path.exists(os.path.join(folder, INDEX_FILE)) else []):
-        os.remove(os.path.join(folder, stale))  # an older save's shards would shadow or confuse this one
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    # Each file is written beside its final name, then moved over it: a failed save leaves the old
+    # file whole, and a model still memory-mapping the old file (loaded from this folder) keeps it.
     for name, shard in zip(names, shards):
-        save_file({k: _own_storage(v.detach().to("cpu")) for k, v in shard.items()}, os.path.join(folder, name),
-                  metadata={"format": "pt"})
+        tmp = os.path.join(folder, f".{name}.tmp")
+        save_file({k: _own_storage(v.detach().to("cpu")) for k, v in shard.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(folder, name))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        with open(os.path.join(folder, INDEX_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(folder, f".{INDEX_FILE}.tmp"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
+        os.replace(os.path.join(folder, f".{INDEX_FILE}.tmp"), os.path.join(folder, INDEX_FILE))
+    # An older save's weight files would shadow or confuse this one; nothing else in the folder is touched.
+    for stale in os.listdir(folder):
+        if stale not in names and (stale == SINGLE_FILE or SHARD_FILE.fullmatch(stale)
+                                   or (stale == INDEX_FILE and len(shards) == 1)):
+            os.remove(os.path.join(folder, stale))
     return names

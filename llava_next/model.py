@@ -71,6 +71,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.image_newline = nn.Parameter(torch.empty(tc.hidden_size))
         # The fused small kernels follow the attention choice: always with "triton", on CUDA with "auto".
         self.language_model = LlamaForCausalLM(tc, attn_fn, kernels=self.attn_implementation)
+        if config.tie_word_embeddings:  # one Parameter for both, as transformers ties them (top-level flag)
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
         # eos / pad / bos overrides from a checkpoint's generation_config.json (read by from_pretrained).
         self.generation_config = {}
         if not any(p.is_meta for p in self.parameters()):
@@ -282,6 +284,9 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected arguments: {sorted(kwargs)}")
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one (torch_dtype is "
+                             "transformers' older name for dtype)")
         folder = resolve_folder(name_or_path, ["config.json", "generation_config.json", "*.safetensors",
                                               "*.safetensors.index.json"],
                                 revision=revision)
@@ -296,12 +301,18 @@ class LlavaNextForConditionalGeneration(nn.Module):
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation, device=device)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        check_keys(expected, ckpt, folder)
+        if config.tie_word_embeddings:  # the embedding is read once; the file may hold lm_head or not
+            del expected[LM_HEAD]
+        check_keys(expected, ckpt, folder, optional=[LM_HEAD] if config.tie_word_embeddings else ())
         state = {}
         for key in _progress(expected, progress, f"loading {os.path.basename(os.path.normpath(folder))}"):
             t = ckpt.get(key)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if config.tie_word_embeddings:
+            state[LM_HEAD] = state[EMBED]
         model.load_state_dict(state, assign=True, strict=True)
+        if config.tie_word_embeddings:  # assign=True made two Parameters: make them one again
+            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
         gen_path = os.path.join(folder, "generation_config.json")
         if os.path.exists(gen_path):
             with open(gen_path, encoding="utf-8") as f:
@@ -319,7 +330,17 @@ class LlavaNextForConditionalGeneration(nn.Module):
         d["torch_dtype"] = str(self.dtype).replace("torch.", "")
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
-        save_state_dict(state_dict if state_dict is not None else self.state_dict(), folder, max_shard_size)
+        if self.generation_config:  # the eos / pad / bos ids from_pretrained read, for the next load
+            with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.generation_config, f, indent=2)
+        state = dict(state_dict if state_dict is not None else self.state_dict())
+        if self.config.tie_word_embeddings:
+            state.pop(LM_HEAD, None)  # tied to the embedding, which is saved: transformers leaves it out too
+        save_state_dict(state, folder, max_shard_size)
+
+
+LM_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.model.embed_tokens.weight"
 
 
 def _progress(items, show: bool, desc: str):
@@ -357,14 +378,14 @@ def _resolve_dtype(dtype, config_path, ckpt):
 def _resolve_device(device_map):
     """device_map as transformers takes it for one device: None, 'auto', a device, or {'': device}."""
     if isinstance(device_map, dict):
-        devices = set(device_map.values())
+        devices = {torch.device(_resolve_device(d)) for d in device_map.values()}  # "cpu" == torch.device("cpu")
         if len(devices) != 1:
             raise ValueError(f"device_map {device_map} spreads the model over several devices; llava-next runs "
                              "on one device")
         device_map = devices.pop()
     if device_map is None:
         return "cpu"
-    if device_map == "auto":
+    if device_map in ("auto", "sequential", "balanced", "balanced_low_0"):  # one device: all the same here
         return "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(device_map, int):
         return f"cuda:{device_map}"

@@ -149,6 +149,62 @@ def test_dtype_and_device_arguments(tmp_path):
     assert LlavaNextForConditionalGeneration.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
 
 
+
+def test_save_pretrained_replaces_only_its_own_files(tmp_path):
+    """A save over a folder removes the weight files of an older save (single file <-> shards) and
+    nothing else, keeps the generation_config ids, and works over the folder the model was loaded
+    from (whose files it may still memory-map)."""
+    hf_checkpoint(tmp_path / "hf", "mistral", **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model_ema.safetensors", "model-ft-notes.safetensors", "notes.txt"):
+        (out / name).write_bytes(b"the user's")
+    ours.save_pretrained(out, max_shard_size="200KB")
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    ours.save_pretrained(out)  # now one file: the shards and the index go
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors", "model_ema.safetensors",
+         "model-ft-notes.safetensors", "notes.txt"])
+    assert all((out / n).read_bytes() == b"the user's" for n in ("model_ema.safetensors", "notes.txt"))
+    back = LlavaNextForConditionalGeneration.from_pretrained(out)
+    assert back.generation_config == ours.generation_config and ours.generation_config
+    ours.save_pretrained(tmp_path / "hf")  # over its own (memory-mapped) source files
+    again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+def test_tied_word_embeddings(tmp_path):
+    """A checkpoint whose config ties lm_head to the embedding (transformers then leaves lm_head out
+    of the file): loaded with one Parameter for both, the same logits, saved the same way."""
+    from tiny import hf_config, hf_model
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    cfg = hf_config("vicuna", **SMALL)
+    cfg.tie_word_embeddings = True
+    hf = hf_model(cfg)
+    hf.save_pretrained(tmp_path / "hf")
+    compare(hf, tmp_path / "hf", [[(45, 80)]])
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert ours.language_model.lm_head.weight is ours.language_model.model.embed_tokens.weight
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors import safe_open
+    assert "language_model.lm_head.weight" not in safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt").keys()
+    back = HF.from_pretrained(tmp_path / "ours").eval()
+    assert torch.equal(back.lm_head.weight, hf.lm_head.weight)
+    lm = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "ours").language_model  # our own file back
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight and torch.equal(lm.lm_head.weight, hf.lm_head.weight)
+
+
+def test_device_map_forms_and_conflicting_dtypes(tmp_path):
+    hf_checkpoint(tmp_path, "vicuna", **SMALL)
+    for device_map in ("sequential", "balanced", {"vision_tower": "cpu", "language_model": torch.device("cpu")}):
+        assert LlavaNextForConditionalGeneration.from_pretrained(tmp_path, device_map=device_map).device.type == "cpu"
+    with pytest.raises(ValueError, match="disagree"):
+        LlavaNextForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.bfloat16)
+
+
 # ---- bad input: clear errors, and never a half-loaded model ---------------------------------------
 
 @pytest.fixture
@@ -183,6 +239,13 @@ def test_shape_mismatch_names_key_and_shapes(saved):
     _rewrite(folder, lambda s: s.__setitem__("image_newline", torch.zeros(63)))
     with pytest.raises(CheckpointError, match=r"shape mismatch for image_newline: the model expects \(64,\), "
                                               r"the checkpoint has \(63,\)"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_integer_tensor_is_named(saved):
+    _, folder = saved
+    _rewrite(folder, lambda s: s.__setitem__("image_newline", torch.zeros(64, dtype=torch.int8)))
+    with pytest.raises(CheckpointError, match="image_newline is I8 in the checkpoint"):
         LlavaNextForConditionalGeneration.from_pretrained(folder)
 
 
