@@ -130,6 +130,8 @@ class LlavaNextConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "LlavaNextConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: a config is a dict (config.json's contents), got {type(d).__name__}")
         if d.get("model_type", "llava_next") != "llava_next":
             raise ConfigError(f"{source}: model_type is {d['model_type']!r}, expected 'llava_next'")
         vision = _build(VisionConfig, d.get("vision_config"), VISION_DEFAULTS, "clip_vision_model",
@@ -153,8 +155,15 @@ class LlavaNextConfig:
         return cls.from_dict(d, source=path)
 
     @classmethod
-    def from_pretrained(cls, folder: str) -> "LlavaNextConfig":
-        return cls.from_json_file(os.path.join(folder, "config.json"))
+    def from_pretrained(cls, folder: str, revision: str | None = None) -> "LlavaNextConfig":
+        """From a checkpoint folder or hub repo id (only config.json is fetched)."""
+        from .hub import resolve_folder
+
+        folder = resolve_folder(folder, ["config.json"], revision=revision, required=["config.json"])
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no config.json in {folder}")
+        return cls.from_json_file(path)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

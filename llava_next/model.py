@@ -289,7 +289,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
                              "transformers' older name for dtype)")
         folder = resolve_folder(name_or_path, ["config.json", "generation_config.json", "*.safetensors",
                                               "*.safetensors.index.json"],
-                                revision=revision)
+                                revision=revision, required=["config.json", "*.safetensors"])
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
             raise CheckpointError(f"no config.json in {folder}")

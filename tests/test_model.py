@@ -460,3 +460,27 @@ def test_fused_path_keeps_bias_gradients_and_refuses_mixed_layers(tmp_path, monk
         assert fused_linear(x, (c, d)) is not None
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert fused_linear(x, (c, d)) is None  # torch.compile traces the plain layers
+
+
+def test_partly_cached_hub_repo_offline(tmp_path):
+    """Offline, with only config.json of a repo in the hub cache (what fetching a config leaves):
+    the config loads from the cache, the model says the weights are not cached."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--llava-hf--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    hf_checkpoint(tmp_path / "full", "mistral", **SMALL)
+    (snapshot / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    code = ("from llava_next import LlavaNextConfig, LlavaNextForConditionalGeneration as M\n"
+            "print(LlavaNextConfig.from_pretrained('llava-hf/tiny').text_config.hidden_size)\n"
+            "try:\n    M.from_pretrained('llava-hf/tiny')\nexcept OSError as e:\n    print(type(e).__name__, e)\n")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "64"
+    assert lines[1].startswith("HubError") and "holds only part of it (no *.safetensors)" in lines[1], lines[1]
