@@ -6,7 +6,8 @@ They are the original LLaVA conversation templates (`llava/conversation.py`):
 - "vicuna" (llava-v1.6-vicuna-7b/13b): `<system> USER: <image>\\nQ ASSISTANT:`, answers ` A</s>`.
 - "chatml" (llava-v1.6-34b): `<|im_start|>role\\n...<|im_end|>`, default system "Answer the questions.".
 A conversation is transformers' list of {"role", "content"}, content a string or a list of
-{"type": "image"} / {"type": "text", "text": ...}; a turn's images come first, each as `<image>\\n`.
+{"type": "image"} (or "image_url") / {"type": "text", "text": ...}; a turn's images come first,
+each as `<image>\\n`.
 """
 
 from __future__ import annotations
@@ -23,16 +24,29 @@ HOW_TO_CHOOSE = ("choose one with LlavaNextProcessor.from_pretrained(..., chat_f
                  f"apply_chat_template(..., chat_format=...), one of {FORMATS}")
 
 
-def render(conversation: list[dict], chat_format: str, add_generation_prompt: bool = True) -> str:
-    """The prompt string for a conversation in one of FORMATS."""
+END_OF_TURN = {"mistral": " </s>", "vicuna": "</s>", "chatml": "<|im_end|>"}  # after an assistant message
+
+
+def render(conversation: list[dict], chat_format: str, add_generation_prompt: bool = True,
+           continue_final_message: bool = False) -> str:
+    """The prompt string for a conversation in one of FORMATS. continue_final_message: the last
+    message is the assistant's and stays open (no end of turn), for the model to go on with it."""
     if chat_format not in FORMATS:
         raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {FORMATS}")
     system, turns = _split_system(conversation)
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other: the first "
+                             "continues the last message, the second starts a new one")
+        if turns[-1][0] != "assistant":
+            raise ValueError("continue_final_message needs the conversation to end with an assistant message")
     if chat_format == "mistral":
-        return _mistral(system or "", turns)
-    if chat_format == "vicuna":
-        return _vicuna(VICUNA_SYSTEM if system is None else system, turns, add_generation_prompt)
-    return _chatml(CHATML_SYSTEM if system is None else system, turns, add_generation_prompt)
+        out = _mistral(system or "", turns)
+    elif chat_format == "vicuna":
+        out = _vicuna(VICUNA_SYSTEM if system is None else system, turns, add_generation_prompt)
+    else:
+        out = _chatml(CHATML_SYSTEM if system is None else system, turns, add_generation_prompt)
+    return out[: -len(END_OF_TURN[chat_format])] if continue_final_message else out
 
 
 def _mistral(system: str, turns: list[tuple[str, str]]) -> str:
@@ -93,7 +107,7 @@ def message_text(message: dict) -> str:
     images, texts = 0, []
     for item in content:
         kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "image":
+        if kind in ("image", "image_url"):
             images += 1
         elif kind == "text":
             texts.append(item.get("text", ""))
@@ -104,13 +118,14 @@ def message_text(message: dict) -> str:
 
 
 def message_images(conversation: list[dict]) -> list:
-    """Images given inside the content items ('image', 'url' or 'path' keys), in order."""
+    """Images given inside the content items ('image', 'url', 'path' or OpenAI's 'image_url'
+    keys), in order; None for an item that names none."""
     found = []
     for message in conversation:
         for item in message.get("content", []) if not isinstance(message.get("content"), str) else []:
-            if isinstance(item, dict) and item.get("type") == "image":
-                source = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
-                found.append(source)
+            if isinstance(item, dict) and item.get("type") in ("image", "image_url"):
+                source = next((item[k] for k in ("image", "path", "url", "image_url") if item.get(k) is not None), None)
+                found.append(source.get("url") if isinstance(source, dict) else source)  # {"url": ...}
     return found
 
 

@@ -128,7 +128,29 @@ class LlavaNextImageProcessor:
 
     # ---- preprocessing -----------------------------------------------------------------------
 
-    def __call__(self, images, return_tensors: str | None = "pt", **unused) -> BatchFeature:
+    # Settings a call may override, as transformers' image processors take them per call.
+    OPTIONS = ("size", "crop_size", "image_grid_pinpoints", "resample", "do_resize", "do_center_crop", "do_rescale",
+               "rescale_factor", "do_normalize", "image_mean", "image_std", "do_pad", "do_convert_rgb")
+
+    def with_options(self, **options) -> "LlavaNextImageProcessor":
+        """This processor, or a copy with some settings changed for one call (validated the same
+        way). do_resize / do_center_crop cannot be switched off: anyres tiling always resizes."""
+        for name in options:
+            if name not in self.OPTIONS:
+                raise TypeError(f"the image processor got an unexpected keyword argument {name!r}; its per-call "
+                                f"options are {', '.join(self.OPTIONS)}")
+        for name in ("do_resize", "do_center_crop"):
+            if name in options and not options[name]:
+                raise ValueError(f"{name}=False is not supported: LLaVA-NeXT's anyres tiling resizes every tile")
+        if not options:
+            return self
+        other = type(self)(**{**self.to_dict(), **options})
+        other.num_threads = self.num_threads
+        return other
+
+    def __call__(self, images, return_tensors: str | None = "pt", **options) -> BatchFeature:
+        if options:
+            return self.with_options(**options)(images, return_tensors=return_tensors)
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         images = flatten_images(images)

@@ -106,31 +106,59 @@ class LlavaNextProcessor:
 
     # ---- inputs ----------------------------------------------------------------------------
 
-    def num_image_tokens(self, image_size) -> int:
+    def num_image_tokens(self, image_size, image_processor: LlavaNextImageProcessor | None = None) -> int:
         """`<image>` ids for one image of original (height, width), as transformers counts them."""
+        image_processor = image_processor or self.image_processor
         extra = self.num_additional_image_tokens + (self.vision_feature_select_strategy == "full")
-        return num_image_tokens(image_size, self.image_processor.image_grid_pinpoints,
-                                self.image_processor.tile_size, self.patch_size, extra)
+        return num_image_tokens(image_size, image_processor.image_grid_pinpoints,
+                                image_processor.tile_size, self.patch_size, extra)
 
-    def __call__(self, text=None, images=None, return_tensors: str | None = "pt", padding=False,
-                 padding_side: str | None = None, add_special_tokens: bool = True, **unused) -> BatchFeature:
-        """Also accepts transformers 5's positional order (images, text) when the types make it clear."""
-        if _is_images(text) and (images is None or isinstance(images, str) or _is_text_list(images)):
-            text, images = images, text
+    TEXT_OPTIONS = ("padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side", "add_special_tokens",
+                    "return_attention_mask")
+
+    def __call__(self, *args, text=None, images=None, return_tensors: str | None = "pt", text_kwargs=None,
+                 images_kwargs=None, common_kwargs=None, **options) -> BatchFeature:
+        """`processor(text, images)`, or transformers 5's order `processor(images, text)`: positional
+        arguments are told apart by type (images, image paths or URLs vs prompt strings).
+
+        Text options (padding, truncation, max_length, pad_to_multiple_of, padding_side,
+        add_special_tokens, return_attention_mask) go to the tokenizer and image options
+        (do_normalize, image_mean, image_grid_pinpoints, ...) to the image processor, for this call;
+        they may also come in transformers' text_kwargs / images_kwargs / common_kwargs dicts.
+        Anything else is an error, not ignored. Truncation that would cut an image's tokens is
+        refused, as transformers refuses it."""
+        text, images = _text_and_images(args, text, images)
+        options = {**(common_kwargs or {}), **(text_kwargs or {}), **(images_kwargs or {}), **options}
+        return_tensors = options.pop("return_tensors", return_tensors)
+        text_options = {k: options.pop(k) for k in list(options) if k in self.TEXT_OPTIONS}
+        image_processor = self.image_processor.with_options(**options)  # refuses what is left that it does not take
         if text is None and images is None:
             raise ValueError("give a prompt (text=...), images (images=...) or both")
         if text is None:
-            return self.image_processor(images)
+            if text_options:
+                raise ValueError(f"text options {sorted(text_options)} were given without text")
+            return image_processor(images, return_tensors=return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("text is an empty list; give at least one prompt (an empty string is fine)")
-        ids = [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        tok = self.tokenizer
+        add_special = text_options.pop("add_special_tokens", True)
+        truncation, max_length = text_options.pop("truncation", None), text_options.get("max_length")
+        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
         self._check_image_count(ids, images)  # before the (slower) image work
         out = BatchFeature()
         if flatten_images(images):
-            out.update(self.image_processor(images))
-            ids = self._expand_images(ids, out["image_sizes"].tolist())
-        out.update(self.tokenizer.pad(ids, padding=padding, return_tensors=return_tensors, padding_side=padding_side))
+            out.update(image_processor(images))
+            ids = self._expand_images(ids, out["image_sizes"].tolist(), image_processor)
+        full = ids
+        ids = [tok.finish(row, add_special, truncation, max_length) for row in ids]
+        image_id = self.image_token_id
+        for row, (before, after) in enumerate(zip(full, ids)):
+            if after.count(image_id) != before.count(image_id):
+                raise ValueError(f"truncation to max_length={max_length} cuts the image tokens of prompt {row} "
+                                 f"({before.count(image_id)} of its {len(before)} tokens are <image>): raise "
+                                 "max_length or shorten the text")
+        out.update(tok.pad(ids, return_tensors=return_tensors, **text_options))
         return BatchFeature({k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")
                              if k in out})
 
@@ -147,10 +175,10 @@ class LlavaNextProcessor:
             raise ValueError(f"the prompts have {found} {self.image_token} tokens but the images come in groups "
                              f"of {per_prompt}")
 
-    def _expand_images(self, ids: list[list[int]], image_sizes: list) -> list[list[int]]:
+    def _expand_images(self, ids: list[list[int]], image_sizes: list, image_processor=None) -> list[list[int]]:
         """Each `<image>` id repeated to its image's token count; images are taken in prompt order."""
         image_id = self.image_token_id
-        counts = iter([self.num_image_tokens(size) for size in image_sizes])
+        counts = iter([self.num_image_tokens(size, image_processor) for size in image_sizes])
         expanded = []
         for row in ids:
             new = []
@@ -161,22 +189,30 @@ class LlavaNextProcessor:
 
     # ---- chat and decoding -------------------------------------------------------------------
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False,
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
                             return_dict: bool = False, return_tensors: str | None = "pt", chat_format=None,
-                            **kwargs):
+                            continue_final_message: bool = False, processor_kwargs=None, **kwargs):
         """The prompt string(s) of a conversation (or a list of them) in the checkpoint's format.
 
-        With tokenize=True the prompt goes through the processor with the images found in the
-        content items ({"type": "image", "image" | "path" | "url": ...}); returns input_ids, or
-        everything with return_dict=True.
+        add_generation_prompt=True ends the prompt where the assistant's answer starts (what
+        generation wants; False by default, as in transformers); continue_final_message=True leaves
+        a final assistant message open instead. With tokenize=True the prompt goes through the
+        processor with the images found in the content items ({"type": "image", "image" | "path" |
+        "url": ...} or {"type": "image_url", "image_url": {"url": ...}}), with `processor_kwargs`
+        and the other keyword arguments as processor options; returns input_ids, or everything
+        with return_dict=True.
         """
         fmt = chat_format or self.chat_format
         if fmt is None:
             raise ValueError(f"the prompt format of this checkpoint is unknown; {formats.HOW_TO_CHOOSE}")
+        kwargs = {**(processor_kwargs or {}), **kwargs}
+        if kwargs and not tokenize:
+            raise TypeError(f"apply_chat_template() got unexpected keyword arguments {sorted(kwargs)} (processor "
+                            "options apply with tokenize=True)")
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
             isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
-        prompts = [formats.render(c, fmt, add_generation_prompt) for c in conversations]
+        prompts = [formats.render(c, fmt, add_generation_prompt, continue_final_message) for c in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [formats.message_images(c) for c in conversations]
@@ -193,6 +229,37 @@ class LlavaNextProcessor:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
 
+def _text_and_images(args: tuple, text, images):
+    """(text, images) from the positional arguments, in either order, plus the named ones."""
+    if len(args) > 2:
+        raise TypeError(f"the processor takes text and images (in either order), got {len(args)} positional arguments")
+    if len(args) == 2:
+        if text is not None or images is not None:
+            raise TypeError("give text and images either positionally or by name, not both")
+        first, second = args
+        if _is_images(first) or _is_paths(first) or (first is None and second is not None and not _is_images(second)
+                                                     and not _is_paths(second)):
+            return second, first  # transformers 5's (images, text)
+        return first, second
+    if len(args) == 1:
+        if _is_images(args[0]) or _is_paths(args[0]):
+            if images is not None:
+                raise TypeError("images given twice (positionally and by name)")
+            return text, args[0]
+        if text is not None:
+            raise TypeError("text given twice (positionally and by name)")
+        return args[0], images
+    return text, images
+
+
+def _is_paths(x) -> bool:
+    """An image file that exists, an http(s) URL, or a (nested) non-empty list of them."""
+    if isinstance(x, (str, os.PathLike)):
+        s = os.fspath(x)
+        return s.startswith(("http://", "https://")) or os.path.isfile(s)
+    return isinstance(x, (list, tuple)) and bool(x) and all(_is_paths(v) for v in x)
+
+
 def _is_image(x) -> bool:
     return isinstance(x, (Image.Image, np.ndarray, torch.Tensor))
 
@@ -200,10 +267,6 @@ def _is_image(x) -> bool:
 def _is_images(x) -> bool:
     return _is_image(x) or (isinstance(x, (list, tuple)) and bool(x) and all(
         _is_image(i) or (isinstance(i, (list, tuple)) and all(map(_is_image, i))) for i in x))
-
-
-def _is_text_list(x) -> bool:
-    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, str) for t in x)
 
 
 def _per_prompt_counts(images, n_prompts: int) -> list[int] | None:

@@ -23,6 +23,24 @@ from .batch import BatchFeature
 
 FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when the config gives none
+# transformers tokenizer options that have nothing to do for a single sequence at their default
+# value; any other value is refused rather than ignored.
+NO_OP_OPTIONS = {"verbose": None, "return_token_type_ids": (None, False), "return_overflowing_tokens": (None, False),
+                 "return_special_tokens_mask": (None, False), "return_offsets_mapping": (None, False),
+                 "return_length": (None, False), "is_split_into_words": (None, False), "stride": (0,),
+                 "split_special_tokens": (None, False), "clean_up_tokenization_spaces": (None, False),
+                 "spaces_between_special_tokens": None}
+
+
+def check_options(options: dict, where: str) -> None:
+    """Refuse keyword arguments this package does not implement, instead of ignoring them."""
+    for name, value in options.items():
+        if name not in NO_OP_OPTIONS:
+            raise TypeError(f"{where} got an unexpected keyword argument {name!r}")
+        allowed = NO_OP_OPTIONS[name]
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{where}: {name}={value!r} is not supported (only {allowed[-1]!r})")
 
 
 @dataclass
@@ -36,17 +54,22 @@ class AddedToken:
 class LlavaNextTokenizer:
     """sentencepiece `tokenizer.model` + added tokens, with transformers' legacy Llama ids.
 
-    `tokenizer(text or texts, padding=False, return_tensors=None)` -> BatchFeature(input_ids,
-    attention_mask); `decode(ids, skip_special_tokens=False)`; `padding_side` "left" or "right".
+    `tokenizer(text or texts, padding=False, truncation=None, max_length=None, return_tensors=None)`
+    -> BatchFeature(input_ids, attention_mask); `decode(ids, skip_special_tokens=False)` (a list of
+    strings for a batch of rows); `padding_side` "left" or "right", `truncation_side` likewise.
+    Options of transformers' tokenizers that are not implemented here (sentence pairs, offsets,
+    ...) raise an error rather than being ignored.
     """
 
     def __init__(self, model_file: str, added_tokens: dict[int, AddedToken] | None = None,
                  bos_token: str | None = "<s>", eos_token: str | None = "</s>", unk_token: str | None = "<unk>",
                  pad_token: str | None = None, additional_special_tokens=(), add_bos_token: bool = True,
-                 add_eos_token: bool = False, padding_side: str = "left"):
+                 add_eos_token: bool = False, padding_side: str = "left", truncation_side: str = "right",
+                 model_max_length: int | None = None):
         self.sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
-        self.padding_side = padding_side
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        self.model_max_length = int(model_max_length) if model_max_length is not None else VERY_LARGE_INTEGER
         # Whether sentencepiece puts a `▁` in front of every text: decoding drops it again.
         self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("▁")
         self._added: dict[str, int] = {}
@@ -101,10 +124,35 @@ class LlavaNextTokenizer:
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self.convert_tokens_to_ids(token)
 
-    bos_token_id = property(lambda self: self._token_id(self.bos_token))
-    eos_token_id = property(lambda self: self._token_id(self.eos_token))
-    unk_token_id = property(lambda self: self._token_id(self.unk_token) if self.unk_token else self.sp.unk_id())
-    pad_token_id = property(lambda self: self._token_id(self.pad_token))
+    def _set_token_id(name: str):  # noqa: N805  (builds the setters below)
+        def setter(self, token_id):
+            token = None if token_id is None else self.convert_ids_to_tokens(int(token_id))
+            if token_id is not None and token is None:
+                raise ValueError(f"{name}_id {token_id} is not in the vocabulary (size {len(self)})")
+            setattr(self, name, token)
+        return setter
+
+    # `tokenizer.pad_token_id = tokenizer.eos_token_id` sets pad_token, as in transformers
+    bos_token_id = property(lambda self: self._token_id(self.bos_token), _set_token_id("bos_token"))
+    eos_token_id = property(lambda self: self._token_id(self.eos_token), _set_token_id("eos_token"))
+    unk_token_id = property(lambda self: self._token_id(self.unk_token) if self.unk_token else self.sp.unk_id(),
+                            _set_token_id("unk_token"))
+    pad_token_id = property(lambda self: self._token_id(self.pad_token), _set_token_id("pad_token"))
+    del _set_token_id
+
+    @property
+    def special_tokens_map(self) -> dict:
+        named = {n: getattr(self, n) for n in SPECIAL_NAMES if getattr(self, n) is not None}
+        return {**named, "additional_special_tokens": list(self.additional_special_tokens)} \
+            if self.additional_special_tokens else named
+
+    def get_vocab(self) -> dict[str, int]:
+        vocab = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)}
+        vocab.update(self._added)
+        return vocab
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self.decode(self.convert_tokens_to_ids(list(tokens)))
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -139,62 +187,113 @@ class LlavaNextTokenizer:
     def tokenize(self, text: str) -> list[str]:
         return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, truncation=None, max_length: int | None = None,
+               return_tensors: str | None = None, **options):
+        """Ids of one text (a list, or a (1, n) tensor with return_tensors="pt"); with truncation,
+        at most max_length ids, the special tokens included (transformers' rule)."""
+        check_options(options, "encode()")
         ids = []
         for part in self._split(text):
             ids += [part] if isinstance(part, int) else self.sp.encode(part)
+        ids = self.finish(ids, add_special_tokens, truncation, max_length)
+        if return_tensors is not None:
+            _check_return_tensors(return_tensors)
+            return torch.tensor([ids], dtype=torch.long)
+        return ids
+
+    def finish(self, ids: list[int], add_special_tokens: bool = True, truncation=None,
+               max_length: int | None = None) -> list[int]:
+        """Ids of a text without special tokens -> truncated (to max_length with the special tokens,
+        on truncation_side) and with bos / eos added as configured."""
+        if self._truncates(truncation, max_length):
+            limit = max_length if max_length is not None else self.model_max_length
+            keep = max(0, limit - (self.add_bos_token + self.add_eos_token if add_special_tokens else 0))
+            ids = ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep:]
         if add_special_tokens:
             ids = [self.bos_token_id] * self.add_bos_token + ids + [self.eos_token_id] * self.add_eos_token
         return ids
 
-    def __call__(self, text, padding=False, return_tensors: str | None = None, add_special_tokens: bool = True,
-                 padding_side: str | None = None, **unused) -> BatchFeature:
-        if isinstance(text, str):
-            ids = [self.encode(text, add_special_tokens)]
-        else:
-            ids = [self.encode(t, add_special_tokens) for t in text]
-        out = self.pad(ids, padding=padding, return_tensors=return_tensors, padding_side=padding_side)
+    @staticmethod
+    def _truncates(truncation, max_length) -> bool:
+        if truncation in (None, False, "do_not_truncate"):
+            return False
+        if truncation in (True, "longest_first", "only_first"):
+            return True
+        raise ValueError(f"truncation={truncation!r} is not supported; use True ('longest_first') or False")
+
+    def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+                 return_tensors: str | None = None, return_attention_mask: bool | None = None,
+                 **options) -> BatchFeature:
+        check_options(options, "the tokenizer")
+        if text_pair is not None:
+            raise ValueError("sentence pairs (text_pair) are not supported: a LLaVA-NeXT prompt is one sequence")
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t, add_special_tokens, truncation, max_length) for t in texts]
+        out = self.pad(ids, padding=padding, return_tensors=return_tensors, padding_side=padding_side,
+                       max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
+                       return_attention_mask=return_attention_mask)
         if isinstance(text, str) and return_tensors is None:
             out = BatchFeature({k: v[0] for k, v in out.items()})
         return out
 
     def pad(self, ids: list[list[int]], padding=True, return_tensors: str | None = None,
-            padding_side: str | None = None) -> BatchFeature:
-        """BatchFeature(input_ids, attention_mask) from id lists; padding=True pads to the longest."""
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
+            padding_side: str | None = None, max_length: int | None = None, pad_to_multiple_of: int | None = None,
+            return_attention_mask: bool | None = None) -> BatchFeature:
+        """BatchFeature(input_ids, attention_mask) from id lists: padding=True ('longest') pads to the
+        longest row, 'max_length' to max_length; pad_to_multiple_of rounds that length up."""
+        if return_tensors is not None:
+            _check_return_tensors(return_tensors)
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         masks = [[1] * len(x) for x in ids]
-        longest = max((len(x) for x in ids), default=0)
-        if padding in (True, "longest") and any(len(x) < longest for x in ids):
+        if padding in (True, "longest"):
+            target = max((len(x) for x in ids), default=0)
+        elif padding == "max_length":
+            target = max_length if max_length is not None else self.model_max_length
+            if target >= VERY_LARGE_INTEGER:
+                raise ValueError("padding='max_length' needs max_length (this tokenizer has no model_max_length)")
+        elif padding in (False, None, "do_not_pad"):
+            target = None
+        else:
+            raise ValueError(f"padding={padding!r} is not supported; use True ('longest'), 'max_length' or False")
+        if target is not None and pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if target is not None and any(len(x) < target for x in ids):
             if self.pad_token_id is None:
                 raise ValueError("padding needs a pad token and this tokenizer has none; set one, e.g. "
                                  "`tokenizer.pad_token = tokenizer.unk_token`")
             for i in range(len(ids)):
-                fill = longest - len(ids[i])
+                fill = max(0, target - len(ids[i]))
                 if side == "left":
                     ids[i], masks[i] = [self.pad_token_id] * fill + ids[i], [0] * fill + masks[i]
                 else:
                     ids[i], masks[i] = ids[i] + [self.pad_token_id] * fill, masks[i] + [0] * fill
-        elif padding not in (False, True, "longest", "do_not_pad"):
-            raise ValueError(f"padding={padding!r} is not supported; use True ('longest') or False")
         if return_tensors == "pt":
             if len({len(x) for x in ids}) > 1:
                 raise ValueError(f"texts encode to different lengths {sorted({len(x) for x in ids})}; "
                                  "pass padding=True to return one tensor")
-            return BatchFeature(input_ids=torch.tensor(ids, dtype=torch.long),
-                                attention_mask=torch.tensor(masks, dtype=torch.long))
-        return BatchFeature(input_ids=ids, attention_mask=masks)
+            out = BatchFeature(input_ids=torch.tensor(ids, dtype=torch.long),
+                               attention_mask=torch.tensor(masks, dtype=torch.long))
+        else:
+            out = BatchFeature(input_ids=ids, attention_mask=masks)
+        if return_attention_mask is False:
+            del out["attention_mask"]
+        return out
 
     # ---- decoding ----------------------------------------------------------------------------
 
-    def decode(self, ids, skip_special_tokens: bool = False, **unused) -> str:
-        if torch.is_tensor(ids):
-            ids = ids.reshape(-1).tolist()
-        elif isinstance(ids, int):  # one id, as transformers' TextStreamer passes it
+    def decode(self, ids, skip_special_tokens: bool = False, **options) -> str | list[str]:
+        """Text of a row of ids (a list, tensor, array or one int); a batch of rows (2-d) gives a
+        list of texts, as transformers 5 does."""
+        check_options(options, "decode()")
+        if hasattr(ids, "tolist"):  # a tensor or numpy array
+            ids = ids.tolist()
+        if isinstance(ids, int):  # one id, as transformers' TextStreamer passes it
             ids = [ids]
+        if ids and not isinstance(ids[0], int) and hasattr(ids[0], "__len__"):
+            return self.batch_decode(ids, skip_special_tokens=skip_special_tokens)
         skip = set(self.all_special_ids) if skip_special_tokens else ()
         out, byte_run = [], bytearray()
         for i in map(int, ids):
@@ -214,7 +313,8 @@ class LlavaNextTokenizer:
         text = "".join(out)
         return text[1:] if self._dummy_prefix and text.startswith(" ") else text
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **unused) -> list[str]:
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **options) -> list[str]:
+        check_options(options, "batch_decode()")
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
 
     # ---- reading and writing ---------------------------------------------------------------
@@ -248,7 +348,9 @@ class LlavaNextTokenizer:
             added.setdefault(int(i), AddedToken(content, special=content in extra or content in names.values()))
         kwargs = dict(added_tokens=added, additional_special_tokens=extra,
                       add_bos_token=config.get("add_bos_token", True), add_eos_token=config.get("add_eos_token", False),
-                      padding_side=config.get("padding_side", "left"), **names)
+                      padding_side=config.get("padding_side", "left"),
+                      truncation_side=config.get("truncation_side", "right"),
+                      model_max_length=config.get("model_max_length"), **names)
         return cls(model_file, **{**kwargs, **overrides})
 
     def save_pretrained(self, folder) -> None:
@@ -262,7 +364,8 @@ class LlavaNextTokenizer:
                    for i, t in sorted(self._added_by_id.items())}
         config = {"add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "added_tokens_decoder": decoder, "additional_special_tokens": self.additional_special_tokens,
-                  "clean_up_tokenization_spaces": False, "legacy": True, "padding_side": self.padding_side,
+                  "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": self.model_max_length,
+                  "padding_side": self.padding_side, "truncation_side": self.truncation_side,
                   "tokenizer_class": "LlamaTokenizer", **named}
         _write_json(folder, "tokenizer_config.json", config)
         _write_json(folder, "special_tokens_map.json",
@@ -272,6 +375,11 @@ class LlavaNextTokenizer:
         return (f"LlavaNextTokenizer(vocab_size={self.vocab_size}, added={len(self._added)}, "
                 f"bos={self.bos_token!r}, eos={self.eos_token!r}, pad={self.pad_token!r}, "
                 f"padding_side={self.padding_side!r})")
+
+
+def _check_return_tensors(return_tensors) -> None:
+    if return_tensors != "pt":
+        raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
 
 
 def _bytes_to_text(run: bytearray) -> str:

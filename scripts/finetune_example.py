@@ -128,7 +128,8 @@ def main():
 
     # What did it learn? Greedy answers for the training images.
     prompts = [[m for m in c if m["role"] == "user"] for c in conversations]
-    inputs = processor(text=[processor.apply_chat_template(p) for p in prompts], images=images, padding=True)
+    inputs = processor(text=[processor.apply_chat_template(p, add_generation_prompt=True) for p in prompts],
+                       images=images, padding=True)
     new = reloaded.generate(**inputs.to(model.device), max_new_tokens=4, do_sample=False)
     answers = processor.batch_decode(new[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     print("answers:", ", ".join(f"{c}->{a.strip()!r}" for c, a in zip(COLOURS, answers)))

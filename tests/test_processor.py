@@ -171,7 +171,8 @@ def test_34b_style_chatml_end_to_end(tmp_path, cats):
     ours = LlavaNextProcessor.from_pretrained(folder)
     assert ours.chat_format == "chatml" and ours.image_token_id == 400 == ours.tokenizer.vocab_size
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    prompt = ours.apply_chat_template(conversation)
+    assert not ours.apply_chat_template(conversation).endswith("assistant\n")  # transformers' default: no prompt
+    prompt = ours.apply_chat_template(conversation, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
     picture = cats.crop((0, 0, 500, 90))
     oracle = oracle_processor(folder)
@@ -233,3 +234,65 @@ def test_missing_image_file_is_named(tmp_path):
     processor = LlavaNextProcessor.from_pretrained(write_checkpoint(tmp_path, "mistral"))
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         processor(text="<image>", images=str(tmp_path / "missing.jpg"))
+
+
+# ---- transformers' call options and forms --------------------------------------------------------
+
+def test_per_call_options_match_reference(pair, cats):
+    """Image options for one call (also as images_kwargs), text truncation and padding options, and
+    transformers 5's positional order with a path or None: the same inputs as transformers'."""
+    ours, oracle = pair
+    small = cats.crop((0, 0, 90, 60))
+    prompt = MISTRAL_PROMPT
+    assert_same(ours(text=prompt, images=small, do_normalize=False),
+                oracle(text=prompt, images=small, do_normalize=False, return_tensors="pt"))
+    assert_same(ours(text=prompt, images=small, images_kwargs={"image_mean": [0.5] * 3}),
+                oracle(text=prompt, images=small, images_kwargs={"image_mean": [0.5] * 3}, return_tensors="pt"))
+    assert ours(text=prompt, images=small)["pixel_values"].min() < 0  # the processor's own settings are kept
+    texts = ["hi there", "a somewhat longer prompt"]
+    kw = dict(padding="max_length", truncation=True, max_length=4, padding_side="left")
+    assert_same(ours(text=texts, **kw), oracle(text=texts, return_tensors="pt", **kw))
+    path = fixture_path("images", "coco_000000039769_cats.png")
+    assert_same(ours(str(path), prompt), oracle(str(path), prompt, return_tensors="pt"))
+    assert_same(ours(None, "hi"), oracle(None, "hi", return_tensors="pt"))
+    assert_same(ours(small, prompt), ours(prompt, small))
+
+
+def test_truncation_into_image_tokens_and_unknown_options_are_refused(pair, cats):
+    ours, _ = pair
+    small = cats.crop((0, 0, 90, 60))
+    with pytest.raises(ValueError, match="cuts the image tokens"):
+        ours(text=MISTRAL_PROMPT, images=small, truncation=True, max_length=20)
+    n = ours(text=MISTRAL_PROMPT, images=small)["input_ids"].shape[1]
+    assert ours(text=MISTRAL_PROMPT, images=small, truncation=True, max_length=n - 3)["input_ids"].shape[1] == n - 3
+    with pytest.raises(TypeError, match="'do_normalise'"):
+        ours(text=MISTRAL_PROMPT, images=small, do_normalise=False)  # a typo is not silently dropped
+    with pytest.raises(ValueError, match="do_resize=False is not supported"):
+        ours(text=MISTRAL_PROMPT, images=small, do_resize=False)
+    with pytest.raises(TypeError, match="either positionally or by name"):
+        ours(MISTRAL_PROMPT, small, text=MISTRAL_PROMPT)
+
+
+def test_chat_template_options(tmp_path, cats):
+    small = cats.crop((0, 0, 64, 48))
+    folders = {"mistral": write_checkpoint(tmp_path / "m", "mistral", config_json=True),
+               "vicuna": write_checkpoint(tmp_path / "v", "llama", config_json=True)}
+    conversation = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": small}},
+                                                 {"type": "text", "text": "What is it?"}]},
+                    {"role": "assistant", "content": "It is a"}]
+    want = {"mistral": "[INST] <image>\nWhat is it? [/INST] It is a",
+            "vicuna": VICUNA_PROMPT.split("USER:")[0] + "USER: <image>\nWhat is it? ASSISTANT: It is a"}
+    for fmt, folder in folders.items():
+        processor = LlavaNextProcessor.from_pretrained(folder)
+        assert processor.apply_chat_template(conversation, continue_final_message=True) == want[fmt]
+        assert processor.apply_chat_template(conversation).endswith("It is a</s>" if fmt == "vicuna" else "It is a </s>")
+        with pytest.raises(ValueError, match="exclude each other"):
+            processor.apply_chat_template(conversation, continue_final_message=True, add_generation_prompt=True)
+        question = conversation[:1]
+        both = processor.apply_chat_template([question, question + [{"role": "assistant", "content": "A"},
+                                                                     {"role": "user", "content": "Sure?"}]],
+                                             add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             processor_kwargs={"padding": True})
+        assert both["input_ids"].shape[0] == 2 and both["pixel_values"].shape[0] == 2
+        with pytest.raises(TypeError, match="tokenize=True"):
+            processor.apply_chat_template(question, padding=True)

@@ -59,7 +59,8 @@ def test_reference_prompt_ids_and_decoding(tmp_path):
     ids = ours.encode("[INST] <image>\nWhat is shown in this image? [/INST]")
     assert ids[:9] == [1, 733, 16289, 28793, 28705, 32000, 28705, 13, 3195]
     assert ours.decode(ids, skip_special_tokens=True) == "[INST]  \nWhat is shown in this image? [/INST]"
-    assert ours.decode(torch.tensor([ids])) == ours.decode(ids)
+    assert ours.decode(torch.tensor(ids)) == ours.decode(ids)
+    assert ours.decode(torch.tensor([ids])) == [ours.decode(ids)]  # a batch of one row: a list, as transformers 5
 
 
 def test_special_token_ids(pair):
@@ -198,3 +199,54 @@ def test_streamer_prints_what_decode_gives(pair):
         streamer.end()
         assert "".join(streamer.pieces) == ours.decode(ids, skip_special_tokens=True), text
     assert ours.decode(ids[0]) == ours.decode(ids[:1])  # one id as an int, as transformers' streamer passes it
+
+
+@pytest.mark.parametrize("kw", [
+    dict(padding=True, truncation=True, max_length=3),
+    dict(padding="max_length", max_length=12),
+    dict(padding="max_length", truncation=True, max_length=5, padding_side="right"),
+    dict(padding=True, pad_to_multiple_of=8),
+    dict(padding="longest", return_attention_mask=False),
+    dict(padding=True, truncation="longest_first", max_length=4, add_special_tokens=False),
+], ids=str)
+def test_call_options_match_reference(pair, kw):
+    """transformers' truncation / padding options give the same ids, masks and keys."""
+    ours, oracle, _ = pair
+    texts = ["hi", "hello there you are", "a longer sentence with <image> inside it"]
+    kw = {"padding_side": "left", **kw}  # explicit: other tests change the shared tokenizers' default
+    got, want = ours(texts, return_tensors="pt", **kw), oracle(texts, return_tensors="pt", **kw)
+    assert set(got) == set(want) - {"token_type_ids"}
+    for key in got:
+        assert torch.equal(got[key], want[key]), key
+    assert ours.encode(texts[1], truncation=True, max_length=3) == oracle.encode(texts[1], truncation=True, max_length=3)
+
+
+def test_options_it_does_not_implement_are_refused(pair):
+    ours, _, _ = pair
+    with pytest.raises(ValueError, match="text_pair"):
+        ours("Hello", text_pair="world")
+    with pytest.raises(TypeError, match="'return_overflowing_token'"):
+        ours("Hello", return_overflowing_token=True)  # a typo is not silently dropped
+    with pytest.raises(ValueError, match="return_offsets_mapping=True is not supported"):
+        ours("Hello", return_offsets_mapping=True)
+    assert ours("Hello", return_token_type_ids=False, verbose=False)["input_ids"] == ours("Hello")["input_ids"]
+    with pytest.raises(ValueError, match="max_length"):
+        ours(["a", "b c"], padding="max_length")  # no model_max_length in these configs
+
+
+def test_decode_batches_and_token_id_setters_like_reference(pair):
+    ours, _, folder = pair
+    decoder = oracle_decoder(folder)
+    rows = ours(["Hello world", "Bye there friend"], padding=True, return_tensors="pt")["input_ids"]
+    assert ours.decode(rows) == decoder.decode(rows) and isinstance(ours.decode(rows), list)
+    assert ours.decode(rows[:1]) == decoder.decode(rows[:1])
+    assert ours.decode(rows.tolist()) == decoder.decode(rows.tolist())
+    assert ours.encode("Hello", return_tensors="pt").tolist() == [ours.encode("Hello")]
+    vocab = ours.get_vocab()
+    assert vocab == decoder.get_vocab()
+    assert ours.convert_tokens_to_string(ours.tokenize("Hello world")) == "Hello world"
+    ours.pad_token_id = ours.eos_token_id  # the common idiom
+    assert ours.pad_token == "</s>" and ours.pad_token_id == ours.eos_token_id
+    assert ours.special_tokens_map["pad_token"] == "</s>"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        ours.pad_token_id = 10 ** 9
