@@ -72,10 +72,11 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     Generation ends when every row is finished or after max_new_tokens. Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
     transformers), else every position counts.
-    cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call;
-    pass a `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it
-    over calls (the caller owns it and its KV cache). The capture runs before the prompt, so
-    with cuda_graph=True the first token waits for it.
+    cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call,
+    after the first new token (two warm-up steps and the capture on the prompt's KV cache come
+    between the first and the second token, so the first does not wait for them); pass a
+    `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it over calls
+    (the caller owns it and its KV cache).
     On CUDA it first calls `model.fuse_projections()` (q/k/v and gate/up as one product each):
     the weights move to new storage once, so a CUDA graph you captured of the model before then
     must be captured again, and later no-grad forwards round differently in the last bit.
@@ -154,7 +155,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         cache.reset()
     else:
         cache = KVCache.for_model(model, B, T + max_new_tokens)
-        step = lambda token, pos: decode_one_token(model, token, cache, pos)  # noqa: E731
+        if cuda_graph and device.type == "cuda":
+            step = None  # captured on this cache after the first token, once the prompt is in it
+        else:
+            step = lambda token, pos: decode_one_token(model, token, cache, pos)  # noqa: E731
     out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)
     out[:, :T] = input_ids
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
@@ -178,6 +182,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 break
         if n == max_new_tokens:
             break
+        if step is None:
+            step = GraphedDecode(model, B, T + max_new_tokens, fuse_projections, cache=cache)
         logits = step(token[:, None], cache_pos)
         cache_pos += 1
     if streamer is not None:
@@ -188,13 +194,21 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 class GraphedDecode:
     """decode_one_token captured in a CUDA graph and replayed: one launch per new token instead of
     one per kernel. It owns its KV cache, since the graph reads and writes those exact buffers.
-    It fuses the model's projections first (see generate), unless fuse_projections=False."""
+    It fuses the model's projections first (see generate), unless fuse_projections=False.
 
-    def __init__(self, model, batch_size: int, max_length: int, fuse_projections: bool = True):
+    `cache`: capture on this cache, which may already hold a prompt (generate(cuda_graph=True)
+    passes the one it prefilled). The warm-up steps and the capture use its last slot as scratch:
+    no step before the one that writes that slot can see it, and that step writes it first."""
+
+    def __init__(self, model, batch_size: int, max_length: int, fuse_projections: bool = True, cache=None):
         device = model.device
         if fuse_projections:
             model.fuse_projections()  # before capture: it moves the weights the graph will read
-        self.cache = KVCache.for_model(model, batch_size, max_length)
+        if cache is not None and (cache.batch_size != batch_size or cache.max_length != max_length):
+            raise ValueError(f"the cache is for batch {cache.batch_size} and {cache.max_length} positions, "
+                             f"not {batch_size} and {max_length}")
+        live = cache is not None
+        self.cache = cache if live else KVCache.for_model(model, batch_size, max_length)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.tensor(max_length - 1, device=device)  # a scratch slot for warm-up and capture
         stream = torch.cuda.Stream(device)
@@ -210,7 +224,8 @@ class GraphedDecode:
         with torch.cuda.stream(torch.cuda.current_stream(device)):
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = decode_one_token(model, self.token, self.cache, self.pos)
-        self.cache.reset()
+        if not live:
+            self.cache.reset()
         self.weights = _weight_addresses(model)  # the graph reads these exact buffers
         self.decode_kernels = _decode_kernels(model)  # and runs the path chosen at capture
 

@@ -183,6 +183,10 @@ def measure_ours(model, cfg_dict, args, device, dtype):
     res["ttft_ms"] = 1e3 * timed(lambda: model.generate(**one, max_new_tokens=1, **fuse), device, args.runs)
     log(f"ours: TTFT {res['ttft_ms']:.1f} ms, prefill {res['prefill_ms']:.1f} ms (vision {res['vision_ms']:.1f}, "
         f"projector {res['projector_ms']:.2f})")
+    res["generate_call"] = generate_call(model, one, args, device)
+    log(f"ours: generate() as called, batch 1, {res['generate_call']['new_tokens']} new tokens: eager "
+        f"{res['generate_call']['eager_ms_per_token']:.2f} ms/token, cuda_graph=True "
+        f"{res['generate_call']['cuda_graph_ms_per_token']:.2f} ms/token (its capture included)")
     res["decode_ms_per_token"] = {}
     for b in args.batches:
         inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
@@ -203,6 +207,21 @@ def measure_ours(model, cfg_dict, args, device, dtype):
         free_memory(device)
         log(f"ours: batch {b} decode {res['decode_ms_per_token'][b]} ms/token")
     return res
+
+
+def generate_call(model, one, args, device) -> dict:
+    """ms per new token of `model.generate(**inputs, max_new_tokens=n)` as a user calls it: eager
+    decode (the default), and cuda_graph=True with its warm-up and capture in every call; whether
+    the graph should be generate()'s default on CUDA is decided from these two numbers."""
+    n = max(2, min(64, args.new_tokens))
+    out = dict(new_tokens=n)
+    for name, graph in (("eager", False), ("cuda_graph", True)):
+        gen = lambda k: model.generate(**one, max_new_tokens=k, eos_token_id=[], cuda_graph=graph,  # noqa: E731
+                                       fuse_projections=args.fuse)
+        t1 = timed(lambda: gen(1), device, 1)
+        tn = timed(lambda: gen(n), device, 1)
+        out[f"{name}_ms_per_token"] = 1e3 * (tn - t1) / (n - 1)
+    return out
 
 
 def decode_ms(model, inp, T, b, args, device, use_graph) -> float:
@@ -380,6 +399,9 @@ def main():
     print(f"TTFT ours {r_ours['ttft_ms']:.1f} ms (generate, 1 token); prefill {r_ours['prefill_ms']:.1f} ms = vision "
           f"{r_ours['vision_ms']:.1f} + projector {r_ours['projector_ms']:.2f} + LM {r_ours['lm_prefill_ms']:.1f}"
           + (f";  transformers {r_hf['ttft_ms']:.1f} ms ({r_hf['ttft_ms'] / r_ours['ttft_ms']:.2f}x)" if r_hf else ""))
+    call = r_ours["generate_call"]
+    print(f"generate() as called, batch 1, {call['new_tokens']} new tokens: eager {call['eager_ms_per_token']:.2f} "
+          f"ms/token, cuda_graph=True {call['cuda_graph_ms_per_token']:.2f} ms/token (capture included)")
     print(f"{'batch':>5} {'ours ms/tok':>12} {'tok/s/row':>10} {'hf ms/tok':>10} {'speedup':>8} "
           f"{'% spec BW':>10} {'% copy BW':>10}")
     for b in args.batches:

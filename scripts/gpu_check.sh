@@ -110,7 +110,7 @@ ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no tra
     echo "-- bench.py $v"
     # shellcheck disable=SC2086  # $v is a list of arguments
     timeout "$box" "$PY" scripts/bench.py --batches 1 8 --no-hf --runs 3 $v --out "$LOG/ab_$i.json" 2>&1 \
-      | tee -a "$LOG/ab.txt" | grep -E "^TTFT|^ +[0-9]+ " || rc=1
+      | tee -a "$LOG/ab.txt" | grep -E "^TTFT|^generate|^ +[0-9]+ " || rc=1
   done
   return $rc
 }

@@ -18,6 +18,7 @@ def test_bench_smoke_and_table(tmp_path):
     r = json.loads(out.read_text())
     assert set(r["ours"]["decode_ms_per_token"]) == {"1", "2"}
     assert r["ours"]["ttft_ms"] > 0 and r["transformers"]["ttft_ms"] > 0  # decode times on a busy CPU are noise
+    assert set(r["ours"]["generate_call"]) == {"new_tokens", "eager_ms_per_token", "cuda_graph_ms_per_token"}
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n")
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"), "--results",
