@@ -228,6 +228,13 @@ class LlavaNextProcessor:
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True,
+                                        **kwargs) -> list[str]:
+        """The texts of generate()'s output rows (transformers' name for batch_decode here)."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+
 
 def _text_and_images(args: tuple, text, images):
     """(text, images) from the positional arguments, in either order, plus the named ones."""

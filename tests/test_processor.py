@@ -296,3 +296,10 @@ def test_chat_template_options(tmp_path, cats):
         assert both["input_ids"].shape[0] == 2 and both["pixel_values"].shape[0] == 2
         with pytest.raises(TypeError, match="tokenize=True"):
             processor.apply_chat_template(question, padding=True)
+
+
+def test_post_process_and_input_names(pair):
+    ours, oracle = pair
+    ids = ours(text=["hi", "a longer one"], padding=True)["input_ids"]
+    assert ours.post_process_image_text_to_text(ids) == oracle.post_process_image_text_to_text(ids)
+    assert set(ours.model_input_names) == set(oracle.model_input_names)
