@@ -108,6 +108,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         eos = eos.reshape(-1).tolist()
     eos = [int(eos)] if isinstance(eos, numbers.Integral) else [int(e) for e in (eos or [])]
     pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id", cfg.pad_token_id)
+    pad_is_set = pad is not None  # only a configured pad id marks padding in a prompt without a mask
     if pad is None:
         pad = eos[0] if eos else 0
 
@@ -116,7 +117,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     B, T = input_ids.shape
     if attention_mask is None:
         # as transformers does: a pad id that occurs in the prompt and is no eos id marks padding
-        if pad not in eos and bool((input_ids == pad).any()):
+        if pad_is_set and pad not in eos and bool((input_ids == pad).any()):
             attention_mask = (input_ids != pad).long()
         else:
             attention_mask = torch.ones_like(input_ids)
@@ -197,8 +198,7 @@ class GraphedDecode:
     It fuses the model's projections first (see generate), unless fuse_projections=False.
 
     `cache`: capture on this cache, which may already hold a prompt (generate(cuda_graph=True)
-    passes the one it prefilled). The warm-up steps and the capture use its last slot as scratch:
-    no step before the one that writes that slot can see it, and that step writes it first."""
+    passes the one it prefilled); see warm_up_on_scratch for why that leaves the prompt intact."""
 
     def __init__(self, model, batch_size: int, max_length: int, fuse_projections: bool = True, cache=None):
         device = model.device
@@ -213,9 +213,8 @@ class GraphedDecode:
         self.pos = torch.tensor(max_length - 1, device=device)  # a scratch slot for warm-up and capture
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compiles the Triton kernels and settles the allocator before capture
-                decode_one_token(model, self.token, self.cache, self.pos)
+        with torch.cuda.stream(stream):  # compiles the Triton kernels and settles the allocator before capture
+            warm_up_on_scratch(model, self.token, self.cache, self.pos, steps=2)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # The outer stream context puts the current stream back even if the capture fails (the
@@ -246,6 +245,19 @@ class GraphedDecode:
         self.pos.copy_(pos)
         self.graph.replay()
         return self.logits  # overwritten by the next replay
+
+
+@torch.no_grad()
+def warm_up_on_scratch(model, token, cache, pos, steps: int = 2) -> None:
+    """Decode steps at the cache's scratch slot `pos` (its last) that leave a prefilled cache as
+    later steps need it: the slot's keys and values are never attended to before a real step
+    overwrites them (a step sees keys up to its own position only), and its kv_mask entry, which
+    the steps count positions from, is cleared again afterwards."""
+    if int(pos) != cache.max_length - 1:
+        raise ValueError(f"the scratch slot is the cache's last ({cache.max_length - 1}), not {int(pos)}")
+    for _ in range(steps):
+        decode_one_token(model, token, cache, pos)
+    cache.kv_mask.index_fill_(1, pos.reshape(1), False)
 
 
 def _weight_addresses(model) -> list[int]:

@@ -192,7 +192,13 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str, max_shard_
     # file whole, and a model still memory-mapping the old file (loaded from this folder) keeps it.
     for name, shard in zip(names, shards):
         tmp = os.path.join(folder, f".{name}.tmp")
-        save_file({k: _own_storage(v.detach().to("cpu")) for k, v in shard.items()}, tmp, metadata={"format": "pt"})
+        try:
+            save_file({k: _own_storage(v.detach().to("cpu")) for k, v in shard.items()}, tmp,
+                      metadata={"format": "pt"})
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)  # no half-written file left behind (it may be gigabytes)
+            raise
         os.replace(tmp, os.path.join(folder, name))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())

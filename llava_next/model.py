@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -301,23 +302,36 @@ class LlavaNextForConditionalGeneration(nn.Module):
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation, device=device)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:  # the embedding is read once; the file may hold lm_head or not
-            del expected[LM_HEAD]
-        check_keys(expected, ckpt, folder, optional=[LM_HEAD] if config.tie_word_embeddings else ())
+        # Tied embeddings (as transformers reads them): the file holds the embedding, lm_head or
+        # both; one of them is read for both, unless the file's two differ (then both, untied).
+        tied_from = None
+        if config.tie_word_embeddings:
+            keys = set(ckpt.keys())
+            tied_from = EMBED if EMBED in keys or LM_HEAD not in keys else LM_HEAD
+            if EMBED in keys and LM_HEAD in keys and not torch.equal(ckpt.get(EMBED), ckpt.get(LM_HEAD)):
+                warnings.warn(f"{folder}: config.json ties lm_head to the embedding, but the file holds two "
+                              "different matrices; both are loaded, untied (as transformers does)")
+                tied_from = None  # load_state_dict(assign=True) below gives each its own Parameter
+                config.tie_word_embeddings = False  # and so save_pretrained keeps both
+        unread = (LM_HEAD if tied_from == EMBED else EMBED) if tied_from else None
+        if unread:
+            del expected[unread]
+        check_keys(expected, ckpt, folder, optional=[unread] if unread else ())
         state = {}
         for key in _progress(expected, progress, f"loading {os.path.basename(os.path.normpath(folder))}"):
             t = ckpt.get(key)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        if config.tie_word_embeddings:
-            state[LM_HEAD] = state[EMBED]
+        if tied_from:
+            state[LM_HEAD if tied_from == EMBED else EMBED] = state[tied_from]
         model.load_state_dict(state, assign=True, strict=True)
-        if config.tie_word_embeddings:  # assign=True made two Parameters: make them one again
+        if tied_from:  # assign=True made two Parameters: make them one again
             model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
         gen_path = os.path.join(folder, "generation_config.json")
         if os.path.exists(gen_path):
             with open(gen_path, encoding="utf-8") as f:
                 gen = json.load(f)
             model.generation_config = {k: gen[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if k in gen}
+            model._generation_file = gen  # all of it, written back by save_pretrained
         return model.eval()
 
     def save_pretrained(self, folder, max_shard_size="5GB", state_dict=None) -> None:
@@ -330,9 +344,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
         d["torch_dtype"] = str(self.dtype).replace("torch.", "")
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
-        if self.generation_config:  # the eos / pad / bos ids from_pretrained read, for the next load
+        generation = {**getattr(self, "_generation_file", {}), **self.generation_config}
+        if generation:  # the file from_pretrained read (other settings kept), with the current ids
             with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.generation_config, f, indent=2)
+                json.dump(generation, f, indent=2)
         state = dict(state_dict if state_dict is not None else self.state_dict())
         if self.config.tie_word_embeddings:
             state.pop(LM_HEAD, None)  # tied to the embedding, which is saved: transformers leaves it out too

@@ -20,7 +20,7 @@ from .hub import resolve_folder
 from .batch import BatchFeature
 from .image_processing import LlavaNextImageProcessor, flatten_images
 from .tokenizer import FILES as TOKENIZER_FILES
-from .tokenizer import LlavaNextTokenizer
+from .tokenizer import NO_OP_OPTIONS, LlavaNextTokenizer, check_options
 
 PROCESSOR_FILES = ["preprocessor_config.json", "processor_config.json", "config.json", "chat_template.json",
                    "chat_template.jinja"] + TOKENIZER_FILES
@@ -131,19 +131,22 @@ class LlavaNextProcessor:
         options = {**(common_kwargs or {}), **(text_kwargs or {}), **(images_kwargs or {}), **options}
         return_tensors = options.pop("return_tensors", return_tensors)
         text_options = {k: options.pop(k) for k in list(options) if k in self.TEXT_OPTIONS}
+        no_ops = {k: options.pop(k) for k in list(options) if k in NO_OP_OPTIONS or k == "return_mm_token_type_ids"}
+        check_options({k: v for k, v in no_ops.items() if k != "return_mm_token_type_ids"}, "the processor")
+        if no_ops.get("return_mm_token_type_ids"):
+            raise ValueError("return_mm_token_type_ids=True is not supported")
         image_processor = self.image_processor.with_options(**options)  # refuses what is left that it does not take
         if text is None and images is None:
             raise ValueError("give a prompt (text=...), images (images=...) or both")
-        if text is None:
-            if text_options:
-                raise ValueError(f"text options {sorted(text_options)} were given without text")
+        if text is None:  # text options have nothing to act on
             return image_processor(images, return_tensors=return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("text is an empty list; give at least one prompt (an empty string is fine)")
         tok = self.tokenizer
         add_special = text_options.pop("add_special_tokens", True)
-        truncation, max_length = text_options.pop("truncation", None), text_options.get("max_length")
+        limit = tok.truncation_limit(text_options.pop("truncation", None), text_options.get("max_length"),
+                                     text_options.get("padding", False), text_options.get("pad_to_multiple_of"))
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
         self._check_image_count(ids, images)  # before the (slower) image work
         out = BatchFeature()
@@ -151,11 +154,11 @@ class LlavaNextProcessor:
             out.update(image_processor(images))
             ids = self._expand_images(ids, out["image_sizes"].tolist(), image_processor)
         full = ids
-        ids = [tok.finish(row, add_special, truncation, max_length) for row in ids]
+        ids = [tok.finish(row, add_special, limit) for row in ids]
         image_id = self.image_token_id
         for row, (before, after) in enumerate(zip(full, ids)):
             if after.count(image_id) != before.count(image_id):
-                raise ValueError(f"truncation to max_length={max_length} cuts the image tokens of prompt {row} "
+                raise ValueError(f"truncation to {limit} tokens cuts the image tokens of prompt {row} "
                                  f"({before.count(image_id)} of its {len(before)} tokens are <image>): raise "
                                  "max_length or shorten the text")
         out.update(tok.pad(ids, return_tensors=return_tensors, **text_options))
@@ -259,11 +262,21 @@ def _text_and_images(args: tuple, text, images):
     return text, images
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
 def _is_paths(x) -> bool:
-    """An image file that exists, an http(s) URL, or a (nested) non-empty list of them."""
+    """An image file that exists, an http(s) URL (one word), or a (nested) non-empty list of them.
+    A one-word string with an image file's suffix that does not exist is an error, not a prompt."""
     if isinstance(x, (str, os.PathLike)):
         s = os.fspath(x)
-        return s.startswith(("http://", "https://")) or os.path.isfile(s)
+        if not s or any(c.isspace() for c in s):
+            return False  # a prompt
+        if s.startswith(("http://", "https://")) or os.path.isfile(s):
+            return True
+        if s.lower().endswith(IMAGE_SUFFIXES):
+            raise FileNotFoundError(f"image file not found: {s}")
+        return False
     return isinstance(x, (list, tuple)) and bool(x) and all(_is_paths(v) for v in x)
 
 

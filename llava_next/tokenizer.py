@@ -195,31 +195,40 @@ class LlavaNextTokenizer:
         ids = []
         for part in self._split(text):
             ids += [part] if isinstance(part, int) else self.sp.encode(part)
-        ids = self.finish(ids, add_special_tokens, truncation, max_length)
+        ids = self.finish(ids, add_special_tokens, self.truncation_limit(truncation, max_length))
         if return_tensors is not None:
             _check_return_tensors(return_tensors)
             return torch.tensor([ids], dtype=torch.long)
         return ids
 
-    def finish(self, ids: list[int], add_special_tokens: bool = True, truncation=None,
-               max_length: int | None = None) -> list[int]:
-        """Ids of a text without special tokens -> truncated (to max_length with the special tokens,
-        on truncation_side) and with bos / eos added as configured."""
-        if self._truncates(truncation, max_length):
-            limit = max_length if max_length is not None else self.model_max_length
+    def finish(self, ids: list[int], add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
+        """Ids of a text without special tokens -> at most `limit` ids with the special tokens (cut
+        on truncation_side; None: no truncation), with bos / eos added as configured."""
+        if limit is not None:
             keep = max(0, limit - (self.add_bos_token + self.add_eos_token if add_special_tokens else 0))
-            ids = ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep:]
+            ids = ids[:keep] if self.truncation_side == "right" else ids[max(0, len(ids) - keep):]
         if add_special_tokens:
             ids = [self.bos_token_id] * self.add_bos_token + ids + [self.eos_token_id] * self.add_eos_token
         return ids
 
-    @staticmethod
-    def _truncates(truncation, max_length) -> bool:
+    def truncation_limit(self, truncation=None, max_length: int | None = None, padding=False,
+                         pad_to_multiple_of: int | None = None) -> int | None:
+        """The length rows are cut to, or None, by transformers' rules: max_length=0 counts as not
+        given; max_length without `truncation` truncates when there is no padding; truncation
+        without max_length cuts at model_max_length."""
+        if not max_length:
+            max_length = None
+        if truncation is None and max_length is not None and padding in (False, None, "do_not_pad"):
+            truncation = True
         if truncation in (None, False, "do_not_truncate"):
-            return False
-        if truncation in (True, "longest_first", "only_first"):
-            return True
-        raise ValueError(f"truncation={truncation!r} is not supported; use True ('longest_first') or False")
+            return None
+        if truncation not in (True, "longest_first", "only_first"):
+            raise ValueError(f"truncation={truncation!r} is not supported; use True ('longest_first') or False")
+        limit = max_length if max_length is not None else self.model_max_length
+        if pad_to_multiple_of and padding not in (False, None, "do_not_pad") and limit % pad_to_multiple_of:
+            raise ValueError(f"truncation to {limit} with padding to a multiple of {pad_to_multiple_of}: the "
+                             "truncation length must be a multiple of pad_to_multiple_of")
+        return limit
 
     def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
@@ -229,7 +238,8 @@ class LlavaNextTokenizer:
         if text_pair is not None:
             raise ValueError("sentence pairs (text_pair) are not supported: a LLaVA-NeXT prompt is one sequence")
         texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.encode(t, add_special_tokens, truncation, max_length) for t in texts]
+        limit = self.truncation_limit(truncation, max_length, padding, pad_to_multiple_of)
+        ids = [self.encode(t, add_special_tokens, max_length=limit, truncation=limit is not None) for t in texts]
         out = self.pad(ids, padding=padding, return_tensors=return_tensors, padding_side=padding_side,
                        max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
                        return_attention_mask=return_attention_mask)
@@ -292,8 +302,8 @@ class LlavaNextTokenizer:
             ids = ids.tolist()
         if isinstance(ids, int):  # one id, as transformers' TextStreamer passes it
             ids = [ids]
-        if ids and not isinstance(ids[0], int) and hasattr(ids[0], "__len__"):
-            return self.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+        if ids and isinstance(ids[0], (list, tuple)) or getattr(ids[0] if ids else 0, "ndim", 0) > 0:
+            return self.batch_decode(ids, skip_special_tokens=skip_special_tokens)  # rows: one text each
         skip = set(self.all_special_ids) if skip_special_tokens else ()
         out, byte_run = [], bytearray()
         for i in map(int, ids):

@@ -200,3 +200,26 @@ def test_generate_argument_forms(pair):
         ours.generate(input_ids=ids, do_sample=True, top_k=-1)
     out = ours(input_ids=ids)
     assert out[0] is out.logits and out["logits"] is out.logits and len(out[:]) == 1
+
+
+def test_warm_up_on_scratch_leaves_a_prefilled_cache_as_it_was(pair):
+    """What GraphedDecode(cache=...) does before capturing on generate()'s prefilled cache: decode
+    steps at the last slot. The next real steps give the logits of a cache that never saw them."""
+    from llava_next.generation import decode_one_token, prefill, warm_up_on_scratch
+
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], []], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    T, n = ids.shape[1], 4
+    caches = [KVCache.for_model(ours, 2, T + n) for _ in range(2)]
+    for cache in caches:
+        prefill(ours, ids, mask, pv, sizes, cache)
+    scratch = torch.tensor(T + n - 1)
+    warm_up_on_scratch(ours, torch.full((2, 1), 7), caches[1], scratch)
+    token = torch.tensor([[5], [9]])
+    for step in range(n - 1):
+        pos = torch.tensor(T + step)
+        want, got = (decode_one_token(ours, token, cache, pos) for cache in caches)
+        assert torch.equal(got, want), step
+    with pytest.raises(ValueError, match="scratch slot"):
+        warm_up_on_scratch(ours, token, caches[1], torch.tensor(T))

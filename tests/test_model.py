@@ -155,6 +155,8 @@ def test_save_pretrained_replaces_only_its_own_files(tmp_path):
     nothing else, keeps the generation_config ids, and works over the folder the model was loaded
     from (whose files it may still memory-map)."""
     hf_checkpoint(tmp_path / "hf", "mistral", **SMALL)
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.3}))
     ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
     out = tmp_path / "out"
     out.mkdir()
@@ -170,6 +172,7 @@ def test_save_pretrained_replaces_only_its_own_files(tmp_path):
     assert all((out / n).read_bytes() == b"the user's" for n in ("model_ema.safetensors", "notes.txt"))
     back = LlavaNextForConditionalGeneration.from_pretrained(out)
     assert back.generation_config == ours.generation_config and ours.generation_config
+    assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.3  # other settings kept
     ours.save_pretrained(tmp_path / "hf")  # over its own (memory-mapped) source files
     again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
@@ -484,3 +487,30 @@ def test_partly_cached_hub_repo_offline(tmp_path):
     lines = run.stdout.splitlines()
     assert lines[0] == "64"
     assert lines[1].startswith("HubError") and "holds only part of it (no *.safetensors)" in lines[1], lines[1]
+
+
+def test_tied_word_embeddings_file_variants(tmp_path):
+    """As transformers reads a tied config: a file with only lm_head ties both to it; a file whose
+    two matrices differ loads both, untied, with a warning (and saves both)."""
+    from safetensors.torch import load_file
+
+    from tiny import hf_config, hf_model
+
+    cfg = hf_config("vicuna", **SMALL)
+    cfg.tie_word_embeddings = True
+    hf_model(cfg).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    embed_key = next(k for k in state if k.endswith("embed_tokens.weight"))
+    head = torch.randn_like(state[embed_key])
+    save_file({**{k: v for k, v in state.items() if k != embed_key}, "lm_head.weight": head},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    lm = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight and torch.equal(lm.lm_head.weight, head)
+    save_file({**state, "lm_head.weight": head}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="two different matrices"):
+        model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    lm = model.language_model
+    assert lm.lm_head.weight is not lm.model.embed_tokens.weight
+    assert torch.equal(lm.lm_head.weight, head) and torch.equal(lm.model.embed_tokens.weight, state[embed_key])
+    model.save_pretrained(tmp_path / "again")
+    assert "language_model.lm_head.weight" in load_file(tmp_path / "again" / "model.safetensors")

@@ -255,7 +255,14 @@ def test_per_call_options_match_reference(pair, cats):
     path = fixture_path("images", "coco_000000039769_cats.png")
     assert_same(ours(str(path), prompt), oracle(str(path), prompt, return_tensors="pt"))
     assert_same(ours(None, "hi"), oracle(None, "hi", return_tensors="pt"))
-    assert_same(ours(small, prompt), ours(prompt, small))
+    assert_same(ours(small, prompt), oracle(small, prompt, return_tensors="pt"))
+    assert_same(ours(text=prompt, images=small, return_token_type_ids=False, verbose=False),
+                ours(text=prompt, images=small))  # transformers' no-op options are accepted
+    assert_same(ours(images=small, padding=True), oracle(images=small, return_tensors="pt"))
+    url_prompt = "https://example.org is a website"
+    assert_same(ours(url_prompt), oracle(text=url_prompt, return_tensors="pt"))  # a prompt, not an image URL
+    with pytest.raises(FileNotFoundError, match="image file not found: missing.jpg"):
+        ours("missing.jpg", prompt)
 
 
 def test_truncation_into_image_tokens_and_unknown_options_are_refused(pair, cats):

@@ -208,17 +208,29 @@ def test_streamer_prints_what_decode_gives(pair):
     dict(padding=True, pad_to_multiple_of=8),
     dict(padding="longest", return_attention_mask=False),
     dict(padding=True, truncation="longest_first", max_length=4, add_special_tokens=False),
+    dict(padding=True, max_length=4),  # max_length without truncation: ignored when padding
+    dict(padding=True, truncation=True, max_length=0),  # 0 counts as not given
+    dict(padding=True, truncation=True, max_length=30, truncation_side="left"),  # longer than every row
+    dict(padding=True, truncation=True, max_length=4, truncation_side="left"),
 ], ids=str)
 def test_call_options_match_reference(pair, kw):
     """transformers' truncation / padding options give the same ids, masks and keys."""
     ours, oracle, _ = pair
     texts = ["hi", "hello there you are", "a longer sentence with <image> inside it"]
     kw = {"padding_side": "left", **kw}  # explicit: other tests change the shared tokenizers' default
-    got, want = ours(texts, return_tensors="pt", **kw), oracle(texts, return_tensors="pt", **kw)
+    side = kw.pop("truncation_side", "right")
+    ours.truncation_side = oracle.truncation_side = side
+    try:
+        got, want = ours(texts, return_tensors="pt", **kw), oracle(texts, return_tensors="pt", **kw)
+    finally:
+        ours.truncation_side = oracle.truncation_side = "right"
     assert set(got) == set(want) - {"token_type_ids"}
     for key in got:
         assert torch.equal(got[key], want[key]), key
     assert ours.encode(texts[1], truncation=True, max_length=3) == oracle.encode(texts[1], truncation=True, max_length=3)
+    assert ours(texts[1], max_length=3)["input_ids"] == oracle(texts[1], max_length=3)["input_ids"]  # truncates
+    with pytest.raises(ValueError, match="multiple of pad_to_multiple_of"):
+        ours(texts, padding=True, truncation=True, max_length=5, pad_to_multiple_of=4)
 
 
 def test_options_it_does_not_implement_are_refused(pair):
@@ -241,6 +253,7 @@ def test_decode_batches_and_token_id_setters_like_reference(pair):
     assert ours.decode(rows) == decoder.decode(rows) and isinstance(ours.decode(rows), list)
     assert ours.decode(rows[:1]) == decoder.decode(rows[:1])
     assert ours.decode(rows.tolist()) == decoder.decode(rows.tolist())
+    assert ours.decode(list(rows[0])) == decoder.decode(list(rows[0]))  # a list of 0-d tensors is one row
     assert ours.encode("Hello", return_tensors="pt").tolist() == [ours.encode("Hello")]
     vocab = ours.get_vocab()
     assert vocab == decoder.get_vocab()
