@@ -263,7 +263,8 @@ def set_kernel_experiments(args) -> dict:
         done["flash_tma"] = True
     if args.pdl:
         sys.modules["llava_next.kernels.pdl"].USE_PDL = True
-        done["pdl"] = True
+        cuda = args.device.startswith("cuda") and torch.cuda.is_available()
+        done["pdl"] = cuda and torch.cuda.get_device_capability()[0] >= 9  # what the kernels really get
     return done
 
 

@@ -69,11 +69,13 @@ def compile_kernel(jitfn, pointers, constexprs, num_warps, num_stages=3, divisib
 
 def pdl_wait(ptx) -> str:
     """'yes' where the kernel waits for its predecessor (griddepcontrol.wait) before its first
-    global memory access, 'LATE' where an access comes first (a race under PDL), 'no' without."""
+    access to memory another kernel may write (any load, store or atomic that is not to
+    parameters, shared, local or constant memory; any async copy), 'LATE' where such an access
+    comes first (a race under PDL), 'no' without a wait."""
     wait = ptx.find("griddepcontrol.wait")
     if wait < 0:
         return "no"
-    first = re.search(r"\b(ld|st|atom|red)\.global|\bcp\.async", ptx)
+    first = re.search(r"\b(ld|st|atom|red)\.(?!param|shared|local|const)|\bcp\.(reduce\.)?async", ptx)
     return "yes" if first is None or wait < first.start() else "LATE"
 
 
@@ -127,6 +129,7 @@ def linear(M, N, K, gated=False, bias=False, residual=False, config=None, pdl=Fa
     consts = dict(GATED=gated, HAS_BIAS=bias, HAS_RESIDUAL=residual, EVEN_K=K % bk == 0,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32")
     name = (" gated" if gated else "") + (" +bias" if bias else "") + (" +residual" if residual else "") + (" PDL" if pdl else "")
+    consts.update({n: 1 for n, v in (("M", M), ("N", N), ("K", K)) if v == 1})  # as a launch specializes 1
     report(f"decode_linear bf16 M{M} N{N} K{K}{name} BM{bm} BN{bn} BK{bk} w{w} s{s}",
            compile_kernel(dl._decode_linear_kernel, ptrs, consts, w, s, divisible=("N", "K"), pdl=pdl))
 
@@ -182,11 +185,10 @@ def main():
             dict(POS_FROM_PTR=True, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_F=64), 4, pdl=pdl))
         report("rms_norm bf16 N4096" + tag, compile_kernel(
             rn._rms_norm_kernel, dict(X="*bf16", W="*bf16", Y="*bf16"), dict(BLOCK_N=4096), 16, pdl=pdl))
-        if quick:
-            break
     dl._sm_count = _sm_count_h100  # the configs ask the device; compile as for an H100 / H200
     linear(1, 14336, 4096, gated=True)  # mistral-7b gate/up with the SiLU-mul
     linear(1, 14336, 4096, gated=True, pdl=True)
+    linear(1, 1, 4096, gated=True, pdl=True)  # N == 1: Triton makes it a constant
     if not quick:
         linear(1, 6144, 4096)  # q/k/v
         linear(1, 4096, 4096, residual=True)  # o_proj + residual

@@ -20,7 +20,7 @@ def randn(*shape, g, scale=1.0, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("lead,N,K", [((1, 1), 100, 64), ((3,), 17, 129), ((2, 9), 33, 40)])
+@pytest.mark.parametrize("lead,N,K", [((1, 1), 100, 64), ((3,), 17, 129), ((2, 9), 33, 40), ((1,), 1, 48)])
 def test_decode_linear_matches_reference(lead, N, K, gated, dtype):
     g = torch.Generator().manual_seed(N * K)
     x = randn(*lead, 200, g=g, scale=3.0, dtype=dtype)[..., 11:11 + K]  # rows longer than K

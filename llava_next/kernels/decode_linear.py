@@ -63,6 +63,7 @@ def _decode_linear_kernel(
     USE_PDL: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    N64 = tl.zeros([], dtype=tl.int64) + N  # N as int64 even where Triton made N == 1 a constant
     if USE_PDL:
         # Launched early (kernels/pdl.py): the weights do not depend on the kernel before, so
         # while it finishes, ask L2 for the first PREFETCH_K columns of this program's rows (one
@@ -72,7 +73,7 @@ def _decode_linear_kernel(
         cols = tl.minimum(tl.arange(0, PREFETCH_K // LINE) * LINE, K - 1)[None, :]  # (1, PREFETCH_K // LINE)
         prefetch_l2(W + rows + cols)
         if GATED:
-            prefetch_l2(W + N.to(tl.int64) * stride_wn + rows + cols)
+            prefetch_l2(W + N64 * stride_wn + rows + cols)
     wait_for_previous_kernel(USE_PDL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k0 = tl.arange(0, BLOCK_K)
@@ -81,7 +82,7 @@ def _decode_linear_kernel(
     # 64-bit offsets: N * K can pass 2**31 (a 34b gate/up), and x's rows may be far apart
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm  # (BLOCK_M, 1)
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn  # (BLOCK_N, 1)
-    up_rows = w_rows + N.to(tl.int64) * stride_wn  # GATED: up's rows follow gate's
+    up_rows = w_rows + N64 * stride_wn  # GATED: up's rows follow gate's
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -133,7 +134,8 @@ AUTOTUNE = os.environ.get("LLAVA_NEXT_AUTOTUNE", "1") != "0"
 _TUNED_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
                   for bn, bk, w, st in ((16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
                                         (16, 128, 2, 4), (64, 128, 4, 3))]
-_tuned_kernel = triton.autotune(configs=_TUNED_CONFIGS, key=["M", "N", "K", "GATED", "HAS_BIAS", "HAS_RESIDUAL"])(_kernel)
+_tuned_kernel = triton.autotune(configs=_TUNED_CONFIGS,
+                                key=["M", "N", "K", "GATED", "HAS_BIAS", "HAS_RESIDUAL", "USE_PDL"])(_kernel)
 
 
 def _config(M: int, N: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device) -> dict:
