@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import sentencepiece as spm
@@ -218,8 +219,12 @@ class LlavaNextTokenizer:
         without max_length cuts at model_max_length."""
         if not max_length:
             max_length = None
-        if truncation is None and max_length is not None and padding in (False, None, "do_not_pad"):
-            truncation = True
+        if truncation is None and max_length is not None:
+            if padding in (False, None, "do_not_pad"):
+                truncation = True
+            elif padding in (True, "longest"):
+                warnings.warn("max_length is ignored when padding=True and there is no truncation; to pad to "
+                              "max_length use padding='max_length' (as transformers warns)", stacklevel=3)
         if truncation in (None, False, "do_not_truncate"):
             return None
         if truncation not in (True, "longest_first", "only_first"):

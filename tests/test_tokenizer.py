@@ -213,6 +213,7 @@ def test_streamer_prints_what_decode_gives(pair):
     dict(padding=True, truncation=True, max_length=30, truncation_side="left"),  # longer than every row
     dict(padding=True, truncation=True, max_length=4, truncation_side="left"),
 ], ids=str)
+@pytest.mark.filterwarnings("ignore:.*max_length. is ignored")  # both sides warn for padding=True + max_length
 def test_call_options_match_reference(pair, kw):
     """transformers' truncation / padding options give the same ids, masks and keys."""
     ours, oracle, _ = pair
@@ -244,6 +245,8 @@ def test_options_it_does_not_implement_are_refused(pair):
     assert ours("Hello", return_token_type_ids=False, verbose=False)["input_ids"] == ours("Hello")["input_ids"]
     with pytest.raises(ValueError, match="max_length"):
         ours(["a", "b c"], padding="max_length")  # no model_max_length in these configs
+    with pytest.warns(UserWarning, match="max_length is ignored when padding=True"):
+        ours(["a", "b c"], padding=True, max_length=1)
 
 
 def test_decode_batches_and_token_id_setters_like_reference(pair):
