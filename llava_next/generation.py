@@ -107,7 +107,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if torch.is_tensor(eos):
         eos = eos.reshape(-1).tolist()
     eos = [int(eos)] if isinstance(eos, numbers.Integral) else [int(e) for e in (eos or [])]
-    pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id", cfg.pad_token_id)
+    # transformers takes the pad id from generation_config.json when there is one (falling back to
+    # eos when it names none), else from the model's config
+    has_file = getattr(model, "_generation_file", None) is not None
+    pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id", None if has_file else cfg.pad_token_id)
     pad_is_set = pad is not None  # only a configured pad id marks padding in a prompt without a mask
     if pad is None:
         pad = eos[0] if eos else 0

@@ -223,3 +223,24 @@ def test_warm_up_on_scratch_leaves_a_prefilled_cache_as_it_was(pair):
         assert torch.equal(got, want), step
     with pytest.raises(ValueError, match="scratch slot"):
         warm_up_on_scratch(ours, token, caches[1], torch.tensor(T))
+
+
+def test_pad_id_from_a_generation_config_without_one(tmp_path):
+    """generation_config.json naming no pad id: finished rows are filled with eos, as transformers
+    fills them (not with the model config's pad id)."""
+    import json
+
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    hf_checkpoint(tmp_path, "vicuna", **SMALL)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    gen.pop("pad_token_id", None)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    hf, ours = HF.from_pretrained(tmp_path).eval(), LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    T = ids.shape[1]
+    eos = int(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])[0, T + 1])
+    out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos)
+    assert torch.equal(out, want)
+    assert (out[0, T + 2:] == eos).all()  # row 0 finished at its second token: the rest is eos
