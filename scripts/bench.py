@@ -183,10 +183,15 @@ def measure_ours(model, cfg_dict, args, device, dtype):
     res["ttft_ms"] = 1e3 * timed(lambda: model.generate(**one, max_new_tokens=1, **fuse), device, args.runs)
     log(f"ours: TTFT {res['ttft_ms']:.1f} ms, prefill {res['prefill_ms']:.1f} ms (vision {res['vision_ms']:.1f}, "
         f"projector {res['projector_ms']:.2f})")
-    res["generate_call"] = generate_call(model, one, args, device)
-    log(f"ours: generate() as called, batch 1, {res['generate_call']['new_tokens']} new tokens: eager "
-        f"{res['generate_call']['eager_ms_per_token']:.2f} ms/token, cuda_graph=True "
-        f"{res['generate_call']['cuda_graph_ms_per_token']:.2f} ms/token (its capture included)")
+    try:
+        res["generate_call"] = generate_call(model, one, args, device)
+        log(f"ours: generate() as called, batch 1, {res['generate_call']['new_tokens']} new tokens: eager "
+            f"{res['generate_call']['eager_ms_per_token']:.2f} ms/token, cuda_graph=True "
+            f"{res['generate_call']['cuda_graph_ms_per_token']:.2f} ms/token (its capture included)")
+    except Exception as e:  # keep the run's other numbers; say what broke
+        res["generate_call"] = dict(error=f"{type(e).__name__}: {e}")
+        log(f"ours: generate() as called failed ({type(e).__name__}: {e})")
+        free_memory(device)
     res["decode_ms_per_token"] = {}
     for b in args.batches:
         inp = inputs_for(cfg_dict, args.image, args.question_tokens, b, device, dtype)
@@ -401,8 +406,12 @@ def main():
           f"{r_ours['vision_ms']:.1f} + projector {r_ours['projector_ms']:.2f} + LM {r_ours['lm_prefill_ms']:.1f}"
           + (f";  transformers {r_hf['ttft_ms']:.1f} ms ({r_hf['ttft_ms'] / r_ours['ttft_ms']:.2f}x)" if r_hf else ""))
     call = r_ours["generate_call"]
-    print(f"generate() as called, batch 1, {call['new_tokens']} new tokens: eager {call['eager_ms_per_token']:.2f} "
-          f"ms/token, cuda_graph=True {call['cuda_graph_ms_per_token']:.2f} ms/token (capture included)")
+    if "error" in call:
+        print(f"generate() as called: failed ({call['error']})")
+    else:
+        print(f"generate() as called, batch 1, {call['new_tokens']} new tokens: eager "
+              f"{call['eager_ms_per_token']:.2f} ms/token, cuda_graph=True {call['cuda_graph_ms_per_token']:.2f} "
+              "ms/token (capture included)")
     print(f"{'batch':>5} {'ours ms/tok':>12} {'tok/s/row':>10} {'hf ms/tok':>10} {'speedup':>8} "
           f"{'% spec BW':>10} {'% copy BW':>10}")
     for b in args.batches:
