@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 # transformers' defaults for the sub-configs a llava-hf checkpoint can name.
@@ -132,6 +133,12 @@ class LlavaNextConfig:
     def from_dict(cls, d: dict, source: str = "config") -> "LlavaNextConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: a config is a dict (config.json's contents), got {type(d).__name__}")
+        for part in ("text_config", "vision_config"):
+            rates = {k: v for k, v in (d.get(part) or {}).items()
+                     if "dropout" in k and isinstance(v, (int, float)) and v > 0}
+            if rates:  # the llava-hf checkpoints have none; train-mode dropout is not built here
+                warnings.warn(f"{source}: {part} asks for dropout {rates}; llava-next has no dropout layers, "
+                              "so training runs without it", stacklevel=2)
         if d.get("model_type", "llava_next") != "llava_next":
             raise ConfigError(f"{source}: model_type is {d['model_type']!r}, expected 'llava_next'")
         vision = _build(VisionConfig, d.get("vision_config"), VISION_DEFAULTS, "clip_vision_model",

@@ -215,16 +215,30 @@ class LlavaNextForConditionalGeneration(nn.Module):
         logits = self.lm_head(hidden)  # (B, T, vocab)
         loss = None
         if labels is not None:
+            mask = attention_mask if attention_mask is not None and attention_mask.shape[1] == T else None
             if logits_to_keep:  # only the last positions have logits: score the labels they predict
                 labels = labels[:, -logits_to_keep:]
-            # Next-token prediction: position t predicts label t + 1; mean over labels != -100.
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=IGNORE_INDEX)
+                mask = mask[:, -logits_to_keep:] if mask is not None else None
+            # Next-token prediction: position t predicts label t + 1; mean over labels != -100. A
+            # padding position predicts nothing (with left padding, the last pad would otherwise be
+            # scored on the row's first token, from a query that sees no real key).
+            targets = labels[:, 1:].to(logits.device)
+            if mask is not None:
+                targets = targets.masked_fill(mask[:, :-1].to(targets.device) == 0, IGNORE_INDEX)
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def gradient_checkpointing_enable(self, vision: bool = True, language: bool = True):
+    def gradient_checkpointing_enable(self, vision: bool = True, language: bool = True,
+                                      gradient_checkpointing_kwargs: dict | None = None):
         """Recompute each decoder layer's / vision layer's activations in backward instead of storing
-        them (training only: it is off under no_grad and in eval mode)."""
+        them (training only: it is off under no_grad and in eval mode). Non-reentrant
+        torch.utils.checkpoint; `gradient_checkpointing_kwargs` (as transformers' Trainer and PEFT
+        pass it) may only say so: {"use_reentrant": False}."""
+        for key, value in (gradient_checkpointing_kwargs or {}).items():
+            if key != "use_reentrant":
+                raise TypeError(f"gradient_checkpointing_kwargs: {key!r} is not supported (only use_reentrant=False)")
+            if value:
+                raise ValueError("use_reentrant=True is not supported: the checkpoints are non-reentrant")
         self.vision_tower.vision_model.gradient_checkpointing = vision
         self.language_model.model.gradient_checkpointing = language
 

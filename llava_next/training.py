@@ -115,16 +115,35 @@ def build_labels(processor, conversations, images=None, chat_format: str | None 
 
 # ---- freezing -------------------------------------------------------------------------------
 
+WRAPPERS = ("module", "_orig_mod")  # DistributedDataParallel's and torch.compile's wrapped module
+
+
+def _unwrap(model):
+    while any(isinstance(getattr(model, w, None), torch.nn.Module) for w in WRAPPERS):
+        model = next(getattr(model, w) for w in WRAPPERS if isinstance(getattr(model, w, None), torch.nn.Module))
+    return model
+
+
+def _parameters(model) -> list[tuple[torch.nn.Parameter, list[str]]]:
+    """Each parameter once with all its hub names: a DDP or torch.compile wrapper's prefix left
+    out, and every name of a parameter two modules share (lm_head tied to the embedding)."""
+    named = {}
+    for name, p in _unwrap(model).named_parameters(remove_duplicate=False):
+        named.setdefault(id(p), (p, []))[1].append(name)
+    return list(named.values())
+
+
 def never_trained(model) -> set[str]:
     """Names of the parameters that can get no gradient: the vision layers after the deepest
     feature layer and `post_layernorm`, which LLaVA never runs (kept so checkpoints save whole)."""
-    vm = model.vision_tower.vision_model
+    vm = _unwrap(model).vision_tower.vision_model
     unused = {id(p) for m in [*vm.encoder.layers[vm.num_layers_run:], vm.post_layernorm] for p in m.parameters()}
-    return {name for name, p in model.named_parameters() if id(p) in unused}
+    return {name for p, names in _parameters(model) if id(p) in unused for name in names}
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+def _matches(names, patterns) -> bool:
+    names = [names] if isinstance(names, str) else names
+    return any(fnmatch.fnmatchcase(name, pat) for name in names for pat in patterns)
 
 
 def set_trainable(model, patterns) -> list[str]:
@@ -133,18 +152,18 @@ def set_trainable(model, patterns) -> list[str]:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     skip = never_trained(model)
     trainable = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in skip and _matches(name, patterns))
+    for p, names in _parameters(model):
+        p.requires_grad_(not skip.intersection(names) and _matches(names, patterns))
         if p.requires_grad:
-            trainable.append(name)
+            trainable += names
     return trainable
 
 
 def _set_frozen(model, patterns, frozen: bool) -> None:
     skip = never_trained(model)
-    for name, p in model.named_parameters():
-        if _matches(name, patterns):
-            p.requires_grad_(not frozen and name not in skip)
+    for p, names in _parameters(model):
+        if _matches(names, patterns):
+            p.requires_grad_(not frozen and not skip.intersection(names))
 
 
 def freeze_vision_tower(model, frozen: bool = True) -> None:
@@ -171,10 +190,11 @@ def parameter_groups(model, lrs: dict | None = None, default_lr: float | None = 
     """
     rules = [((pat,) if isinstance(pat, str) else tuple(pat), lr) for pat, lr in (lrs or {}).items()]
     groups: dict[tuple[float, float], dict] = {}
-    for name, p in model.named_parameters():
+    for p, names in _parameters(model):
         if not p.requires_grad:
             continue
-        lr = next((lr for pats, lr in rules if _matches(name, pats)), default_lr)
+        name = names[0]
+        lr = next((lr for pats, lr in rules if _matches(names, pats)), default_lr)
         if lr is None:
             continue
         decay = weight_decay if p.dim() >= 2 else 0.0

@@ -68,3 +68,10 @@ def test_bad_configs_are_named():
         LlavaNextConfig.from_dict({"vision_feature_layer": 30}).validate_for_model()
     with pytest.raises(ConfigError, match="not a .height, width. pair of multiples"):
         LlavaNextConfig.from_dict({"image_grid_pinpoints": [[336, 500]]}).validate_for_model()
+
+
+def test_dropout_in_a_config_warns():
+    from llava_next import LlavaNextConfig
+
+    with pytest.warns(UserWarning, match="no dropout layers"):
+        LlavaNextConfig.from_dict({"text_config": {"attention_dropout": 0.1}})

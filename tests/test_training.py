@@ -369,3 +369,40 @@ def test_finetune_example_loss_drops(tmp_path):
     losses = [float(x) for x in re.findall(r"^step +\d+ +loss ([\d.]+)", run.stdout, re.M)]
     assert len(losses) >= 10 and losses[-1] < 0.1 * losses[0]
     assert "reloaded: loss" in run.stdout and (tmp_path / "out" / "config.json").exists()
+
+
+def test_left_padding_trains_nothing_from_pad_positions(tmp_path):
+    """labels = input_ids with the pads masked (the usual recipe): a left-padded row's loss is its
+    right-padded twin's. The last pad would otherwise be scored on the row's first token."""
+    from tiny import hf_checkpoint, prompt_ids
+
+    hf_checkpoint(tmp_path, "mistral", image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56]])
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    ids, mask = prompt_ids(model.config, [[], []], [3, 9])
+    right_ids = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
+    right_mask = mask.sort(dim=1, descending=True).values
+    losses = [model(input_ids=i, attention_mask=m, labels=i.masked_fill(m == 0, -100)).loss
+              for i, m in ((ids, mask), (right_ids, right_mask))]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+
+
+def test_helpers_see_through_wrappers_and_tied_names(tmp_path):
+    """Patterns name the hub keys whether the model is wrapped (torch.compile's _orig_mod, DDP's
+    module) or lm_head is tied to the embedding (one Parameter under two names)."""
+    from tiny import hf_config, hf_model
+
+    cfg = hf_config("vicuna", image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56]])
+    cfg.tie_word_embeddings = True
+    hf_model(cfg).save_pretrained(tmp_path)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    trained = set_trainable(model, ["multi_modal_projector.*", "language_model.lm_head.*"])
+    assert "language_model.lm_head.weight" in trained and model.language_model.lm_head.weight.requires_grad
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = model  # what torch.compile(model) holds
+    set_trainable(wrapper, "*")
+    groups = parameter_groups(wrapper, {"vision_tower.*": 2e-6}, default_lr=1e-5)
+    vision = [n for g in groups if g["lr"] == 2e-6 for n in g["param_names"]]
+    assert vision and all(n.startswith("vision_tower.") for n in vision)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
