@@ -228,6 +228,45 @@ class LlavaNextForConditionalGeneration(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Grow (or shrink) the embedding table and lm_head to `new_num_tokens` rows, e.g. after
+        `tokenizer.add_tokens(...)`: `model.resize_token_embeddings(len(tokenizer))`. Old rows are
+        kept; new rows are the mean of the old ones (mean_resizing, transformers' default, which
+        samples around that mean instead) or drawn as init_weights does. The Parameters are new:
+        build the optimizer after resizing. Returns the embedding."""
+        lm = self.language_model
+        old_emb, old_head = lm.model.embed_tokens, lm.lm_head
+        n = new_num_tokens if new_num_tokens is not None else old_emb.num_embeddings
+        if pad_to_multiple_of:
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if n == old_emb.num_embeddings:
+            return old_emb
+        tied = old_head.weight is old_emb.weight
+        keep = min(n, old_emb.num_embeddings)
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            new = old.new_empty((n, old.shape[1]))
+            with torch.no_grad():
+                new[:keep] = old[:keep]
+                if n > keep:
+                    if mean_resizing:
+                        new[keep:] = old.float().mean(0).to(old.dtype)
+                    else:
+                        new[keep:].normal_(0.0, 0.02)  # init_weights' std
+            return new
+
+        emb = nn.Embedding(n, old_emb.embedding_dim, device=old_emb.weight.device, dtype=old_emb.weight.dtype)
+        emb.weight = nn.Parameter(grown(old_emb.weight), requires_grad=old_emb.weight.requires_grad)
+        lm.model.embed_tokens = emb
+        if tied:
+            lm.lm_head.weight = emb.weight
+        else:
+            lm.lm_head.weight = nn.Parameter(grown(old_head.weight), requires_grad=old_head.weight.requires_grad)
+        lm.lm_head.out_features = n
+        self.config.text_config.vocab_size = n
+        return emb
+
     def gradient_checkpointing_enable(self, vision: bool = True, language: bool = True,
                                       gradient_checkpointing_kwargs: dict | None = None):
         """Recompute each decoder layer's / vision layer's activations in backward instead of storing

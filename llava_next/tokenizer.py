@@ -93,6 +93,38 @@ class LlavaNextTokenizer:
         if content is not None and content not in self._added and self._piece_id(content) is None:
             self._add(AddedToken(content), len(self))
 
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """Append tokens (strings or AddedToken) to the vocabulary, as transformers does; returns how
+        many were new. The model's embedding must grow to match:
+        `model.resize_token_embeddings(len(tokenizer))`."""
+        tokens = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
+        added = 0
+        for t in tokens:
+            token = t if isinstance(t, AddedToken) else AddedToken(t, special=special_tokens)
+            if token.content in self._added or self._piece_id(token.content) is not None:
+                continue
+            self._add(token, len(self))
+            added += 1
+        return added
+
+    def add_special_tokens(self, special_tokens_dict: dict, replace_additional_special_tokens: bool = True) -> int:
+        """Set bos/eos/unk/pad tokens or additional_special_tokens, adding the ones the vocabulary
+        lacks (returns how many); `tokenizer.add_special_tokens({"pad_token": "<pad>"})`."""
+        added = 0
+        for name, value in special_tokens_dict.items():
+            if name in SPECIAL_NAMES:
+                added += self.add_tokens([value], special_tokens=True)
+                setattr(self, name, value.content if isinstance(value, AddedToken) else value)
+            elif name in ("additional_special_tokens", "extra_special_tokens"):
+                added += self.add_tokens(list(value), special_tokens=True)
+                contents = [v.content if isinstance(v, AddedToken) else v for v in value]
+                self.additional_special_tokens = contents if replace_additional_special_tokens else list(
+                    dict.fromkeys(self.additional_special_tokens + contents))
+            else:
+                raise ValueError(f"add_special_tokens: unknown key {name!r}; expected one of "
+                                 f"{SPECIAL_NAMES + ('additional_special_tokens',)}")
+        return added
+
     def _piece_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         return i if self.sp.id_to_piece(i) == piece else None

@@ -196,8 +196,11 @@ def test_tied_word_embeddings(tmp_path):
     assert "language_model.lm_head.weight" not in safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt").keys()
     back = HF.from_pretrained(tmp_path / "ours").eval()
     assert torch.equal(back.lm_head.weight, hf.lm_head.weight)
-    lm = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "ours").language_model  # our own file back
+    again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "ours")  # our own file back
+    lm = again.language_model
     assert lm.lm_head.weight is lm.model.embed_tokens.weight and torch.equal(lm.lm_head.weight, hf.lm_head.weight)
+    again.resize_token_embeddings(lm.lm_head.weight.shape[0] + 2)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # still one Parameter
 
 
 def test_device_map_forms_and_conflicting_dtypes(tmp_path):
@@ -514,3 +517,28 @@ def test_tied_word_embeddings_file_variants(tmp_path):
     assert torch.equal(lm.lm_head.weight, head) and torch.equal(lm.model.embed_tokens.weight, state[embed_key])
     model.save_pretrained(tmp_path / "again")
     assert "language_model.lm_head.weight" in load_file(tmp_path / "again" / "model.safetensors")
+
+
+def test_resize_token_embeddings(tmp_path):
+    """After tokenizer.add_tokens: the table and lm_head grow, old rows and old logits unchanged,
+    new rows at the old rows' mean; a tied head stays tied; transformers loads the saved model."""
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    hf = hf_checkpoint(tmp_path / "hf", "mistral", **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    old_vocab = ours.config.text_config.vocab_size
+    ids = torch.tensor([[1, 5, 9, 42]])
+    before = ours(input_ids=ids).logits
+    emb = ours.resize_token_embeddings(old_vocab + 3, pad_to_multiple_of=8)
+    n = -(-(old_vocab + 3) // 8) * 8
+    assert emb is ours.language_model.model.embed_tokens and emb.weight.shape[0] == n
+    assert ours.lm_head.weight.shape[0] == n and ours.config.text_config.vocab_size == n
+    after = ours(input_ids=ids).logits
+    torch.testing.assert_close(after[..., :old_vocab], before)
+    torch.testing.assert_close(emb.weight[old_vocab:], emb.weight[:old_vocab].mean(0).expand(n - old_vocab, -1))
+    ours.save_pretrained(tmp_path / "ours")
+    back = HF.from_pretrained(tmp_path / "ours").eval()
+    assert back.lm_head.weight.shape[0] == n
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, after, atol=1e-5, rtol=1e-5)
+    del hf
