@@ -215,7 +215,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         logits = self.lm_head(hidden)  # (B, T, vocab)
         loss = None
         if labels is not None:
-            mask = attention_mask if attention_mask is not None and attention_mask.shape[1] == T else None
+            # the new tokens' columns of the mask (with a cache it may also cover the past ones)
+            mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.shape[1] >= T else None
             if logits_to_keep:  # only the last positions have logits: score the labels they predict
                 labels = labels[:, -logits_to_keep:]
                 mask = mask[:, -logits_to_keep:] if mask is not None else None

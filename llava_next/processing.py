@@ -270,9 +270,11 @@ def _is_paths(x) -> bool:
     A one-word string with an image file's suffix that does not exist is an error, not a prompt."""
     if isinstance(x, (str, os.PathLike)):
         s = os.fspath(x)
+        if os.path.isfile(s):
+            return True
         if not s or any(c.isspace() for c in s):
             return False  # a prompt
-        if s.startswith(("http://", "https://")) or os.path.isfile(s):
+        if s.startswith(("http://", "https://")):
             return True
         if s.lower().endswith(IMAGE_SUFFIXES):
             raise FileNotFoundError(f"image file not found: {s}")

@@ -97,27 +97,35 @@ class LlavaNextTokenizer:
         """Append tokens (strings or AddedToken) to the vocabulary, as transformers does; returns how
         many were new. The model's embedding must grow to match:
         `model.resize_token_embeddings(len(tokenizer))`."""
-        tokens = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
+        tokens = [new_tokens] if isinstance(new_tokens, str) or hasattr(new_tokens, "content") else list(new_tokens)
         added = 0
         for t in tokens:
-            token = t if isinstance(t, AddedToken) else AddedToken(t, special=special_tokens)
-            if token.content in self._added or self._piece_id(token.content) is not None:
+            token = _added_token(t, special_tokens)
+            if not token.content or token.content in self._added:
+                continue
+            piece = self._piece_id(token.content)
+            if piece is not None:  # already a piece: it keeps its id, but text is now split on it
+                self._add(token, piece)
                 continue
             self._add(token, len(self))
             added += 1
         return added
 
-    def add_special_tokens(self, special_tokens_dict: dict, replace_additional_special_tokens: bool = True) -> int:
+    def add_special_tokens(self, special_tokens_dict: dict, replace_additional_special_tokens: bool = True,
+                           replace_extra_special_tokens: bool | None = None) -> int:
         """Set bos/eos/unk/pad tokens or additional_special_tokens, adding the ones the vocabulary
-        lacks (returns how many); `tokenizer.add_special_tokens({"pad_token": "<pad>"})`."""
+        lacks (returns how many); `tokenizer.add_special_tokens({"pad_token": "<pad>"})`.
+        replace_extra_special_tokens is transformers 5's name for replace_additional_special_tokens."""
+        if replace_extra_special_tokens is not None:
+            replace_additional_special_tokens = replace_extra_special_tokens
         added = 0
         for name, value in special_tokens_dict.items():
             if name in SPECIAL_NAMES:
                 added += self.add_tokens([value], special_tokens=True)
-                setattr(self, name, value.content if isinstance(value, AddedToken) else value)
+                setattr(self, name, _added_token(value, True).content)
             elif name in ("additional_special_tokens", "extra_special_tokens"):
                 added += self.add_tokens(list(value), special_tokens=True)
-                contents = [v.content if isinstance(v, AddedToken) else v for v in value]
+                contents = [_added_token(v, True).content for v in value]
                 self.additional_special_tokens = contents if replace_additional_special_tokens else list(
                     dict.fromkeys(self.additional_special_tokens + contents))
             else:
@@ -246,13 +254,13 @@ class LlavaNextTokenizer:
 
     def truncation_limit(self, truncation=None, max_length: int | None = None, padding=False,
                          pad_to_multiple_of: int | None = None) -> int | None:
-        """The length rows are cut to, or None, by transformers' rules: max_length=0 counts as not
-        given; max_length without `truncation` truncates when there is no padding; truncation
-        without max_length cuts at model_max_length."""
-        if not max_length:
-            max_length = None
+        """The length rows are cut to, or None, by transformers' rules: max_length=0 cuts nothing;
+        max_length without `truncation` truncates when padding is False; truncation without
+        max_length cuts at model_max_length."""
+        if max_length == 0:
+            return None  # transformers truncates nothing then, even with a model_max_length
         if truncation is None and max_length is not None:
-            if padding in (False, None, "do_not_pad"):
+            if padding in (False, None):
                 truncation = True
             elif padding in (True, "longest"):
                 warnings.warn("max_length is ignored when padding=True and there is no truncation; to pad to "
@@ -262,7 +270,8 @@ class LlavaNextTokenizer:
         if truncation not in (True, "longest_first", "only_first"):
             raise ValueError(f"truncation={truncation!r} is not supported; use True ('longest_first') or False")
         limit = max_length if max_length is not None else self.model_max_length
-        if pad_to_multiple_of and padding not in (False, None, "do_not_pad") and limit % pad_to_multiple_of:
+        if (pad_to_multiple_of and padding not in (False, None, "do_not_pad") and limit < VERY_LARGE_INTEGER
+                and limit % pad_to_multiple_of):
             raise ValueError(f"truncation to {limit} with padding to a multiple of {pad_to_multiple_of}: the "
                              "truncation length must be a multiple of pad_to_multiple_of")
         return limit
@@ -422,6 +431,14 @@ class LlavaNextTokenizer:
         return (f"LlavaNextTokenizer(vocab_size={self.vocab_size}, added={len(self._added)}, "
                 f"bos={self.bos_token!r}, eos={self.eos_token!r}, pad={self.pad_token!r}, "
                 f"padding_side={self.padding_side!r})")
+
+
+def _added_token(token, special: bool) -> AddedToken:
+    """Ours from a string, ours, or transformers' / tokenizers' AddedToken (same attribute names)."""
+    if isinstance(token, str):
+        return AddedToken(token, special=special)
+    return AddedToken(token.content, bool(getattr(token, "special", special)), bool(getattr(token, "lstrip", False)),
+                      bool(getattr(token, "rstrip", False)))
 
 
 def _check_return_tensors(return_tensors) -> None:

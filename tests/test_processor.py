@@ -265,6 +265,16 @@ def test_per_call_options_match_reference(pair, cats):
         ours("missing.jpg", prompt)
 
 
+
+def test_image_path_with_a_space_in_either_order(pair, cats, tmp_path):
+    ours, oracle = pair
+    path = tmp_path / "my photos" / "cat.png"
+    path.parent.mkdir()
+    cats.crop((0, 0, 90, 60)).save(path)
+    for image in (str(path), path):
+        assert_same(ours(image, MISTRAL_PROMPT), oracle(text=MISTRAL_PROMPT, images=str(path), return_tensors="pt"))
+
+
 def test_truncation_into_image_tokens_and_unknown_options_are_refused(pair, cats):
     ours, _ = pair
     small = cats.crop((0, 0, 90, 60))

@@ -285,3 +285,24 @@ def test_added_tokens_like_reference(tmp_path):
     assert ours.decode(ids, skip_special_tokens=True) == decoder.decode(ids, skip_special_tokens=True)
     ours.save_pretrained(tmp_path / "saved")
     assert LlavaNextTokenizer.from_pretrained(tmp_path / "saved").encode(text) == ids
+
+
+def test_more_option_edges_like_reference(tmp_path):
+    """Edges a randomized comparison with transformers found: padding='do_not_pad' with max_length,
+    max_length=0 with a model_max_length, pad_to_multiple_of without a length, tokens added as
+    transformers' AddedToken, a token that is already a piece, an empty token."""
+    from tokenizers import AddedToken as HFAddedToken
+
+    folder = write_checkpoint(tmp_path, "mistral")
+    ours, oracle = LlavaNextTokenizer.from_pretrained(folder), oracle_tokenizer(folder)
+    texts = ["hello there you are", "hi"]
+    for kw in (dict(padding="do_not_pad", max_length=3), dict(padding=True, truncation=True, pad_to_multiple_of=3)):
+        assert ours(texts, **kw)["input_ids"] == oracle(texts, **kw)["input_ids"], kw
+    ours.model_max_length = oracle.model_max_length = 4
+    assert ours(texts, truncation=True, max_length=0)["input_ids"] == oracle(texts, truncation=True,
+                                                                              max_length=0)["input_ids"]
+    for tok in (ours, oracle):
+        assert tok.add_tokens([HFAddedToken("<x>", lstrip=True)]) == 1
+        assert tok.add_tokens(["hello", ""]) == 0  # a piece already; nothing
+    text = "say hello <x> world"
+    assert ours.encode(text) == oracle.encode(text) and len(ours) == len(oracle)

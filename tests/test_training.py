@@ -406,3 +406,22 @@ def test_helpers_see_through_wrappers_and_tied_names(tmp_path):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="use_reentrant=True"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_loss_with_a_cache_and_a_mask_over_past_and_new_tokens(tmp_path):
+    """transformers' convention with a cache: attention_mask covers past + new tokens. The loss of
+    the second chunk is the same as with a mask over the new tokens only."""
+    from llava_next import KVCache
+    from tiny import hf_checkpoint
+
+    hf_checkpoint(tmp_path, "mistral", image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56]])
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(3, 500, (2, 4), generator=g), torch.randint(3, 500, (2, 5), generator=g)
+    new_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # (a left-padded second chunk, for the test)
+    losses = []
+    for mask in (new_mask, torch.cat([torch.ones(2, 4, dtype=torch.long), new_mask], 1)):
+        cache = KVCache.for_model(model, 2, 9)
+        model(input_ids=first, cache=cache, cache_pos=0)
+        losses.append(model(input_ids=second, attention_mask=mask, labels=second, cache=cache, cache_pos=4).loss)
+    torch.testing.assert_close(losses[0], losses[1])
