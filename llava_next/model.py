@@ -358,25 +358,24 @@ class LlavaNextForConditionalGeneration(nn.Module):
         expected = {k: v.shape for k, v in model.state_dict().items()}
         # Tied embeddings (as transformers reads them): the file holds the embedding, lm_head or
         # both; one of them is read for both, unless the file's two differ (then both, untied).
-        tied_from = None
+        tied_from = unread = None
         if config.tie_word_embeddings:
             keys = set(ckpt.keys())
-            tied_from = EMBED if EMBED in keys or LM_HEAD not in keys else LM_HEAD
             if EMBED in keys and LM_HEAD in keys and not torch.equal(ckpt.get(EMBED), ckpt.get(LM_HEAD)):
                 warnings.warn(f"{folder}: config.json ties lm_head to the embedding, but the file holds two "
                               "different matrices; both are loaded, untied (as transformers does)")
-                tied_from = None  # load_state_dict(assign=True) below gives each its own Parameter
-                config.tie_word_embeddings = False  # and so save_pretrained keeps both
-        unread = (LM_HEAD if tied_from == EMBED else EMBED) if tied_from else None
-        if unread:
-            del expected[unread]
+                # load_state_dict(assign=True) below gives each its own Parameter; save_pretrained keeps both
+                config.tie_word_embeddings = False
+            else:
+                tied_from, unread = (EMBED, LM_HEAD) if EMBED in keys or LM_HEAD not in keys else (LM_HEAD, EMBED)
+                del expected[unread]
         check_keys(expected, ckpt, folder, optional=[unread] if unread else ())
         state = {}
         for key in _progress(expected, progress, f"loading {os.path.basename(os.path.normpath(folder))}"):
             t = ckpt.get(key)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         if tied_from:
-            state[LM_HEAD if tied_from == EMBED else EMBED] = state[tied_from]
+            state[unread] = state[tied_from]
         model.load_state_dict(state, assign=True, strict=True)
         if tied_from:  # assign=True made two Parameters: make them one again
             model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight

@@ -22,6 +22,9 @@ from .image_processing import LlavaNextImageProcessor, flatten_images
 from .tokenizer import FILES as TOKENIZER_FILES
 from .tokenizer import NO_OP_OPTIONS, LlavaNextTokenizer, check_options
 
+# transformers' processor options with nothing to do here: the tokenizer's, and one of its own
+PROCESSOR_NO_OPS = {**NO_OP_OPTIONS, "return_mm_token_type_ids": (None, False)}
+
 PROCESSOR_FILES = ["preprocessor_config.json", "processor_config.json", "config.json", "chat_template.json",
                    "chat_template.jinja"] + TOKENIZER_FILES
 
@@ -131,10 +134,8 @@ class LlavaNextProcessor:
         options = {**(common_kwargs or {}), **(text_kwargs or {}), **(images_kwargs or {}), **options}
         return_tensors = options.pop("return_tensors", return_tensors)
         text_options = {k: options.pop(k) for k in list(options) if k in self.TEXT_OPTIONS}
-        no_ops = {k: options.pop(k) for k in list(options) if k in NO_OP_OPTIONS or k == "return_mm_token_type_ids"}
-        check_options({k: v for k, v in no_ops.items() if k != "return_mm_token_type_ids"}, "the processor")
-        if no_ops.get("return_mm_token_type_ids"):
-            raise ValueError("return_mm_token_type_ids=True is not supported")
+        check_options({k: options.pop(k) for k in list(options) if k in PROCESSOR_NO_OPS}, "the processor",
+                      PROCESSOR_NO_OPS)
         image_processor = self.image_processor.with_options(**options)  # refuses what is left that it does not take
         if text is None and images is None:
             raise ValueError("give a prompt (text=...), images (images=...) or both")

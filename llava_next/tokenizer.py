@@ -34,12 +34,13 @@ NO_OP_OPTIONS = {"verbose": None, "return_token_type_ids": (None, False), "retur
                  "spaces_between_special_tokens": None}
 
 
-def check_options(options: dict, where: str) -> None:
-    """Refuse keyword arguments this package does not implement, instead of ignoring them."""
+def check_options(options: dict, where: str, no_ops: dict = NO_OP_OPTIONS) -> None:
+    """Refuse keyword arguments this package does not implement, instead of ignoring them; `no_ops`
+    names the ones accepted, with the values that leave nothing to do (None: any value)."""
     for name, value in options.items():
-        if name not in NO_OP_OPTIONS:
+        if name not in no_ops:
             raise TypeError(f"{where} got an unexpected keyword argument {name!r}")
-        allowed = NO_OP_OPTIONS[name]
+        allowed = no_ops[name]
         if allowed is not None and value not in allowed:
             raise ValueError(f"{where}: {name}={value!r} is not supported (only {allowed[-1]!r})")
 
@@ -233,13 +234,17 @@ class LlavaNextTokenizer:
         """Ids of one text (a list, or a (1, n) tensor with return_tensors="pt"); with truncation,
         at most max_length ids, the special tokens included (transformers' rule)."""
         check_options(options, "encode()")
-        ids = []
-        for part in self._split(text):
-            ids += [part] if isinstance(part, int) else self.sp.encode(part)
-        ids = self.finish(ids, add_special_tokens, self.truncation_limit(truncation, max_length))
+        ids = self.finish(self._encode_text(text), add_special_tokens, self.truncation_limit(truncation, max_length))
         if return_tensors is not None:
             _check_return_tensors(return_tensors)
             return torch.tensor([ids], dtype=torch.long)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """The ids of a text alone: no special tokens added, no truncation."""
+        ids = []
+        for part in self._split(text):
+            ids += [part] if isinstance(part, int) else self.sp.encode(part)
         return ids
 
     def finish(self, ids: list[int], add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
@@ -285,7 +290,7 @@ class LlavaNextTokenizer:
             raise ValueError("sentence pairs (text_pair) are not supported: a LLaVA-NeXT prompt is one sequence")
         texts = [text] if isinstance(text, str) else list(text)
         limit = self.truncation_limit(truncation, max_length, padding, pad_to_multiple_of)
-        ids = [self.encode(t, add_special_tokens, max_length=limit, truncation=limit is not None) for t in texts]
+        ids = [self.finish(self._encode_text(t), add_special_tokens, limit) for t in texts]
         out = self.pad(ids, padding=padding, return_tensors=return_tensors, padding_side=padding_side,
                        max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
                        return_attention_mask=return_attention_mask)
@@ -348,8 +353,9 @@ class LlavaNextTokenizer:
             ids = ids.tolist()
         if isinstance(ids, int):  # one id, as transformers' TextStreamer passes it
             ids = [ids]
-        if ids and isinstance(ids[0], (list, tuple)) or getattr(ids[0] if ids else 0, "ndim", 0) > 0:
-            return self.batch_decode(ids, skip_special_tokens=skip_special_tokens)  # rows: one text each
+        first = ids[0] if ids else None
+        if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:  # rows: one text each
+            return self.batch_decode(ids, skip_special_tokens=skip_special_tokens)
         skip = set(self.all_special_ids) if skip_special_tokens else ()
         out, byte_run = [], bytearray()
         for i in map(int, ids):

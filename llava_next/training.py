@@ -119,9 +119,12 @@ WRAPPERS = ("module", "_orig_mod")  # DistributedDataParallel's and torch.compil
 
 
 def _unwrap(model):
-    while any(isinstance(getattr(model, w, None), torch.nn.Module) for w in WRAPPERS):
-        model = next(getattr(model, w) for w in WRAPPERS if isinstance(getattr(model, w, None), torch.nn.Module))
-    return model
+    while True:
+        inner = next((getattr(model, w) for w in WRAPPERS if isinstance(getattr(model, w, None), torch.nn.Module)),
+                     None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def _parameters(model) -> list[tuple[torch.nn.Parameter, list[str]]]:

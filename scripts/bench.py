@@ -267,9 +267,11 @@ def set_kernel_experiments(args) -> dict:
         fa.USE_TMA = True
         done["flash_tma"] = True
     if args.pdl:
-        sys.modules["llava_next.kernels.pdl"].USE_PDL = True
-        cuda = args.device.startswith("cuda") and torch.cuda.is_available()
-        done["pdl"] = cuda and torch.cuda.get_device_capability()[0] >= 9  # what the kernels really get
+        pdl = sys.modules["llava_next.kernels.pdl"]
+        pdl.USE_PDL = True
+        device = torch.device(args.device)
+        # what the kernels really get (no CUDA here: main() stops before any kernel runs)
+        done["pdl"] = (device.type != "cuda" or torch.cuda.is_available()) and pdl.pdl_active(device)
     return done
 
 

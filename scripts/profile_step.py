@@ -154,9 +154,10 @@ def main():
     if args.decode_kernels:
         section(lambda: decode_step(model.enable_decode_kernels(), one, T, args.context, "decode_linear kernels"))
     if args.pdl:  # on the last variant's path; a kernel's time now includes its wait for the one before
-        sys.modules["llava_next.kernels.pdl"].USE_PDL = True
+        pdl = sys.modules["llava_next.kernels.pdl"]
+        pdl.USE_PDL = True
         variant = "decode_linear kernels" if args.decode_kernels else "cuBLAS products"
-        if torch.cuda.get_device_capability()[0] < 9:
+        if not pdl.pdl_active(device):
             variant += " (PDL needs compute capability 9.0: this pass runs without it)"
         section(lambda: decode_step(model, one, T, args.context, variant + " + PDL (kernel times include the waits)"))
     section(lambda: fusion_gains(cfg, dtype))

@@ -41,16 +41,21 @@ USE_PDL = os.environ.get("LLAVA_NEXT_PDL", "0") == "1"
 _CAPABLE = {}
 
 
-def pdl_args(x: torch.Tensor) -> dict:
-    """The launch arguments of a kernel that takes part: USE_PDL for its body and, where PDL is on
-    and can run (USE_PDL, a CUDA tensor on a device of compute capability 9.0 or more, a triton
-    that has it), Triton's launch_pdl option."""
-    if not (USE_PDL and x.is_cuda and gdc_wait is not None):
-        return dict(USE_PDL=False)
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+def pdl_active(device: torch.device) -> bool:
+    """Whether kernels launched on `device` get PDL: switched on (USE_PDL), a CUDA device of
+    compute capability 9.0 or more, a triton that has it."""
+    if not (USE_PDL and device.type == "cuda" and gdc_wait is not None):
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _CAPABLE:
         _CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return dict(USE_PDL=True, launch_pdl=True) if _CAPABLE[idx] else dict(USE_PDL=False)
+    return _CAPABLE[idx]
+
+
+def pdl_args(x: torch.Tensor) -> dict:
+    """The launch arguments of a kernel that takes part: USE_PDL for its body and, where
+    pdl_active, Triton's launch_pdl option."""
+    return dict(USE_PDL=True, launch_pdl=True) if pdl_active(x.device) else dict(USE_PDL=False)
 
 
 @triton.jit
