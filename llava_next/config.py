@@ -43,6 +43,10 @@ TEXT_DEFAULTS = {
     ),
 }
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# Keys read into fields, or rewritten on save, that `extra` must not bring back (a sub-config's
+# dtype names the original weights', stale once converted; save_pretrained writes the model's).
+NOT_EXTRA = {"model_type", "dtype", "torch_dtype", "extra",
+             "image_token_id", "rope_parameters", "rope_scaling"}
 
 
 class ConfigError(ValueError):
@@ -62,6 +66,7 @@ class VisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 512
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # see LlavaNextConfig.extra
 
     @property
     def head_dim(self) -> int:
@@ -93,6 +98,7 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # see LlavaNextConfig.extra
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -117,6 +123,9 @@ class LlavaNextConfig:
     multimodal_projector_bias: bool = True
     image_grid_pinpoints: list[list[int]] = field(default_factory=lambda: [list(p) for p in DEFAULT_PINPOINTS])
     tie_word_embeddings: bool = False
+    # The file's keys that no field above models (initializer_range, use_cache, dropout rates,
+    # transformers_version, ...): nothing here reads them, save_pretrained writes them back.
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def image_token_id(self) -> int:
@@ -145,7 +154,8 @@ class LlavaNextConfig:
                         VISION_WHEN_ABSENT, f"{source}: vision_config")
         text = _build(TextConfig, d.get("text_config"), TEXT_DEFAULTS, "llama", None, f"{source}: text_config")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
-              if f.name in d and f.name not in ("vision_config", "text_config")}
+              if f.name in d and f.name not in ("vision_config", "text_config", "extra")}
+        kw["extra"] = _unmodelled(cls, d, also=("vision_config", "text_config", "architectures"))
         if "image_token_index" not in d and "image_token_id" in d:  # transformers v5 spelling
             kw["image_token_index"] = d["image_token_id"]
         if kw.get("image_grid_pinpoints") is None:
@@ -174,6 +184,9 @@ class LlavaNextConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        for part in (d, d["text_config"], d["vision_config"]):  # unmodelled keys first, fields win
+            extra = part.pop("extra")
+            part.update({k: v for k, v in extra.items() if k not in part})
         d["model_type"] = "llava_next"
         d["architectures"] = ["LlavaNextForConditionalGeneration"]
         # transformers v5 reads rope settings from `rope_parameters`; v4 from `rope_theta`.
@@ -225,8 +238,9 @@ def _build(klass, sub: dict | None, defaults_by_type: dict, default_type: str, w
     if model_type not in defaults_by_type:
         raise ConfigError(f"{where}: unknown model_type {model_type!r}; supported: {sorted(defaults_by_type)}")
     values = dict(defaults_by_type[model_type], model_type=model_type)
-    names = {f.name for f in dataclasses.fields(klass)}
+    names = {f.name for f in dataclasses.fields(klass)} - {"extra"}
     values.update({k: v for k, v in sub.items() if k in names})
+    values["extra"] = _unmodelled(klass, sub)
     rope = sub.get("rope_parameters") or sub.get("rope_scaling")
     if klass is TextConfig and rope:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -235,3 +249,9 @@ def _build(klass, sub: dict | None, defaults_by_type: dict, default_type: str, w
         if "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
     return klass(**values)
+
+
+def _unmodelled(klass, d: dict, also=()) -> dict:
+    """d's keys that no field of klass models, minus those read elsewhere (NOT_EXTRA)."""
+    names = {f.name for f in dataclasses.fields(klass)}
+    return {k: v for k, v in d.items() if k not in names and k not in NOT_EXTRA and k not in also}

@@ -65,7 +65,15 @@ PRESETS = {
                  pinpoints=[[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]], image=(56, 56),
                  image_token_index=32000),
 }
-SPEC_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM datasheets
+# Datasheet memory bandwidth (bytes/s) by a piece of torch.cuda.get_device_name(), the more
+# specific names first: an "NVIDIA H100 80GB HBM3" is the SXM card, the PCIe and NVL ones differ.
+SPEC_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
+                  ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40", 0.864e12))
+
+
+def spec_bandwidth(card: str) -> float | None:
+    """The datasheet bandwidth of the card named `card` in bytes/s, None for one not listed."""
+    return next((bw for key, bw in SPEC_BANDWIDTH if key in card), None)
 
 
 def config_for(preset: str) -> dict:
@@ -382,7 +390,7 @@ def main():
         log(f"leading greedy tokens equal to transformers' (of 16, batch 1): {r_hf['greedy_tokens_agree']}")
         del hf
     copy_bw = copy_bandwidth(device)
-    spec = next((v for k, v in SPEC_BANDWIDTH.items() if k in card), None)
+    spec = spec_bandwidth(card)
 
     result = dict(card=card, date=datetime.date.today().isoformat(), preset=args.preset, dtype=str(dtype),
                   attn=ours.attn_implementation, cuda_graph=device.type == "cuda" and not args.no_graph,

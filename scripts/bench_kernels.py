@@ -54,6 +54,7 @@ from llava_next.kernels.decode_linear import _config as _linear_config  # noqa: 
 
 dl = sys.modules["llava_next.kernels.decode_linear"]
 from llava_next.kernels.flash_attention import _flash_attention_forward  # noqa: E402
+from bench import spec_bandwidth  # noqa: E402  (scripts/bench.py)
 
 GPU = args.device == "cuda"
 DEV = args.device
@@ -288,11 +289,8 @@ def bench_rope_decode(B, Hq, Hkv, L, Tmax, D):
 
 
 def peak_bandwidth_gbs():
-    name = torch.cuda.get_device_name()
-    for key, gbs in (("H200", 4800), ("H100", 3350), ("A100", 2039), ("L40", 864)):
-        if key in name:
-            return gbs
-    return None
+    spec = spec_bandwidth(torch.cuda.get_device_name())
+    return spec / 1e9 if spec else None
 
 
 def bench_rope(B, T, Hq, Hkv, D, Tmax):

@@ -140,6 +140,31 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
         assert k1 == k2 and torch.equal(v1, v2), k1
 
 
+def test_save_pretrained_keeps_config_settings_it_does_not_model(tmp_path):
+    """Settings the model never reads (initializer_range, use_cache, a sub-config's architectures,
+    image_seq_length, ...) survive load -> save, so a fine-tune saved by us configures
+    transformers as the original did."""
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    hf_checkpoint(tmp_path / "hf", "mistral", **SMALL)
+    path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["image_seq_length"] = 600
+    cfg["text_config"].update(initializer_range=0.007, use_cache=False, architectures=["MistralForCausalLM"])
+    cfg["vision_config"]["initializer_factor"] = 3.0
+    path.write_text(json.dumps(cfg))
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["image_seq_length"] == 600 and saved["vision_config"]["initializer_factor"] == 3.0
+    assert {k: saved["text_config"][k] for k in ("initializer_range", "use_cache", "architectures")} == {
+        "initializer_range": 0.007, "use_cache": False, "architectures": ["MistralForCausalLM"]}
+    assert saved["torch_dtype"] == "bfloat16" and "dtype" not in saved["text_config"]  # the model's, not the file's
+    back = HF.from_pretrained(tmp_path / "ours").config
+    assert (back.image_seq_length, back.text_config.initializer_range, back.text_config.use_cache,
+            back.vision_config.initializer_factor) == (600, 0.007, False, 3.0)
+
+
 def test_dtype_and_device_arguments(tmp_path):
     hf_checkpoint(tmp_path, "vicuna", **SMALL)
     m = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, torch_dtype=torch.bfloat16,
