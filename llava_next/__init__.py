@@ -15,6 +15,7 @@ _EXPORTS = {
     "LlavaNextImageProcessor": "llava_next.image_processing",
     "LlavaNextTokenizer": "llava_next.tokenizer",
     "LlavaNextProcessor": "llava_next.processing",
+    "GenerationConfig": "llava_next.generation_config",
     "GraphedDecode": "llava_next.generation",
     "TextStreamer": "llava_next.generation",
     "TextIteratorStreamer": "llava_next.generation",

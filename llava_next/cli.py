@@ -14,6 +14,7 @@ import os
 import sys
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+IMAGE_TOKEN = "<image>"
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
 
 
@@ -36,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     common.add_argument("--attn", default=None, choices=["auto", "eager", "sdpa", "triton"],
                         help="attention implementation (default auto: the Triton kernels on CUDA, sdpa on CPU)")
-    common.add_argument("--max-new-tokens", type=int, default=512)
+    common.add_argument("--max-new-tokens", type=int, default=512, help="(default 512)")
     common.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    common.add_argument("--temperature", type=float, default=1.0)
-    common.add_argument("--top-k", type=int, default=50)
-    common.add_argument("--top-p", type=float, default=1.0)
-    common.add_argument("--repetition-penalty", type=float, default=1.0)
+    common.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    common.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0: all (default 50)")
+    common.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    common.add_argument("--repetition-penalty", type=float, default=1.0, help="(default 1.0: off)")
     common.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     common.add_argument("--prompt-format", default=None, choices=["mistral", "vicuna", "chatml"],
                         help="prompt template (default: the checkpoint's)")
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "used with the Triton kernels by default)")
     g = sub.add_parser("generate", parents=[common], help="answer one prompt about an image (streams the answer)")
     g.add_argument("--image", action="append", default=[], help="image path or http(s) URL; repeatable")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the question; the CLI places one <image> per --image itself")
     c = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat; /image PATH attaches an image")
     c.add_argument("--image", action="append", default=[], help="image for the first message")
     return p
@@ -87,8 +88,13 @@ def check_args(args) -> None:
     for image in args.image:
         if not image.startswith(("http://", "https://")) and not os.path.isfile(image):
             raise UsageError(f"image file not found: {image}")
+    if args.command == "generate" and IMAGE_TOKEN in args.prompt:
+        raise UsageError(f"leave {IMAGE_TOKEN} out of --prompt: the CLI places one for each --image itself")
     from .hub import is_repo_id
 
+    if os.path.isfile(args.model):
+        raise UsageError(f"model {args.model!r} is a file; expected a checkpoint folder (the one holding "
+                         "config.json) or a hub id")
     if not os.path.isdir(args.model) and not is_repo_id(args.model):
         raise UsageError(f"model {args.model!r}: no such folder, and not a hub id like {DEFAULT_MODEL}")
     device = args.device
@@ -98,11 +104,13 @@ def check_args(args) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         try:
-            torch.device(device)
+            kind = torch.device(device).type
         except RuntimeError:
             raise UsageError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        if kind == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {device}: CUDA is not available here")
+        if kind not in ("cpu", "cuda"):  # mps, xpu, meta, ...: never tried here
+            raise UsageError(f"--device {device}: the CLI runs on cpu or cuda")
     if args.dtype == "auto":
         args.dtype = "float16" if args.device.startswith("cuda") else "float32"
 
@@ -235,6 +243,9 @@ def run_chat(args) -> int:
                 print(e, file=sys.stderr)
                 continue
             pending += 1
+            continue
+        if IMAGE_TOKEN in line:
+            print(f"leave {IMAGE_TOKEN} out of your message: /image PATH attaches an image", file=sys.stderr)
             continue
         conversation.append(user_turn(line, pending))
         print("assistant> ", end="", flush=True)

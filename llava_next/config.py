@@ -100,6 +100,12 @@ class TextConfig:
     pad_token_id: int | None = None
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # see LlavaNextConfig.extra
 
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding window attention runs with: Mistral's. transformers' Llama attention has
+        none and ignores a `sliding_window` in its config (kept here only to be saved back)."""
+        return self.sliding_window if self.model_type == "mistral" else None
+
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads

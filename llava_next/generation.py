@@ -54,6 +54,23 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
     return logits
 
 
+def _new_token_count(max_new_tokens, gen, T: int) -> int:
+    """How many tokens to generate, by transformers' rules (_prepare_generated_length): a
+    max_new_tokens (the call's, else the config's) as given; else a configured max_length, which
+    counts the prompt too; else 20. (transformers would stop a model whose own config has
+    max_position_embeddings at that context; LlavaNextConfig has none, so it does not.)"""
+    if max_new_tokens is None:
+        max_new_tokens = gen.max_new_tokens
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if gen.max_length is None:
+        return 20
+    if T >= gen.max_length:
+        raise ValueError(f"the prompt has {T} tokens, which leaves none to generate within "
+                         f"model.generation_config's max_length ({gen.max_length}): pass max_new_tokens")
+    return gen.max_length - T
+
+
 def choose(scores, do_sample, generator=None):
     if do_sample:
         return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
@@ -62,12 +79,16 @@ def choose(scores, do_sample, generator=None):
 
 @torch.no_grad()
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
-             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50,
-             top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
-             streamer=None, generator=None, use_cache: bool = True, num_beams: int = 1,
-             cuda_graph=False, fuse_projections: bool = True, **kwargs):
+             max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             eos_token_id=None, pad_token_id=None, streamer=None, generator=None, use_cache: bool = True,
+             num_beams: int | None = None, cuda_graph=False, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
+    Settings left out (None) come from `model.generation_config` (a checkpoint's
+    generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
+    top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length there caps prompt + new
+    tokens). Generation may run past the model's context, with a warning, as in transformers.
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens. Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
@@ -85,32 +106,38 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     """
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
-    if num_beams != 1 or not use_cache:
-        raise ValueError("llava-next generates with num_beams=1 and a KV cache (use_cache=True) only")
+    gen = model.generation_config
+    gen.warn_unimplemented()
+    if gen.value("num_beams", num_beams) != 1 or not use_cache:
+        raise ValueError("llava-next generates with num_beams=1 and a KV cache (use_cache=True) only"
+                         + ("" if num_beams is not None or not use_cache else
+                            f"; model.generation_config sets num_beams={gen.num_beams}"))
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the processor's output)")
-    if max_new_tokens is None:
-        max_new_tokens = 20  # the signature's default, as an explicit None asks for
+    do_sample, temperature, top_k, top_p, repetition_penalty = (
+        gen.value(name, given) for name, given in (
+            ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+            ("repetition_penalty", repetition_penalty)))
+    cfg = model.config.text_config
+    T = input_ids.shape[-1]
+    max_new_tokens = _new_token_count(max_new_tokens, gen, T)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be a positive int (or 0 / None: no top-k), got {top_k}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be a positive int (or 0: no top-k), got {top_k}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    cfg = model.config.text_config
-    gen = getattr(model, "generation_config", None) or {}
-    eos = eos_token_id if eos_token_id is not None else gen.get("eos_token_id", cfg.eos_token_id)
+    eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
     if torch.is_tensor(eos):
         eos = eos.reshape(-1).tolist()
     eos = [int(eos)] if isinstance(eos, numbers.Integral) else [int(e) for e in (eos or [])]
     # transformers takes the pad id from generation_config.json when there is one (falling back to
-    # eos when it names none), else from the model's config
-    has_file = getattr(model, "_generation_file", None) is not None
-    pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id", None if has_file else cfg.pad_token_id)
+    # eos when it names none), else from the model's config (GenerationConfig.from_model_config)
+    pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
     pad_is_set = pad is not None  # only a configured pad id marks padding in a prompt without a mask
     if pad is None:
         pad = eos[0] if eos else 0
@@ -129,12 +156,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         warnings.warn("right padding detected (a row's last attention_mask entry is 0): generation continues "
                       "after the padding, not after the prompt; pad on the left (the processor's default)")
     context = cfg.max_position_embeddings
-    if T > context:
-        raise ValueError(f"the prompt has {T} tokens, more than the model's context of {context}")
     if T + max_new_tokens > context:
-        warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context ({context}); "
-                      f"generating at most {context - T} tokens")
-        max_new_tokens = context - T
+        warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) runs past the model's context ({context}): "
+                      "positions beyond it were never trained, so expect the text to degrade there")
     if streamer is not None:
         if B != 1:
             raise ValueError("a streamer needs a batch of one prompt")

@@ -72,7 +72,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=b)
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=b)
-        self.sliding_window = cfg.sliding_window
+        self.sliding_window = cfg.attention_window
         self.attn_fn = attn_fn
 
     def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):

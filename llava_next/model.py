@@ -23,6 +23,7 @@ from .anyres import num_tiles, tile_grid, unpadded_grid
 from .attention import ATTENTION_FUNCTIONS, resolve_attn_implementation
 from .config import LlavaNextConfig
 from .fused_linear import fuse_linears
+from .generation_config import GenerationConfig
 from .language import LlamaForCausalLM, LlamaRMSNorm
 from .loading import CheckpointError, LazyCheckpoint, check_keys, save_state_dict, weight_files
 from .vision import CLIPVisionModel, LlavaNextMultiModalProjector
@@ -74,13 +75,20 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.language_model = LlamaForCausalLM(tc, attn_fn, kernels=self.attn_implementation)
         if config.tie_word_embeddings:  # one Parameter for both, as transformers ties them (top-level flag)
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
-        # eos / pad / bos overrides from a checkpoint's generation_config.json (read by from_pretrained).
-        self.generation_config = {}
+        # generate()'s defaults: the model config's special-token ids until from_pretrained reads a
+        # checkpoint's generation_config.json, as transformers does.
+        self.generation_config = GenerationConfig.from_model_config(tc)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     @property
     def lm_head(self):
+        return self.language_model.lm_head
+
+    def get_input_embeddings(self) -> nn.Embedding:  # transformers' accessors (PEFT and others call them)
+        return self.language_model.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
         return self.language_model.lm_head
 
     @property
@@ -149,6 +157,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def embed(self, input_ids, pixel_values=None, image_sizes=None, first_chunk: bool = True):
         """Token embeddings with the image features written at the <image> positions."""
         embeds = self.language_model.model.embed_tokens(input_ids)  # (B, T, H)
+        if pixel_values is not None and len(pixel_values) == 0:  # a batch of text-only prompts
+            pixel_values = None
         if pixel_values is None and not first_chunk:  # a decode step: no host sync here
             return embeds
         image_mask = input_ids == self.config.image_token_index
@@ -381,10 +391,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
             model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
         gen_path = os.path.join(folder, "generation_config.json")
         if os.path.exists(gen_path):
-            with open(gen_path, encoding="utf-8") as f:
-                gen = json.load(f)
-            model.generation_config = {k: gen[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if k in gen}
-            model._generation_file = gen  # all of it, written back by save_pretrained
+            model.generation_config = GenerationConfig.from_json_file(gen_path)
         return model.eval()
 
     def save_pretrained(self, folder, max_shard_size="5GB", state_dict=None) -> None:
@@ -397,10 +404,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         d["torch_dtype"] = str(self.dtype).replace("torch.", "")
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
-        generation = {**getattr(self, "_generation_file", {}), **self.generation_config}
-        if generation:  # the file from_pretrained read (other settings kept), with the current ids
-            with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
-                json.dump(generation, f, indent=2)
+        self.generation_config.save_pretrained(folder)
         state = dict(state_dict if state_dict is not None else self.state_dict())
         if self.config.tie_word_embeddings:
             state.pop(LM_HEAD, None)  # tied to the embedding, which is saved: transformers leaves it out too

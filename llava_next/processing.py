@@ -30,8 +30,9 @@ PROCESSOR_FILES = ["preprocessor_config.json", "processor_config.json", "config.
 
 
 class LlavaNextProcessor:
-    """`processor(text, images, return_tensors="pt", padding=False)` -> BatchFeature(input_ids,
-    attention_mask, pixel_values, image_sizes); `apply_chat_template(conversation)` -> prompt."""
+    """`processor(text, images, return_tensors="pt")` -> BatchFeature(input_ids, attention_mask,
+    pixel_values, image_sizes), a batch of prompts left-padded to the longest (padding=False
+    refuses prompts of different lengths instead); `apply_chat_template(conversation)` -> prompt."""
 
     def __init__(self, image_processor: LlavaNextImageProcessor | None = None,
                  tokenizer: LlavaNextTokenizer | None = None, patch_size: int = 14,

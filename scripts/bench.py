@@ -193,9 +193,7 @@ def measure_ours(model, cfg_dict, args, device, dtype):
         f"projector {res['projector_ms']:.2f})")
     try:
         res["generate_call"] = generate_call(model, one, args, device)
-        log(f"ours: generate() as called, batch 1, {res['generate_call']['new_tokens']} new tokens: eager "
-            f"{res['generate_call']['eager_ms_per_token']:.2f} ms/token, cuda_graph=True "
-            f"{res['generate_call']['cuda_graph_ms_per_token']:.2f} ms/token (its capture included)")
+        log(f"ours: generate() as called: {describe_call(res['generate_call'])}")
     except Exception as e:  # keep the run's other numbers; say what broke
         res["generate_call"] = dict(error=f"{type(e).__name__}: {e}")
         log(f"ours: generate() as called failed ({type(e).__name__}: {e})")
@@ -227,14 +225,21 @@ def generate_call(model, one, args, device) -> dict:
     decode (the default), and cuda_graph=True with its warm-up and capture in every call; whether
     the graph should be generate()'s default on CUDA is decided from these two numbers."""
     n = max(2, min(64, args.new_tokens))
-    out = dict(new_tokens=n)
-    for name, graph in (("eager", False), ("cuda_graph", True)):
+    out = dict(new_tokens=n, cuda_graph_ms_per_token=None)  # None off CUDA: cuda_graph=True decodes eagerly there
+    for name, graph in (("eager", False), ("cuda_graph", True))[:2 if device.type == "cuda" else 1]:
         gen = lambda k: model.generate(**one, max_new_tokens=k, eos_token_id=[], cuda_graph=graph,  # noqa: E731
                                        fuse_projections=args.fuse)
         t1 = timed(lambda: gen(1), device, 1)
         tn = timed(lambda: gen(n), device, 1)
         out[f"{name}_ms_per_token"] = 1e3 * (tn - t1) / (n - 1)
     return out
+
+
+def describe_call(call: dict) -> str:
+    graph = call["cuda_graph_ms_per_token"]
+    return (f"batch 1, {call['new_tokens']} new tokens: eager {call['eager_ms_per_token']:.2f} ms/token, "
+            + (f"cuda_graph=True {graph:.2f} ms/token (its capture included)" if graph is not None
+               else "cuda_graph=True not timed (no CUDA)"))
 
 
 def decode_ms(model, inp, T, b, args, device, use_graph) -> float:
@@ -419,9 +424,7 @@ def main():
     if "error" in call:
         print(f"generate() as called: failed ({call['error']})")
     else:
-        print(f"generate() as called, batch 1, {call['new_tokens']} new tokens: eager "
-              f"{call['eager_ms_per_token']:.2f} ms/token, cuda_graph=True {call['cuda_graph_ms_per_token']:.2f} "
-              "ms/token (capture included)")
+        print(f"generate() as called: {describe_call(call)}")
     print(f"{'batch':>5} {'ours ms/tok':>12} {'tok/s/row':>10} {'hf ms/tok':>10} {'speedup':>8} "
           f"{'% spec BW':>10} {'% copy BW':>10}")
     for b in args.batches:

@@ -51,10 +51,12 @@ def main():
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
 
     def run(model, n, **kw):
+        if kw:  # transformers: min_new_tokens keeps it from stopping at an eos early
+            kw = dict(kw, min_new_tokens=n)
         return lambda: model.generate(**inputs, max_new_tokens=n, eos_token_id=None if kw else [], **kw)
 
-    hf_kw = dict(do_sample=False, min_new_tokens=args.new_tokens)  # min_new_tokens: no early eos in transformers
-    check_hf = hf.generate(**inputs, max_new_tokens=args.new_tokens, **hf_kw)
+    hf_kw = dict(do_sample=False)
+    check_hf = hf.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **hf_kw)
     check_ours = ours.generate(**inputs, max_new_tokens=args.new_tokens, eos_token_id=[])
     same = torch.equal(check_hf, check_ours)
 

@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--projector-only", action="store_true", help="LLaVA's stage 1: train only the projector")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--out", help="where to save the fine-tuned model (default: a temporary folder)")
+    ap.add_argument("--out", help="where to save the fine-tuned model (default: a temporary folder, removed at exit)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -115,7 +115,8 @@ def main():
 
     print(f"{args.steps} steps in {time.perf_counter() - loop_start:.1f} s")
 
-    out = args.out or tempfile.mkdtemp(prefix="llava_next_finetune_")
+    scratch = None if args.out else tempfile.TemporaryDirectory(prefix="llava_next_finetune_")  # removed at exit
+    out = args.out or scratch.name
     model.save_pretrained(out)
     processor.save_pretrained(out)
     model.eval()

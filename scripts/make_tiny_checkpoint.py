@@ -59,17 +59,20 @@ def main(argv=None):
     if not os.path.isfile(tok_path):
         ap.error(f"tokenizer model {tok_path} not found; pass --tokenizer path/to/tokenizer.model")
 
+    added = {32000: AddedToken("<image>")}
+    if pad == "<pad>":
+        added[32001] = AddedToken("<pad>")
+    try:  # before anything is written: a bad tokenizer leaves no half-made folder
+        tokenizer = LlavaNextTokenizer(tok_path, added_tokens=added, pad_token=pad)
+    except (RuntimeError, OSError, ValueError) as e:
+        ap.error(f"{tok_path} is not a sentencepiece tokenizer.model: {e}")
+    if tokenizer.vocab_size != 32000:
+        ap.error(f"{tok_path} has {tokenizer.vocab_size} pieces; the tiny config expects 32000")
+
     torch.manual_seed(args.seed)
     config = tiny_config(args.family)
     model = LlavaNextForConditionalGeneration(config)  # random weights
     model.save_pretrained(args.out)
-
-    added = {32000: AddedToken("<image>")}
-    if pad == "<pad>":
-        added[32001] = AddedToken("<pad>")
-    tokenizer = LlavaNextTokenizer(tok_path, added_tokens=added, pad_token=pad)
-    if tokenizer.vocab_size != 32000:
-        ap.error(f"{tok_path} has {tokenizer.vocab_size} pieces; the tiny config expects 32000")
     image_processor = LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints)
     LlavaNextProcessor(image_processor, tokenizer, patch_size=config.vision_config.patch_size).save_pretrained(args.out)
     print(f"wrote a tiny random {args.family} checkpoint to {args.out}")

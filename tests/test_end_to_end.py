@@ -83,6 +83,8 @@ def test_cli_generate_sampling_flags(tiny):
     (["generate", "--image"], "expected one argument"),
     (["generate", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["generate", "--prompt", "x", "--do-sample", "--top-k", "-3"], "--top-k must be >= 0"),
+    (["generate", "--prompt", "x", "--device", "meta"], "the CLI runs on cpu or cuda"),
+    (["generate", "--prompt", "<image>\nx"], "leave <image> out of --prompt"),
 ])
 def test_cli_bad_arguments_one_line_exit_2(tiny, args, message):
     run = cli(*args, "--model", tiny)
@@ -96,6 +98,12 @@ def test_cli_unknown_model_folder(tmp_path):
     run = cli("generate", "--model", tmp_path / "missing", "--prompt", "x")
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "no such folder" in run.stderr
+
+
+def test_cli_model_given_as_a_file(tiny):
+    run = cli("generate", "--model", tiny / "config.json", "--prompt", "x")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "is a file; expected a checkpoint folder" in run.stderr
 
 
 def test_cli_folder_without_checkpoint(tmp_path):
@@ -114,9 +122,10 @@ def test_cli_prompt_longer_than_context_is_refused(tiny):
 def test_cli_chat(tiny):
     image = fixture_path("images", "llava_logo.png")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    stdin = f"/image {image}\nWhat is this?\n/image nope.png\nAnd now?\n/quit\n"
+    stdin = f"/image {image}\nWhat is this?\n/image nope.png\n<image> here?\nAnd now?\n/quit\n"
     run = subprocess.run([sys.executable, "-m", "llava_next.cli", "chat", "--model", str(tiny), "--max-new-tokens",
                           "3"], input=stdin, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("assistant>") == 2
     assert "image file not found: nope.png" in run.stderr
+    assert "leave <image> out of your message" in run.stderr

@@ -142,11 +142,17 @@ def test_reused_cache_forgets_a_longer_earlier_prompt(pair):
     torch.testing.assert_close(got, want)
 
 
-def test_prompt_longer_than_context_is_refused(pair):
-    _, ours = pair
-    n = ours.config.text_config.max_position_embeddings + 1
-    with pytest.raises(ValueError, match=f"prompt has {n} tokens, more than the model's context"):
-        ours.generate(input_ids=torch.ones(1, n, dtype=torch.long), max_new_tokens=1)
+def test_generating_past_the_context_as_transformers(pair):
+    """A prompt near or past the context still gets its 20 (or max_new_tokens) tokens, as from
+    transformers, with a warning that the positions were never trained."""
+    hf, ours = pair
+    context = ours.config.text_config.max_position_embeddings
+    for n, kw in ((context - 5, {}), (context + 1, dict(max_new_tokens=3))):
+        ids = torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(n))
+        want = hf.generate(input_ids=ids, do_sample=False, **kw)
+        with pytest.warns(UserWarning, match="runs past the model's context"):
+            got = ours.generate(input_ids=ids, **kw)
+        assert got.shape[1] == n + kw.get("max_new_tokens", 20) and torch.equal(got, want)
 
 
 def test_unknown_generate_argument(pair):
@@ -244,3 +250,45 @@ def test_pad_id_from_a_generation_config_without_one(tmp_path):
     want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos)
     assert torch.equal(out, want)
     assert (out[0, T + 2:] == eos).all()  # row 0 finished at its second token: the rest is eos
+
+
+def test_generation_config_json_settings_as_transformers(tmp_path):
+    """A checkpoint's generation_config.json sets generate()'s defaults as in transformers: its
+    max_new_tokens / max_length and logits settings apply when a call leaves them out, a call's
+    own value wins, a setting generate() lacks is warned about, and the file round-trips."""
+    import json
+
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    hf_checkpoint(tmp_path, "mistral", **SMALL)
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_new_tokens": 5, "repetition_penalty": 0.5}))
+    hf, ours = HF.from_pretrained(tmp_path).eval(), LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    assert ours.generation_config.max_new_tokens == 5 and ours.generation_config.top_k is None
+    ids, mask = prompt_ids(hf.config, [[]], [6])
+    for kw in ({}, dict(max_new_tokens=9), dict(repetition_penalty=1.0)):
+        want = hf.generate(input_ids=ids, attention_mask=mask, **kw)
+        got = ours.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert torch.equal(got, want), kw
+    plain = ours.generate(input_ids=ids, attention_mask=mask, repetition_penalty=1.0)
+    assert not torch.equal(ours.generate(input_ids=ids, attention_mask=mask), plain)  # the file's penalty acts
+
+    ours.generation_config.max_new_tokens = None  # attribute access, as transformers' GenerationConfig
+    ours.generation_config.max_length = ids.shape[1] + 3  # counts the prompt
+    hf.generation_config.max_new_tokens, hf.generation_config.max_length = None, ids.shape[1] + 3
+    got = ours.generate(input_ids=ids, attention_mask=mask)
+    assert got.shape[1] == ids.shape[1] + 3 and torch.equal(got, hf.generate(input_ids=ids, attention_mask=mask))
+
+    ours.generation_config.no_repeat_ngram_size = 2
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size"):
+        ours.generate(input_ids=ids, attention_mask=mask)
+    ours.generation_config.no_repeat_ngram_size = 0  # transformers' default: nothing to warn about
+    ours.generation_config.num_beams = 3
+    with pytest.raises(ValueError, match="generation_config sets num_beams=3"):
+        ours.generate(input_ids=ids, attention_mask=mask)
+    ours.generation_config.num_beams = None
+    ours.save_pretrained(tmp_path / "saved")
+    again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert again.generation_config == ours.generation_config
+    assert json.loads((tmp_path / "saved" / "generation_config.json").read_text())["repetition_penalty"] == 0.5
+

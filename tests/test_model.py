@@ -88,6 +88,34 @@ def test_sliding_window(tmp_path):
     compare(hf, tmp_path, [[(45, 80)], [(80, 45)]], text_lens=[2, 30], attn="eager")
 
 
+def test_llama_ignores_a_sliding_window_as_transformers_does(tmp_path):
+    """transformers' Llama attention has no window: a `sliding_window` in a llama text config
+    changes nothing there, so it must change nothing here (and is saved back as it was)."""
+    hf = hf_checkpoint(tmp_path, "vicuna", sliding_window=8, **SMALL)
+    assert hf.config.text_config.sliding_window == 8
+    compare(hf, tmp_path, [[(45, 80)]], text_lens=[20])
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["text_config"]["sliding_window"] == 8
+
+
+def test_zero_images_is_no_images(tmp_path):
+    """pixel_values holding no image (shape (0, tiles, 3, S, S), or an empty list) with text-only
+    prompts: the vision tower is skipped, as transformers' forward skips it (its generate fails)."""
+    hf = hf_checkpoint(tmp_path, "mistral", **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask = prompt_ids(hf.config, [[], []], [4, 9])
+    S = hf.config.vision_config.image_size
+    empty = dict(pixel_values=torch.zeros(0, 5, 3, S, S), image_sizes=torch.zeros(0, 2, dtype=torch.long))
+    with torch.no_grad():
+        want = ours(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(ours(input_ids=ids, attention_mask=mask, **empty).logits, want)
+        assert torch.equal(ours(input_ids=ids, attention_mask=mask, pixel_values=[], image_sizes=[]).logits, want)
+        assert (want - hf(input_ids=ids, attention_mask=mask, **empty).logits)[mask.bool()].abs().max() <= ATOL
+    out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, **empty)
+    assert torch.equal(out, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4))
+
+
 def test_sharded_weights(tmp_path):
     hf = hf_checkpoint(tmp_path, "vicuna", max_shard_size="1MB", **SMALL)
     assert (tmp_path / "model.safetensors.index.json").exists()
@@ -556,8 +584,8 @@ def test_resize_token_embeddings(tmp_path):
     before = ours(input_ids=ids).logits
     emb = ours.resize_token_embeddings(old_vocab + 3, pad_to_multiple_of=8)
     n = -(-(old_vocab + 3) // 8) * 8
-    assert emb is ours.language_model.model.embed_tokens and emb.weight.shape[0] == n
-    assert ours.lm_head.weight.shape[0] == n and ours.config.text_config.vocab_size == n
+    assert emb is ours.get_input_embeddings() and emb.weight.shape[0] == n
+    assert ours.get_output_embeddings().weight.shape[0] == n and ours.config.text_config.vocab_size == n
     after = ours(input_ids=ids).logits
     torch.testing.assert_close(after[..., :old_vocab], before)
     torch.testing.assert_close(emb.weight[old_vocab:], emb.weight[:old_vocab].mean(0).expand(n - old_vocab, -1))

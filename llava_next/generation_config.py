@@ -1,0 +1,95 @@
+"""A checkpoint's generation settings (`generation_config.json`), read as transformers reads them.
+
+Every setting is an attribute, None when unset: `model.generation_config.pad_token_id = 0`.
+generate() takes the settings it implements (SETTINGS) as the defaults of the arguments a call
+leaves out, then transformers' own defaults. A setting it does not implement is warned about
+when it would change the output, never dropped in silence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+# What generate() reads from here (eos/pad ids, length, logits processing).
+SETTINGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+            "eos_token_id", "pad_token_id", "num_beams")
+# transformers' values for settings nobody set (GenerationConfig._get_default_generation_params,
+# 5.24); an unimplemented setting holding its default changes nothing.
+HF_DEFAULTS = dict(
+    max_length=20, min_length=0, do_sample=False, use_cache=True, early_stopping=False, num_beams=1,
+    temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, length_penalty=1.0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, num_return_sequences=1, output_scores=False,
+    return_dict_in_generate=False, remove_invalid_values=False, epsilon_cutoff=0.0, eta_cutoff=0.0,
+    encoder_repetition_penalty=1.0, num_beam_groups=1, diversity_penalty=0.0,
+)
+# Settings that never change the tokens generate() returns, whatever their value.
+NO_EFFECT = {"transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id", "use_cache",
+             "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+             "low_memory", "prefill_chunk_size", "output_attentions", "output_hidden_states", "output_logits",
+             "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+             "assistant_lookbehind", "target_lookbehind"}
+
+
+class GenerationConfig:
+    def __init__(self, **settings):
+        object.__setattr__(self, "_settings", dict(settings))
+
+    @classmethod
+    def from_model_config(cls, text_config) -> "GenerationConfig":
+        """What transformers uses for a checkpoint without generation_config.json: the model
+        config's special-token ids."""
+        return cls(bos_token_id=text_config.bos_token_id, eos_token_id=text_config.eos_token_id,
+                   pad_token_id=text_config.pad_token_id)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "GenerationConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                settings = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path} holds {type(settings).__name__}, not a dict of settings")
+        return cls(**settings)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._settings.get(name)
+
+    def __setattr__(self, name, value):
+        self._settings[name] = value
+
+    def __eq__(self, other):
+        return isinstance(other, GenerationConfig) and self._settings == other._settings
+
+    def __repr__(self):
+        return f"GenerationConfig({json.dumps(self._settings, sort_keys=True)})"
+
+    def to_dict(self) -> dict:
+        return dict(self._settings)
+
+    def update(self, **settings) -> None:
+        self._settings.update(settings)
+
+    def save_pretrained(self, folder: str) -> None:
+        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(self._settings, f, indent=2)
+
+    def value(self, name: str, given):
+        """A call's value for setting `name`: the call's, else this config's, else transformers' default."""
+        if given is not None:
+            return given
+        mine = self._settings.get(name)
+        return mine if mine is not None else HF_DEFAULTS.get(name)
+
+    def warn_unimplemented(self) -> None:
+        """Warn about settings generate() does not implement that would change its output."""
+        ignored = {k: v for k, v in self._settings.items()
+                   if k not in SETTINGS and k not in NO_EFFECT and v is not None and v != HF_DEFAULTS.get(k, False)}
+        if ignored:
+            warnings.warn(f"the generation config sets {ignored}, which llava-next's generate() does not implement: "
+                          "generating without them (remove them from model.generation_config to silence this)",
+                          stacklevel=3)
