@@ -38,11 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--attn", default=None, choices=["auto", "eager", "sdpa", "triton"],
                         help="attention implementation (default auto: the Triton kernels on CUDA, sdpa on CPU)")
     common.add_argument("--max-new-tokens", type=int, default=512, help="(default 512)")
-    common.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    common.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    common.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0: all (default 50)")
-    common.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    common.add_argument("--repetition-penalty", type=float, default=1.0, help="(default 1.0: off)")
+    # Sampling flags left out take the checkpoint's generation_config.json, else transformers' defaults.
+    common.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    common.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    common.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens; 0: all (default 50)")
+    common.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1.0: off)")
+    common.add_argument("--repetition-penalty", type=float, default=None, help="(default 1.0: off)")
     common.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     common.add_argument("--prompt-format", default=None, choices=["mistral", "vicuna", "chatml"],
                         help="prompt template (default: the checkpoint's)")
@@ -77,13 +78,13 @@ def check_args(args) -> None:
     """Everything that can be checked before loading gigabytes."""
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature <= 0:
+    if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0: no top-k), got {args.top_k}")
-    if args.repetition_penalty <= 0:
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     for image in args.image:
         if not image.startswith(("http://", "https://")) and not os.path.isfile(image):

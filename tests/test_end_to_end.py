@@ -76,6 +76,36 @@ def test_cli_generate_sampling_flags(tiny):
     assert run.returncode == 0, run.stderr
 
 
+def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path):
+    """Sampling flags left out come from generation_config.json, as in model.generate(); a flag wins."""
+    import json
+    import shutil
+
+    import torch
+
+    from llava_next import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny, folder)
+    gen_file = folder / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "repetition_penalty": 0.3}))
+    processor = LlavaNextProcessor.from_pretrained(folder)
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}],
+                                           add_generation_prompt=True)
+    inputs = processor(text=prompt)
+    n = inputs["input_ids"].shape[1]
+    answers = []
+    for flags, kw in (([], {}), (["--repetition-penalty", "1"], dict(repetition_penalty=1.0))):
+        run = cli("generate", "--model", folder, "--prompt", "Hi there", "--max-new-tokens", "8", "--dtype",
+                  "float32", "--device", "cpu", *flags)
+        assert run.returncode == 0, run.stderr
+        want = processor.decode(model.generate(**inputs, max_new_tokens=8, **kw)[0, n:], skip_special_tokens=True)
+        assert run.stdout.strip() == want.strip()
+        answers.append(want)
+    assert answers[0] != answers[1]  # the file's penalty acted
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "--image", "no/such/image.png", "--prompt", "x"], "image file not found: no/such/image.png"),
     (["generate", "--prompt", "x", "--dtype", "float8"], "invalid choice: 'float8'"),
