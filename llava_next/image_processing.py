@@ -11,6 +11,8 @@ transformers' own float64/float32 steps: bit-exact, and one gather per channel f
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import os
@@ -59,8 +61,8 @@ class LlavaNextImageProcessor:
         self.do_resize, self.do_center_crop, self.do_pad = do_resize, do_center_crop, do_pad
         self.do_rescale, self.rescale_factor = do_rescale, rescale_factor
         self.do_normalize = do_normalize
-        self.image_mean = list(image_mean) if image_mean is not None else list(CLIP_MEAN)
-        self.image_std = list(image_std) if image_std is not None else list(CLIP_STD)
+        self.image_mean = _per_channel(image_mean, CLIP_MEAN)
+        self.image_std = _per_channel(image_std, CLIP_STD)
         self.do_convert_rgb = do_convert_rgb  # images are always made RGB; kept for save_pretrained
         self.extra = extra  # other keys of preprocessor_config.json, written back on save
         self._check()
@@ -258,12 +260,22 @@ class LlavaNextImageProcessor:
     def _open(self, path: str) -> Image.Image:
         if path.startswith(("http://", "https://")):
             raise ValueError(f"{path}: URLs are not fetched; download the image and pass its path or a PIL image")
-        if not os.path.isfile(path):
+        source = path
+        if path.startswith("data:image/"):  # an inline image (OpenAI-style image_url), as transformers' load_image
+            header, _, payload = path.partition(",")
+            if not header.endswith(";base64"):
+                raise ValueError(f"{header}: only base64 data URIs are read")
+            try:
+                source = io.BytesIO(base64.b64decode(payload, validate=True))
+            except ValueError as e:
+                raise ValueError(f"{header}: the base64 payload does not decode: {e}") from None
+            path = header + ",..."  # what error messages call it
+        elif not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path}")
         try:
             with warnings.catch_warnings():  # Pillow's bomb warning: the size is checked below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(path)
+                image = Image.open(source)
         except Image.DecompressionBombError as e:
             raise ValueError(f"image file {path} is too large to decode safely ({e}); raise "
                              "PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
@@ -273,8 +285,10 @@ class LlavaNextImageProcessor:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                # What transformers' load_image does with a path: EXIF rotation, plain RGB convert.
-                return ImageOps.exif_transpose(image).convert("RGB")
+                # What transformers does with a path: load_image's EXIF rotation and plain RGB
+                # convert, then convert_to_rgb, which composites a colour key (a palette or tRNS
+                # `transparency` that the RGB convert keeps in image.info) onto white.
+                return pil_to_rgb(ImageOps.exif_transpose(image).convert("RGB"))
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"could not decode image file {path} (corrupt or truncated?): {e}") from None
 
@@ -316,6 +330,13 @@ def fit_size(size, target) -> tuple[int, int]:
     if W / w < H / h:
         return min(math.ceil(h * (W / w)), H), W
     return H, min(math.ceil(w * (H / h)), W)
+
+
+def _per_channel(value, default) -> list:
+    """image_mean / image_std as three values; one number is every channel's, as in transformers."""
+    if value is None:
+        return list(default)
+    return [float(value)] * 3 if isinstance(value, (int, float)) else list(value)
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:

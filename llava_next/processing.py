@@ -30,9 +30,9 @@ PROCESSOR_FILES = ["preprocessor_config.json", "processor_config.json", "config.
 
 
 class LlavaNextProcessor:
-    """`processor(text, images, return_tensors="pt")` -> BatchFeature(input_ids, attention_mask,
-    pixel_values, image_sizes), a batch of prompts left-padded to the longest (padding=False
-    refuses prompts of different lengths instead); `apply_chat_template(conversation)` -> prompt."""
+    """`processor(text, images, return_tensors="pt", padding=False)` -> BatchFeature(input_ids,
+    attention_mask, pixel_values, image_sizes); prompts of different lengths need padding=True
+    (left padding); `apply_chat_template(conversation)` -> prompt."""
 
     def __init__(self, image_processor: LlavaNextImageProcessor | None = None,
                  tokenizer: LlavaNextTokenizer | None = None, patch_size: int = 14,
@@ -163,6 +163,7 @@ class LlavaNextProcessor:
                 raise ValueError(f"truncation to {limit} tokens cuts the image tokens of prompt {row} "
                                  f"({before.count(image_id)} of its {len(before)} tokens are <image>): raise "
                                  "max_length or shorten the text")
+        text_options.setdefault("padding", False)  # as transformers: a batch of unequal prompts needs padding=True
         out.update(tok.pad(ids, return_tensors=return_tensors, **text_options))
         return BatchFeature({k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")
                              if k in out})
@@ -268,7 +269,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 
 
 def _is_paths(x) -> bool:
-    """An image file that exists, an http(s) URL (one word), or a (nested) non-empty list of them.
+    """An image file that exists, an http(s) URL or a data URI (one word), or a (nested) non-empty
+    list of them.
     A one-word string with an image file's suffix that does not exist is an error, not a prompt."""
     if isinstance(x, (str, os.PathLike)):
         s = os.fspath(x)
@@ -276,7 +278,7 @@ def _is_paths(x) -> bool:
             return True
         if not s or any(c.isspace() for c in s):
             return False  # a prompt
-        if s.startswith(("http://", "https://")):
+        if s.startswith(("http://", "https://", "data:image/")):
             return True
         if s.lower().endswith(IMAGE_SUFFIXES):
             raise FileNotFoundError(f"image file not found: {s}")

@@ -63,6 +63,23 @@ def test_file_paths_like_transformers_load_image(ours, oracle):
     assert_same(ours, oracle, paths)
 
 
+def test_colour_key_transparency_in_files(ours, oracle, tmp_path):
+    """A palette PNG / GIF with a transparent index, or an RGB PNG with a tRNS colour: by path,
+    the keyed pixels become white, as transformers' load_image + convert_to_rgb make them."""
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30], rgb[:, 30:] = (10, 20, 30), (200, 100, 50)
+    image = Image.fromarray(rgb)
+    palette = image.quantize(colors=2)
+    key = palette.getpixel((0, 0))
+    palette.save(tmp_path / "key.png", transparency=key)
+    palette.save(tmp_path / "key.gif", transparency=key)
+    image.save(tmp_path / "key_rgb.png", transparency=(10, 20, 30))
+    for name in ("key.png", "key.gif", "key_rgb.png"):
+        out = assert_same(ours, oracle, str(tmp_path / name))
+        white = (1 - torch.tensor(PREPROCESSOR_CONFIG["image_mean"])) / torch.tensor(PREPROCESSOR_CONFIG["image_std"])
+        torch.testing.assert_close(out["pixel_values"][0, 0, :, 0, 0], white)  # base tile, a keyed pixel
+
+
 @pytest.mark.parametrize("size", AWKWARD_SIZES)
 def test_awkward_sizes(ours, oracle, size):
     assert_same(ours, oracle, smooth_image(*size))
@@ -146,6 +163,25 @@ def test_save_and_reload(ours, oracle, tmp_path, cats):
 
     theirs = LlavaNextImageProcessorPil.from_pretrained(str(tmp_path))  # transformers reads our file
     assert_same(again, theirs, cats.crop((0, 0, 200, 120)))
+
+
+def test_base64_data_uri(ours, oracle, cats, tmp_path):
+    """An inline image (the OpenAI-style image_url), as transformers' load_image reads it."""
+    import base64
+
+    cats.crop((0, 0, 120, 90)).save(tmp_path / "small.png")
+    uri = "data:image/png;base64," + base64.b64encode((tmp_path / "small.png").read_bytes()).decode()
+    assert torch.equal(assert_same(ours, oracle, uri)["pixel_values"], ours(str(tmp_path / "small.png"))["pixel_values"])
+    with pytest.raises(ValueError, match="base64 payload does not decode"):
+        ours("data:image/png;base64,not*base64")
+
+
+def test_one_number_for_mean_and_std(oracle, cats):
+    """image_mean=0.5 means 0.5 for each channel, per call or in the constructor, as in transformers."""
+    plain = LlavaNextImageProcessor()
+    want = oracle(cats, image_mean=0.5, image_std=0.5, return_tensors="pt")["pixel_values"]
+    assert (plain(cats, image_mean=0.5, image_std=0.5)["pixel_values"] - want).abs().max() <= 1e-5
+    assert LlavaNextImageProcessor(image_mean=0.5, image_std=0.5).image_mean == [0.5, 0.5, 0.5]
 
 
 def test_do_pad_false_gives_one_tensor_per_image(cats):

@@ -97,6 +97,18 @@ def test_left_padded_batch(pair, radar, cats):
     assert a["attention_mask"][0, 0] == 0 and a["attention_mask"][1, -1] == 1  # padded on the left
 
 
+def test_prompts_of_different_lengths_are_not_padded_unasked(pair):
+    """As transformers: without padding=True, lists come back as they are, and "pt" refuses them."""
+    ours, oracle = pair
+    prompts = ["hi", "a longer prompt here"]
+    a, b = ours(text=prompts, return_tensors=None), oracle(text=prompts)
+    assert a["input_ids"] == b["input_ids"] and a["attention_mask"] == b["attention_mask"]
+    assert len(a["input_ids"][0]) < len(a["input_ids"][1])
+    for processor in (oracle, ours):
+        with pytest.raises(ValueError, match="padding=True"):
+            processor(text=prompts, return_tensors="pt")
+
+
 def test_two_images_in_one_prompt(pair, radar, cats):
     ours, oracle = pair
     prompt = "USER: <image>\n<image>\nWhat differs between the two pictures? ASSISTANT:"
