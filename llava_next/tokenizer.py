@@ -72,8 +72,6 @@ class LlavaNextTokenizer:
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         self.padding_side, self.truncation_side = padding_side, truncation_side
         self.model_max_length = int(model_max_length) if model_max_length is not None else VERY_LARGE_INTEGER
-        # Whether sentencepiece puts a `▁` in front of every text: decoding drops it again.
-        self._dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("▁")
         self._added: dict[str, int] = {}
         self._added_by_id: dict[int, AddedToken] = {}
         self._splitter = None  # (tokens, regex), rebuilt when the tokens change
@@ -359,7 +357,8 @@ class LlavaNextTokenizer:
         skip = set(self.all_special_ids) if skip_special_tokens else ()
         out, byte_run = [], bytearray()
         for i in map(int, ids):
-            if i in skip:
+            if i in skip or (skip_special_tokens and i not in self._added_by_id and 0 <= i < self.vocab_size
+                             and self.sp.is_control(i)):  # sentencepiece's control pieces are special too
                 continue
             if i not in self._added_by_id and 0 <= i < self.vocab_size and self.sp.is_byte(i):
                 byte_run.append(int(self.sp.id_to_piece(i)[3:5], 16))  # "<0x0A>" -> 10
@@ -373,7 +372,9 @@ class LlavaNextTokenizer:
         if byte_run:
             out.append(_bytes_to_text(byte_run))
         text = "".join(out)
-        return text[1:] if self._dummy_prefix and text.startswith(" ") else text
+        # transformers' decoder (Strip(left=1)) drops one leading space whether or not the model
+        # adds a dummy prefix (the 34b's does not), so " leading" decodes to "leading" there too.
+        return text[1:] if text.startswith(" ") else text
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **options) -> list[str]:
         check_options(options, "batch_decode()")

@@ -172,6 +172,12 @@ def test_yi_style_tokenizer(yi_folder):
         assert ours.encode(text) == oracle(text)["input_ids"], repr(text)
     text = "<|im_start|>assistant\nA chart.<|im_end|>"
     assert ours.decode(ours.encode(text), skip_special_tokens=True) == "assistant\nA chart."
+    decoder = oracle_decoder(yi_folder)  # one leading space goes, with or without a dummy prefix
+    reserved = ours.convert_tokens_to_ids("<|reserved_0|>")  # a sentencepiece control piece
+    for ids in [ours.encode(t) for t in YI_CORPUS + ["  two", "<|im_start|> hi"]] + [[reserved, 5, 9]]:
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == decoder.decode(ids, skip_special_tokens=skip), ids
+            assert ours.decode(ids[1:], skip_special_tokens=skip) == decoder.decode(ids[1:], skip_special_tokens=skip)
 
 
 STREAMED = ["code:\n    def f(x):\n        if x:\n            return 1\n    return 2", "- a\n - b\n\n  c",
