@@ -12,8 +12,9 @@ each as `<image>\\n`.
 
 from __future__ import annotations
 
-import json
 import os
+
+from .hub import read_json
 
 FORMATS = ("mistral", "vicuna", "chatml")
 IMAGE_TOKEN = "<image>"
@@ -139,11 +140,7 @@ def detect_format(folder: str | None, has_im_start: bool) -> str | None:
         return None
     config_path = os.path.join(folder, "config.json")
     if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                text_config = json.load(f).get("text_config") or {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        text_config = read_json(config_path).get("text_config") or {}
         model_type = text_config.get("model_type", "llama")  # LlavaNextConfig's default text model
         if model_type == "mistral":
             return "mistral"
@@ -166,8 +163,7 @@ def _hub_template(folder: str) -> str:
                       ("processor_config.json", "chat_template")):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                value = json.load(f).get(key)
+            value = read_json(path).get(key)
             # A template may be a string or a list of {"name", "template"}.
             texts += [t.get("template", "") if isinstance(t, dict) else str(t)
                       for t in (value if isinstance(value, list) else [value or ""])]

@@ -170,12 +170,9 @@ class LlavaNextConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> "LlavaNextConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d, source=path)
+        from .hub import read_json
+
+        return cls.from_dict(read_json(path), source=path)
 
     @classmethod
     def from_pretrained(cls, folder: str, revision: str | None = None) -> "LlavaNextConfig":

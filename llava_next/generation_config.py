@@ -12,6 +12,8 @@ import json
 import os
 import warnings
 
+from .hub import read_json
+
 # What generate() reads from here (eos/pad ids, length, logits processing).
 SETTINGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
             "eos_token_id", "pad_token_id", "num_beams")
@@ -45,11 +47,7 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> "GenerationConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                settings = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        settings = read_json(path)
         if not isinstance(settings, dict):
             raise ValueError(f"{path} holds {type(settings).__name__}, not a dict of settings")
         return cls(**settings)

@@ -7,11 +7,21 @@ for the processor never downloads 15 GB of weights.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 
 
 class HubError(OSError):
     pass
+
+
+def read_json(path: str):
+    """The contents of a checkpoint's JSON file; a malformed one is a ValueError that names it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def is_repo_id(name: str) -> bool:

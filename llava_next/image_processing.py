@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from .anyres import select_best_resolution
 from .batch import BatchFeature
 from .config import DEFAULT_PINPOINTS
-from .hub import resolve_folder
+from .hub import read_json, resolve_folder
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -103,12 +103,7 @@ class LlavaNextImageProcessor:
         path = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; it is needed to build the image processor")
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls(**{**config, **overrides})
+        return cls(**{**read_json(path), **overrides})
 
     def to_dict(self) -> dict:
         return {

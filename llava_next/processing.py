@@ -16,7 +16,7 @@ from PIL import Image
 from . import chat_format as formats
 from .anyres import num_image_tokens
 from .config import LlavaNextConfig
-from .hub import resolve_folder
+from .hub import read_json, resolve_folder
 from .batch import BatchFeature
 from .image_processing import LlavaNextImageProcessor, flatten_images
 from .tokenizer import FILES as TOKENIZER_FILES
@@ -71,11 +71,8 @@ class LlavaNextProcessor:
         folder = resolve_folder(name_or_path, PROCESSOR_FILES, revision=revision)
         image_processor = LlavaNextImageProcessor.from_pretrained(folder)
         tokenizer = LlavaNextTokenizer.from_pretrained(folder)
-        settings = {}
         path = os.path.join(folder, "processor_config.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                settings = json.load(f)
+        settings = read_json(path) if os.path.isfile(path) else {}
         settings = {k: v for k, v in settings.items() if v is not None}
         config_path = os.path.join(folder, "config.json")
         if os.path.isfile(config_path) and ("patch_size" not in settings

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sentencepiece as spm
 import torch
 
-from .hub import resolve_folder
+from .hub import read_json, resolve_folder
 from .batch import BatchFeature
 
 FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
@@ -467,13 +467,7 @@ def _content(token) -> str | None:
 
 def _read_json(folder: str, name: str) -> dict:
     path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 def _write_json(folder: str, name: str, data: dict) -> None:

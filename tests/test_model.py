@@ -193,6 +193,14 @@ def test_save_pretrained_keeps_config_settings_it_does_not_model(tmp_path):
             back.vision_config.initializer_factor) == (600, 0.007, False, 3.0)
 
 
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_malformed_json_is_named(tmp_path, name):
+    hf_checkpoint(tmp_path, "mistral", **SMALL)
+    (tmp_path / name).write_text('{"eos_token_id": 2,')
+    with pytest.raises(ValueError, match=f"{name} is not valid JSON"):
+        LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+
+
 def test_dtype_and_device_arguments(tmp_path):
     hf_checkpoint(tmp_path, "vicuna", **SMALL)
     m = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, torch_dtype=torch.bfloat16,
