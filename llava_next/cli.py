@@ -37,13 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     common.add_argument("--attn", default=None, choices=["auto", "eager", "sdpa", "triton"],
                         help="attention implementation (default auto: the Triton kernels on CUDA, sdpa on CPU)")
-    common.add_argument("--max-new-tokens", type=int, default=512, help="(default 512)")
+    common.add_argument("--max-new-tokens", type=int, default=512,
+                        help="at most this many tokens per answer, whatever the checkpoint's generation config says "
+                             "(default 512)")
     # Sampling flags left out take the checkpoint's generation_config.json, else transformers' defaults.
-    common.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
-    common.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
-    common.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens; 0: all (default 50)")
-    common.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1.0: off)")
-    common.add_argument("--repetition-penalty", type=float, default=None, help="(default 1.0: off)")
+    ckpt = "default: the checkpoint's generation_config.json, else"
+    common.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"sample instead of decoding greedily ({ckpt} greedy)")
+    common.add_argument("--temperature", type=float, default=None, help=f"sampling temperature ({ckpt} 1.0)")
+    common.add_argument("--top-k", type=int, default=None, help=f"sample from the k likeliest tokens, 0: all ({ckpt} 50)")
+    common.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass ({ckpt} 1.0: off)")
+    common.add_argument("--repetition-penalty", type=float, default=None, help=f"({ckpt} 1.0: off)")
     common.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     common.add_argument("--prompt-format", default=None, choices=["mistral", "vicuna", "chatml"],
                         help="prompt template (default: the checkpoint's)")
@@ -191,9 +195,9 @@ def answer(processor, model, inputs, args) -> str:
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     # The graph-replayed decode is the one the Triton path was checked with on a GPU.
     graph = model.device.type == "cuda" and model.attn_implementation in ("auto", "triton") and not args.no_cuda_graph
-    out = model.generate(**inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
-                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph)
+    out = _user_error(model.generate, **inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
+                      do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph)
     return processor.decode(out[0, n:], skip_special_tokens=True).strip()
 
 

@@ -9,7 +9,9 @@ then (sampling only) temperature, top-k, top-p.
 from __future__ import annotations
 
 import numbers
+import os
 import queue
+import sys
 import warnings
 
 import torch
@@ -71,6 +73,19 @@ def _new_token_count(max_new_tokens, gen, T: int) -> int:
     return gen.max_length - T
 
 
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, from the function calling this, that names the first frame
+    outside llava_next and torch's no_grad wrapper: the user's line that called generate."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                        or frame.f_code.co_filename.endswith(os.path.join("utils", "_contextlib.py"))):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
 def choose(scores, do_sample, generator=None):
     if do_sample:
         return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
@@ -106,12 +121,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     """
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
+    if num_beams not in (None, 1) or not use_cache:
+        raise ValueError("llava-next generates with num_beams=1 and a KV cache (use_cache=True) only")
     gen = model.generation_config
-    gen.warn_unimplemented()
-    if gen.value("num_beams", num_beams) != 1 or not use_cache:
-        raise ValueError("llava-next generates with num_beams=1 and a KV cache (use_cache=True) only"
-                         + ("" if num_beams is not None or not use_cache else
-                            f"; model.generation_config sets num_beams={gen.num_beams}"))
+    gen.warn_unimplemented(stacklevel=_user_stacklevel())
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the processor's output)")
     do_sample, temperature, top_k, top_p, repetition_penalty = (
@@ -153,12 +166,14 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
     if attention_mask.shape == input_ids.shape and bool((attention_mask[:, -1] == 0).any()):
-        warnings.warn("right padding detected (a row's last attention_mask entry is 0): generation continues "
-                      "after the padding, not after the prompt; pad on the left (the processor's default)")
+        warnings.warn("right padding detected (a row's last attention_mask entry is 0): generation continues after "
+                      "the padding, not after the prompt; pad on the left (padding_side='left', the processor's "
+                      "default)", stacklevel=_user_stacklevel())
     context = cfg.max_position_embeddings
     if T + max_new_tokens > context:
         warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) runs past the model's context ({context}): "
-                      "positions beyond it were never trained, so expect the text to degrade there")
+                      "positions beyond it were never trained, so expect the text to degrade there",
+                      stacklevel=_user_stacklevel())
     if streamer is not None:
         if B != 1:
             raise ValueError("a streamer needs a batch of one prompt")

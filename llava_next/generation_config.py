@@ -3,7 +3,8 @@
 Every setting is an attribute, None when unset: `model.generation_config.pad_token_id = 0`.
 generate() takes the settings it implements (SETTINGS) as the defaults of the arguments a call
 leaves out, then transformers' own defaults. A setting it does not implement is warned about
-when it would change the output, never dropped in silence.
+when it would change the output (num_beams > 1 included: it decodes greedily), never dropped in
+silence.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .hub import read_json
 
 # What generate() reads from here (eos/pad ids, length, logits processing).
 SETTINGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-            "eos_token_id", "pad_token_id", "num_beams")
+            "eos_token_id", "pad_token_id", "bos_token_id")
 # transformers' values for settings nobody set (GenerationConfig._get_default_generation_params,
 # 5.24); an unimplemented setting holding its default changes nothing.
 HF_DEFAULTS = dict(
@@ -26,12 +27,19 @@ HF_DEFAULTS = dict(
     return_dict_in_generate=False, remove_invalid_values=False, epsilon_cutoff=0.0, eta_cutoff=0.0,
     encoder_repetition_penalty=1.0, num_beam_groups=1, diversity_penalty=0.0,
 )
-# Settings that never change the tokens generate() returns, whatever their value.
-NO_EFFECT = {"transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id", "use_cache",
+# Settings that never change the tokens of a greedy or sampled (one-beam) generate(), whatever
+# their value: bookkeeping, caching, beam-search-only settings, extra outputs.
+NO_EFFECT = {"transformers_version", "_from_model_config", "decoder_start_token_id", "use_cache",
              "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
              "low_memory", "prefill_chunk_size", "output_attentions", "output_hidden_states", "output_logits",
              "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-             "assistant_lookbehind", "target_lookbehind"}
+             "assistant_lookbehind", "target_lookbehind", "early_stopping", "length_penalty", "renormalize_logits"}
+# Other names transformers' GenerationConfig has (all None until set): read as None here too.
+OTHER_NAMES = {"min_new_tokens", "max_time", "stop_strings", "min_p", "top_h", "bad_words_ids", "force_words_ids",
+               "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
+               "begin_suppress_tokens", "sequence_bias", "token_healing", "guidance_scale", "watermarking_config",
+               "penalty_alpha", "dola_layers", "constraints"}
+KNOWN = set(SETTINGS) | set(HF_DEFAULTS) | NO_EFFECT | OTHER_NAMES
 
 
 class GenerationConfig:
@@ -39,11 +47,16 @@ class GenerationConfig:
         object.__setattr__(self, "_settings", dict(settings))
 
     @classmethod
-    def from_model_config(cls, text_config) -> "GenerationConfig":
-        """What transformers uses for a checkpoint without generation_config.json: the model
-        config's special-token ids."""
-        return cls(bos_token_id=text_config.bos_token_id, eos_token_id=text_config.eos_token_id,
-                   pad_token_id=text_config.pad_token_id)
+    def from_model_config(cls, config) -> "GenerationConfig":
+        """What transformers uses for a checkpoint without generation_config.json: the generation
+        settings config.json holds, a top-level value before the text config's."""
+        text = config.text_config
+        text = {**text.extra, **{k: getattr(text, k) for k in SETTINGS if hasattr(text, k)}}  # its ids are fields
+        found = {}
+        for name in sorted(KNOWN - NO_EFFECT):
+            value = config.extra.get(name)
+            found[name] = value if value is not None else text.get(name)
+        return cls(**{k: v for k, v in found.items() if v is not None})
 
     @classmethod
     def from_json_file(cls, path: str) -> "GenerationConfig":
@@ -53,9 +66,14 @@ class GenerationConfig:
         return cls(**settings)
 
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self._settings.get(name)
+        if name in self._settings or name in KNOWN:
+            return self._settings.get(name)
+        raise AttributeError(f"GenerationConfig has no setting {name!r} (a setting generate() knows reads as None "
+                             "until set; to_dict() gives them all as a dict)")
+
+    def get(self, name: str, default=None):
+        value = self._settings.get(name)
+        return default if value is None else value
 
     def __setattr__(self, name, value):
         self._settings[name] = value
@@ -83,11 +101,14 @@ class GenerationConfig:
         mine = self._settings.get(name)
         return mine if mine is not None else HF_DEFAULTS.get(name)
 
-    def warn_unimplemented(self) -> None:
-        """Warn about settings generate() does not implement that would change its output."""
-        ignored = {k: v for k, v in self._settings.items()
-                   if k not in SETTINGS and k not in NO_EFFECT and v is not None and v != HF_DEFAULTS.get(k, False)}
+    def unimplemented(self) -> dict:
+        """The settings generate() does not implement that would change its output."""
+        return {k: v for k, v in self._settings.items() if k not in SETTINGS and k not in NO_EFFECT
+                and v not in (None, {}, []) and v != HF_DEFAULTS.get(k, False)}
+
+    def warn_unimplemented(self, stacklevel: int = 2) -> None:
+        ignored = self.unimplemented()
         if ignored:
             warnings.warn(f"the generation config sets {ignored}, which llava-next's generate() does not implement: "
-                          "generating without them (remove them from model.generation_config to silence this)",
-                          stacklevel=3)
+                          "generating without them (greedy or sampled, one sequence per prompt; remove them from "
+                          "model.generation_config to silence this)", stacklevel=stacklevel + 1)

@@ -77,7 +77,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
         # generate()'s defaults: the model config's special-token ids until from_pretrained reads a
         # checkpoint's generation_config.json, as transformers does.
-        self.generation_config = GenerationConfig.from_model_config(tc)
+        self.generation_config = GenerationConfig.from_model_config(config)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 

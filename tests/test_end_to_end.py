@@ -105,6 +105,13 @@ def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path):
         answers.append(want)
     assert answers[0] != answers[1]  # the file's penalty acted
 
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "do_sample": True, "temperature": 50.0}))
+    common = ["generate", "--model", folder, "--prompt", "Hi there", "--max-new-tokens", "8", "--dtype", "float32",
+              "--device", "cpu"]
+    sampled = {cli(*common, "--seed", str(seed)).stdout for seed in (1, 2)}
+    greedy = {cli(*common, "--seed", str(seed), "--no-do-sample").stdout.strip() for seed in (1, 2)}
+    assert len(sampled) == 2 and greedy == {answers[0].strip()}  # --no-do-sample overrides the file
+
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--image", "no/such/image.png", "--prompt", "x"], "image file not found: no/such/image.png"),

@@ -1,11 +1,13 @@
 """Greedy generation token for token against transformers' generate; sampling and stopping rules."""
 
+import warnings
+
 import pytest
 import torch
 
 from llava_next import KVCache, LlavaNextForConditionalGeneration
 from llava_next.generation import process_logits
-from tiny import hf_checkpoint, image_inputs, prompt_ids
+from tiny import hf_checkpoint, hf_config, image_inputs, prompt_ids
 
 SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
 
@@ -279,16 +281,43 @@ def test_generation_config_json_settings_as_transformers(tmp_path):
     got = ours.generate(input_ids=ids, attention_mask=mask)
     assert got.shape[1] == ids.shape[1] + 3 and torch.equal(got, hf.generate(input_ids=ids, attention_mask=mask))
 
-    ours.generation_config.no_repeat_ngram_size = 2
-    with pytest.warns(UserWarning, match="no_repeat_ngram_size"):
+    ours.generation_config.update(no_repeat_ngram_size=2, num_beams=3)
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size.*num_beams") as caught:
+        assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask), got)  # greedy, as warned
+    assert caught[0].filename == __file__  # the warning names the caller's line
+    with pytest.raises(ValueError, match="num_beams=1"):  # asked for by the call itself: refused
+        ours.generate(input_ids=ids, attention_mask=mask, num_beams=3)
+    # transformers' defaults, beam-only settings and empty values change nothing: no warning
+    ours.generation_config.update(no_repeat_ngram_size=0, num_beams=1, early_stopping=True, generation_kwargs={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ours.generate(input_ids=ids, attention_mask=mask)
-    ours.generation_config.no_repeat_ngram_size = 0  # transformers' default: nothing to warn about
-    ours.generation_config.num_beams = 3
-    with pytest.raises(ValueError, match="generation_config sets num_beams=3"):
-        ours.generate(input_ids=ids, attention_mask=mask)
-    ours.generation_config.num_beams = None
+    assert ours.generation_config.get("top_k", 50) == 50 and ours.generation_config.min_new_tokens is None
+    with pytest.raises(AttributeError, match="no setting 'max_new_token'"):
+        ours.generation_config.max_new_token  # a misspelt setting is an error, not None
     ours.save_pretrained(tmp_path / "saved")
     again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "saved")
     assert again.generation_config == ours.generation_config
     assert json.loads((tmp_path / "saved" / "generation_config.json").read_text())["repetition_penalty"] == 0.5
+
+
+def test_generation_settings_from_config_json_without_a_generation_config(tmp_path):
+    """No generation_config.json: transformers takes config.json's settings, a top-level eos /
+    pad id before the text config's."""
+    import json
+
+    from transformers import LlavaNextForConditionalGeneration as HF
+
+    hf_checkpoint(tmp_path, "vicuna", **SMALL)
+    (tmp_path / "generation_config.json").unlink()
+    ids, mask = prompt_ids(hf_config("vicuna", **SMALL), [[]], [6])
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    eos = int(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])[0, -2])
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": eos, "max_new_tokens": 6}))
+    hf, ours = HF.from_pretrained(tmp_path).eval(), LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    assert (ours.generation_config.eos_token_id, ours.generation_config.max_new_tokens) == (eos, 6)
+    want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False)
+    got = ours.generate(input_ids=ids, attention_mask=mask)
+    assert torch.equal(got, want) and got.shape[1] == ids.shape[1] + 3  # stopped at the top-level eos
 
