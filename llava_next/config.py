@@ -53,8 +53,19 @@ class ConfigError(ValueError):
     pass
 
 
+class _ReadsExtra:
+    """config.<key> for a config.json key no field models (initializer_range, use_cache, ...),
+    as transformers' configs make every key an attribute."""
+
+    def __getattr__(self, name):  # called only for names that are not real attributes
+        extra = self.__dict__.get("extra")  # None mid-copy or mid-unpickle
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
 @dataclass
-class VisionConfig:
+class VisionConfig(_ReadsExtra):
     model_type: str = "clip_vision_model"
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -78,7 +89,7 @@ class VisionConfig:
 
 
 @dataclass
-class TextConfig:
+class TextConfig(_ReadsExtra):
     model_type: str = "llama"
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -119,7 +130,7 @@ class TextConfig:
 
 
 @dataclass
-class LlavaNextConfig:
+class LlavaNextConfig(_ReadsExtra):
     vision_config: VisionConfig = field(default_factory=lambda: VisionConfig(**VISION_WHEN_ABSENT))
     text_config: TextConfig = field(default_factory=TextConfig)
     image_token_index: int = 32000
@@ -133,9 +144,15 @@ class LlavaNextConfig:
     # transformers_version, ...): nothing here reads them, save_pretrained writes them back.
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
+    model_type = "llava_next"  # a class attribute, not a field: not a setting
+    use_return_dict = True  # forward() returns a CausalLMOutput unless told return_dict=False
+
     @property
     def image_token_id(self) -> int:
         return self.image_token_index
+
+    def get_text_config(self, decoder: bool = True) -> TextConfig:
+        return self.text_config
 
     @property
     def feature_layers(self) -> list[int]:

@@ -65,9 +65,12 @@ class GenerationConfig:
             raise ValueError(f"{path} holds {type(settings).__name__}, not a dict of settings")
         return cls(**settings)
 
-    def __getattr__(self, name):
-        if name in self._settings or name in KNOWN:
-            return self._settings.get(name)
+    def __getattr__(self, name):  # called only for names that are not real attributes
+        settings = self.__dict__.get("_settings")
+        if settings is None:  # mid-copy or mid-unpickle, before __dict__ is filled: not a setting
+            raise AttributeError(name)
+        if name in settings or name in KNOWN:
+            return settings.get(name)
         raise AttributeError(f"GenerationConfig has no setting {name!r} (a setting generate() knows reads as None "
                              "until set; to_dict() gives them all as a dict)")
 

@@ -25,7 +25,8 @@ from .config import LlavaNextConfig
 from .fused_linear import fuse_linears
 from .generation_config import GenerationConfig
 from .language import LlamaForCausalLM, LlamaRMSNorm
-from .loading import CheckpointError, LazyCheckpoint, check_keys, save_state_dict, weight_files
+from .kv_cache import KVCache
+from .loading import CheckpointError, LazyCheckpoint, check_keys, legacy_key, save_state_dict, weight_files
 from .vision import CLIPVisionModel, LlavaNextMultiModalProjector
 
 IGNORE_INDEX = -100
@@ -35,13 +36,35 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class CausalLMOutput:
+    """Read like transformers' ModelOutput: out.logits, out["logits"], out[0], "loss" in out, and
+    keys() / to_tuple() over the fields that are set, in order: (loss, logits) or (logits,)."""
     logits: torch.Tensor
     loss: torch.Tensor | None = None
 
-    def __getitem__(self, key):  # out["logits"] or out[0], as with transformers' outputs
-        if isinstance(key, (int, slice)):  # the fields that are set, in order: (loss, logits) or (logits,)
-            return tuple(v for v in (self.loss, self.logits) if v is not None)[key]
+    def keys(self) -> list[str]:
+        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        if key not in self.keys():
+            raise KeyError(key)
         return getattr(self, key)
+
+    def get(self, key, default=None):
+        return getattr(self, key) if key in self.keys() else default
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):  # a dict's iteration: the keys
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
 
 class LlavaNextForConditionalGeneration(nn.Module):
@@ -75,9 +98,11 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.language_model = LlamaForCausalLM(tc, attn_fn, kernels=self.attn_implementation)
         if config.tie_word_embeddings:  # one Parameter for both, as transformers ties them (top-level flag)
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
-        # generate()'s defaults: the model config's special-token ids until from_pretrained reads a
+        # generate()'s defaults: config.json's generation settings until from_pretrained reads a
         # checkpoint's generation_config.json, as transformers does.
         self.generation_config = GenerationConfig.from_model_config(config)
+        # load_state_dict also takes the key layouts of transformers (model.language_model.*, ...).
+        self._register_load_state_dict_pre_hook(_to_legacy_keys)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -181,17 +206,30 @@ class LlavaNextForConditionalGeneration(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None,
-                position_ids=None, cache=None, cache_pos=None, inputs_embeds=None, labels=None,
-                logits_to_keep: int = 0, **unused):
-        """Logits for every position (or the last `logits_to_keep`), and the loss when labels are given.
+                position_ids=None, cache=None, inputs_embeds=None, *, cache_pos=None, labels=None,
+                logits_to_keep: int | torch.Tensor = 0, num_items_in_batch=None, return_dict: bool = True,
+                **transformers_options):
+        """Logits for every position (or those `logits_to_keep` picks), and the loss when labels are given.
 
-        attention_mask (B, T) or, with a cache, (B, past + T): 0 marks left padding. Positions
-        come from it (cumsum - 1), so a left-padded row computes as if it were alone.
-        cache: a KVCache; cache_pos: where the T tokens go (int, default cache.length), or a
-        0-d tensor for a static-shape decode step of one token.
+        The positional order is transformers'. attention_mask (B, T) or, with a cache, (B, past + T):
+        0 marks left padding. Positions come from it (cumsum - 1), so a left-padded row computes as
+        if it were alone. cache: a KVCache; cache_pos: where the T tokens go (int, default
+        cache.length), or a 0-d tensor for a static-shape decode step of one token.
+        logits_to_keep: an int k keeps the last k positions (0: all; with labels, the loss scores
+        the labels they predict), a tensor of indices those positions. num_items_in_batch (as
+        transformers' Trainer passes it with gradient accumulation): the loss is the sum over the
+        scored labels divided by it, not their mean. return_dict=False gives (loss, logits) or
+        (logits,). transformers' options that ask for nothing different are accepted; the others
+        (hidden states, attentions, a returned cache) raise.
         """
-        if unused:
-            raise TypeError(f"forward() got unexpected arguments: {sorted(unused)}")
+        _check_transformers_options(self.config, transformers_options)
+        logits_to_keep = transformers_options.pop("num_logits_to_keep", logits_to_keep)  # the older name
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a llava_next KVCache (KVCache.for_model(model, batch, max_length)), "
+                            f"not {type(cache).__name__}")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be (batch, length) with 0 at padding; got shape "
+                             f"{tuple(attention_mask.shape)} (4-d masks, e.g. for packed sequences, are not supported)")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None and pixel_values is not None:
@@ -220,24 +258,39 @@ class LlavaNextForConditionalGeneration(nn.Module):
         if not torch.is_tensor(cache_pos) and kv_mask is not None and bool(kv_mask.all()):
             kv_mask = None  # no padding: lets attention take its plain causal path
         hidden = self.language_model.model(inputs_embeds, position_ids, cache, cache_pos, kv_mask)  # (B, T, H)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        keep = logits_to_keep
+        if torch.is_tensor(keep):
+            if labels is not None:
+                raise ValueError("labels with a tensor logits_to_keep: the loss needs consecutive positions "
+                                 "(pass an int, the last k, or no logits_to_keep)")
+            hidden = hidden[:, keep.to(hidden.device)]
+        elif keep:
+            if labels is not None and keep < 2:
+                raise ValueError(f"logits_to_keep={keep} with labels leaves no label to score (k positions "
+                                 "predict the last k - 1 labels)")
+            hidden = hidden[:, -keep:]
         logits = self.lm_head(hidden)  # (B, T, vocab)
         loss = None
         if labels is not None:
             # the new tokens' columns of the mask (with a cache it may also cover the past ones)
             mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.shape[1] >= T else None
-            if logits_to_keep:  # only the last positions have logits: score the labels they predict
-                labels = labels[:, -logits_to_keep:]
-                mask = mask[:, -logits_to_keep:] if mask is not None else None
+            if keep:  # only the last positions have logits: score the labels they predict
+                labels = labels[:, -keep:]
+                mask = mask[:, -keep:] if mask is not None else None
             # Next-token prediction: position t predicts label t + 1; mean over labels != -100. A
             # padding position predicts nothing (with left padding, the last pad would otherwise be
             # scored on the row's first token, from a query that sees no real key).
             targets = labels[:, 1:].to(logits.device)
             if mask is not None:
                 targets = targets.masked_fill(mask[:, :-1].to(targets.device) == 0, IGNORE_INDEX)
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return CausalLMOutput(logits=logits, loss=loss)
+            per_label = "mean" if num_items_in_batch is None else "sum"
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction=per_label)
+            if num_items_in_batch is not None:
+                loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                               else num_items_in_batch)
+        out = CausalLMOutput(logits=logits, loss=loss)
+        return out if return_dict is not False else out.to_tuple()
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -278,8 +331,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.config.text_config.vocab_size = n
         return emb
 
-    def gradient_checkpointing_enable(self, vision: bool = True, language: bool = True,
-                                      gradient_checkpointing_kwargs: dict | None = None):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, *,
+                                      vision: bool = True, language: bool = True):
         """Recompute each decoder layer's / vision layer's activations in backward instead of storing
         them (training only: it is off under no_grad and in eval mode). Non-reentrant
         torch.utils.checkpoint; `gradient_checkpointing_kwargs` (as transformers' Trainer and PEFT
@@ -413,6 +466,35 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
 LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
+
+
+def _to_legacy_keys(state_dict, prefix, *args):
+    """load_state_dict pre-hook: rename transformers v5's keys (its state_dict()) to ours."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        ours = prefix + legacy_key(key[len(prefix):])
+        if ours != key:
+            state_dict[ours] = state_dict.pop(key)
+
+
+# transformers' forward options that ask for what forward() does anyway, with the values that do.
+NO_OP_FORWARD = {"use_cache": (None, True, False), "output_attentions": (None, False),
+                 "output_hidden_states": (None, False), "past_key_values": (None,), "cache_position": (None,),
+                 "mm_encoder_outputs": (None,)}
+
+
+def _check_transformers_options(config, options: dict) -> None:
+    """Accept transformers' forward options that change nothing here; name the others."""
+    asked = {k: v for k, v in options.items() if k not in NO_OP_FORWARD and k != "num_logits_to_keep"}
+    for name in ("vision_feature_layer", "vision_feature_select_strategy"):  # the config's own value is a no-op
+        if name in asked and asked[name] in (None, getattr(config, name)):
+            del asked[name]
+    for name, value in options.items():
+        if name in NO_OP_FORWARD and not any(value is v or (v is not None and value == v) for v in NO_OP_FORWARD[name]):
+            asked[name] = value
+    if asked:
+        raise TypeError(f"forward() does not support {asked} (hidden states, attentions and a returned cache are "
+                        "not implemented; a KVCache passed as cache= is filled in place; vision feature settings "
+                        "come from the config)")
 
 
 def _progress(items, show: bool, desc: str):

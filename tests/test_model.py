@@ -603,3 +603,96 @@ def test_resize_token_embeddings(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, after, atol=1e-5, rtol=1e-5)
     del hf
+
+
+# ---- transformers-shaped use in training and evaluation loops -------------------------------------
+
+def test_copy_and_pickle_the_model(saved):
+    """deepcopy (EMA, a frozen reference model) and pickling (torch.save of the module) work."""
+    import copy
+    import pickle
+
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = prompt_ids(hf.config, [[]], [6])
+    with torch.no_grad():
+        want = ours(input_ids=ids, attention_mask=mask).logits
+        for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+            assert torch.equal(clone(input_ids=ids, attention_mask=mask).logits, want)
+            assert clone.generation_config == ours.generation_config and clone.config == ours.config
+
+
+def test_loss_over_num_items_in_batch_as_transformers(saved):
+    """transformers' Trainer passes num_items_in_batch (gradient accumulation): sum / that count."""
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], []], [4, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    first = mask.cumsum(-1) == 1  # each row's bos: transformers scores it from the last pad, we do not (README)
+    labels = ids.masked_fill((mask == 0) | first | (ids == hf.config.image_token_index), -100)
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, labels=labels)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for n in (7, torch.tensor(7)):
+            want = hf(**kw, position_ids=position_ids, num_items_in_batch=n).loss
+            got = ours(**kw, num_items_in_batch=n).loss
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        scored = int((labels[:, 1:] != -100).sum())
+        torch.testing.assert_close(ours(**kw, num_items_in_batch=scored).loss, ours(**kw).loss)
+
+
+def test_logits_to_keep_and_transformers_options(saved):
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = prompt_ids(hf.config, [[]], [9])
+    with torch.no_grad():
+        full = ours(input_ids=ids).logits
+        for keep in (torch.tensor([3]), torch.tensor([0, 5])):  # positions, as in transformers
+            got = ours(input_ids=ids, logits_to_keep=keep).logits
+            torch.testing.assert_close(got, full[:, keep])  # fewer rows in the product: last-bit rounding
+            assert got.shape == hf(input_ids=ids, logits_to_keep=keep).logits.shape
+        torch.testing.assert_close(ours(input_ids=ids, num_logits_to_keep=2).logits, full[:, -2:])
+        for keep in (1, torch.tensor([3])):
+            with pytest.raises(ValueError, match="logits_to_keep"):
+                ours(input_ids=ids, labels=ids, logits_to_keep=keep)
+        # options that ask for nothing different are accepted; return_dict=False gives a tuple
+        same = ours(input_ids=ids, use_cache=False, return_dict=True, output_attentions=False, past_key_values=None,
+                    output_hidden_states=False, vision_feature_layer=ours.config.vision_feature_layer)
+        assert torch.equal(same.logits, full)
+        loss, logits = ours(input_ids=ids, labels=ids, return_dict=False)
+        assert torch.equal(logits, full) and loss.dim() == 0
+        for option in (dict(output_hidden_states=True), dict(vision_feature_layer=-3), dict(past_key_values=object())):
+            with pytest.raises(TypeError, match="does not support"):
+                ours(input_ids=ids, **option)
+        with pytest.raises(TypeError, match="KVCache"):
+            from transformers import DynamicCache
+            ours(input_ids=ids, cache=DynamicCache())
+        with pytest.raises(ValueError, match="4-d masks"):
+            ours(input_ids=ids, attention_mask=torch.ones(1, 1, ids.shape[1], ids.shape[1]))
+    out = ours(input_ids=ids, labels=ids)
+    assert "loss" in out and out.keys() == ["loss", "logits"] and out.to_tuple()[1] is out.logits
+    assert "loss" not in ours(input_ids=ids) and ours(input_ids=ids).get("loss") is None
+    with pytest.raises(KeyError):
+        ours(input_ids=ids)["loss"]
+
+
+def test_load_a_transformers_state_dict(saved):
+    """load_state_dict takes transformers' own state_dict() (its v5 key names), strictly."""
+    from llava_next.config import LlavaNextConfig
+
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration(LlavaNextConfig.from_pretrained(folder))
+    ours.load_state_dict(hf.state_dict())
+    ids, mask = prompt_ids(hf.config, [[]], [6])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, hf(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_config_attributes_transformers_code_reads(saved):
+    hf, folder = saved
+    cfg = json.loads((folder / "config.json").read_text())
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder).config
+    assert ours.model_type == "llava_next" and ours.use_return_dict and ours.get_text_config() is ours.text_config
+    assert ours.text_config.initializer_range == cfg["text_config"]["initializer_range"]  # unmodelled, still readable
+    with pytest.raises(AttributeError):
+        ours.text_config.no_such_setting

@@ -406,6 +406,8 @@ def test_helpers_see_through_wrappers_and_tied_names(tmp_path):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="use_reentrant=True"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant=True"):  # positionally, as transformers takes it
+        model.gradient_checkpointing_enable({"use_reentrant": True})
 
 
 def test_loss_with_a_cache_and_a_mask_over_past_and_new_tokens(tmp_path):
