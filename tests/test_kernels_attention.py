@@ -169,6 +169,22 @@ def test_flash_input_errors():
         flash_attention(q, k, v, causal=True, kv_mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
     with pytest.raises(TypeError, match="dtype"):
         flash_attention(q, k.half(), v.half(), causal=True)
+    for scale in (0.0, -1.0):  # hidden keys are -inf before scaling: the result would be NaN
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            flash_attention(q, k, v, causal=True, scale=scale)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        flash_attention(q, k[:, :0], v[:, :0], causal=True)
+
+
+def test_flash_reference_keeps_nan():
+    """The reference zeroes only the rows that see no key: a NaN in q stays NaN, as in the kernel."""
+    q, k, v = make_qkv(1, 2, 2, 3, 3, 16, torch.float32)
+    q[0, 0, 1, 0] = float("nan")
+    mask = torch.tensor([[False, True, True]], device=DEVICE)  # row 0 sees no key under the causal rule
+    ref = flash_attention_reference(q, k, v, causal=True, kv_mask=mask)
+    assert (ref[0, :, 0] == 0).all() and ref[0, 0, 1].isnan().all() and not ref[0, 1].isnan().any()
+    out = flash_attention(q, k, v, causal=True, kv_mask=mask)
+    assert (out[0, :, 0] == 0).all() and out[0, 0, 1].isnan().all() and not out[0, 1].isnan().any()
 
 
 GRAD_TOL = {

@@ -100,6 +100,10 @@ def test_decode_input_errors():
         decode_attention(q, k, v, q_offset=None)
     with pytest.raises(ValueError, match="q_offset"):
         decode_attention(q, k, v, q_offset=torch.tensor([1, 2, 3], device=DEVICE))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        decode_attention(q, k, v, q_offset=3, scale=0.0)
+    empty = decode_attention(q, k[:, :, :0], v[:, :, :0], q_offset=0)  # an empty cache: nothing to attend to
+    assert empty.shape == q.shape and not empty.any()
 
 
 @pytest.mark.skipif(not CUDA, reason="realistic shapes only compiled on a GPU")

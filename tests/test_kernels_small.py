@@ -62,6 +62,24 @@ def test_rope_matches_transformers():
     torch.testing.assert_close(v_cache[:, :, 2:2 + T], v.transpose(1, 2), atol=0, rtol=0)
 
 
+def test_rope_kv_write_strided_inv_freq_and_a_slot_outside_the_cache():
+    """A strided inv_freq view is read by its values; a tensor cache_pos outside the cache (no
+    host check reads it) writes nothing, not the slot before the cache."""
+    B, T, Hq, Hkv, D, Tmax = 2, 1, 4, 2, 64, 8
+    q, k, v = qkv_views(B, T, Hq, Hkv, D, torch.float32)
+    pos = torch.full((B, T), 5, device=DEVICE)
+    strided = torch.stack([inv_freq(D), torch.zeros_like(inv_freq(D))], -1)[:, 0]  # stride 2, same values
+    caches = [torch.zeros(B, Hkv, Tmax, D, device=DEVICE) for _ in range(4)]
+    q_rot = rope_kv_write(q, k, v, pos, strided, caches[0], caches[1], 3)
+    want = rope_kv_write_reference(q, k, v, pos, inv_freq(D), caches[2], caches[3], 3)
+    torch.testing.assert_close(q_rot, want)
+    torch.testing.assert_close(caches[0], caches[2])
+    whole = torch.zeros(2 * B * Hkv * Tmax * D, device=DEVICE)  # the cache is the second half of a buffer
+    k_cache = whole[B * Hkv * Tmax * D:].view(B, Hkv, Tmax, D)
+    rope_kv_write(q, k, v, pos, inv_freq(D), k_cache, torch.zeros_like(k_cache), torch.tensor(-1, device=DEVICE))
+    assert not whole.any()
+
+
 def test_rope_kv_write_errors():
     q, k, v = qkv_views(1, 7, 6, 3, 64, torch.float32)
     cache = torch.zeros(1, 3, 8, 64, device=DEVICE)

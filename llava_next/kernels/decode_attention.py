@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import _offset_arg, online_softmax_step
+from .flash_attention import _check_scale, _offset_arg, online_softmax_step
 from .pdl import pdl_args, wait_for_previous_kernel
 from .rope_kv_write import _check_rope_inputs, rope_cos_sin
 
@@ -241,7 +241,7 @@ def rope_decode_attention(q, k, v, position_ids, inv_freq, k_cache, v_cache, cac
     _check_rope_inputs(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos)  # rope_kv_write's checks
     if not (k.dtype == v.dtype == q.dtype == k_cache.dtype):
         raise TypeError(f"q, k, v and the caches must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {k_cache.dtype}")
-    new_kv = (k[:, 0], v[:, 0], position_ids, inv_freq.to(torch.float32))  # k, v (B, Hkv, D)
+    new_kv = (k[:, 0], v[:, 0], position_ids, inv_freq.to(torch.float32).contiguous())  # k, v (B, Hkv, D)
     return _decode_attention(q.transpose(1, 2), k_cache, v_cache, cache_pos, kv_mask, sliding_window, scale, config,
                              new_kv)
 
@@ -268,7 +268,9 @@ def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, sc
     if sliding_window is not None and int(sliding_window) <= 0:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
     offset, offset_t, stride_offb = _offset_arg(q_offset, 0, B)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = _check_scale(scale, D)
+    if Tmax == 0:  # an empty cache: nothing to attend to, and no tile to launch
+        return torch.zeros_like(q)
 
     cfg = dict(config) if config is not None else _decode_config(B, Hkv, Tmax, q.dtype, q.device)
     block_n, split_len, splits = cfg.pop("BLOCK_N"), cfg.pop("SPLIT_LEN"), cfg.pop("NUM_SPLITS")

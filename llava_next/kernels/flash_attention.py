@@ -252,6 +252,15 @@ def _fwd_config(block_d: int, tq: int, dtype: torch.dtype, device: torch.device)
     return cfg
 
 
+def _check_scale(scale, D: int) -> float:
+    """The softmax scale, 1/sqrt(D) by default. It must be positive: the kernels hide keys with
+    -inf logits before scaling, and 0 or a negative scale would turn those into NaN."""
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return scale
+
+
 def _offset_arg(q_offset, default: int, batch: int, name: str = "q_offset"):
     """(int value, tensor or None, batch stride) for an offset given as None / int / tensor."""
     if q_offset is None:
@@ -275,7 +284,7 @@ def _check_attention_inputs(q, k, v, kv_mask):
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     if Bk != B or Dk != D:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
-    if Hq % Hkv != 0:
+    if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     if not (k.dtype == v.dtype == q.dtype):
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -285,6 +294,8 @@ def _check_attention_inputs(q, k, v, kv_mask):
         raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
     if D > 256:
         raise ValueError(f"head_dim {D} > 256 is not supported")
+    if D == 0:
+        raise ValueError("head_dim is 0")
     if kv_mask is not None:
         if kv_mask.shape != (B, Tk) or kv_mask.dtype != torch.bool:
             raise ValueError(f"kv_mask must be a bool tensor of shape ({B}, {Tk}); got {kv_mask.dtype} {tuple(kv_mask.shape)}")
@@ -300,7 +311,7 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
     offset, offset_t, stride_offb = _offset_arg(q_offset, Tk - Tq, B)
     if sliding_window is not None and int(sliding_window) <= 0:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = _check_scale(scale, D)
 
     # Laid out (B, Tq, Hq, D) in memory, so the caller's transpose(1, 2).reshape(B, Tq, Hq * D)
     # into o_proj is free.
@@ -650,5 +661,6 @@ def flash_attention_reference(q, k, v, *, causal: bool, q_offset=None, kv_mask=N
     visible = visibility_mask(Tq, Tk, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
                               sliding_window=sliding_window, device=q.device)
     logits = logits.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all -inf rows -> NaN -> 0
+    # a row that sees no key gets zeros (softmax gives NaN there); a NaN in q, k or v stays NaN
+    probs = torch.softmax(logits, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
     return (probs @ v).to(q.dtype)

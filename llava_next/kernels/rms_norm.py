@@ -36,6 +36,8 @@ def _rms_norm_kernel(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., N) with a contiguous last dim, weight (N,). Returns weight * normalize(x), in the
     dtype torch would give `weight * x` (x's dtype when weight matches it)."""
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"rms_norm normalizes the last dim of x, which needs at least one element; x is {tuple(x.shape)}")
     N = x.shape[-1]
     if weight.shape != (N,):
         raise ValueError(f"rms_norm weight must have shape ({N},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")

@@ -79,7 +79,8 @@ def _rope_kv_write_kernel(
 
     # k: rotate into the cache; v: copy into the cache. Slots past Tmax are dropped, not written.
     offs_hk = tl.arange(0, BLOCK_HKV)
-    mask_k = ((offs_hk < HKV) & (offs_hk * 0 + slot < Tmax))[:, None] & f_ok[None, :]
+    # a slot outside the cache (a tensor cache_pos is not range-checked on the host) is not written
+    mask_k = ((offs_hk < HKV) & (offs_hk * 0 + slot < Tmax) & (offs_hk * 0 + slot >= 0))[:, None] & f_ok[None, :]
     k_ptrs = K + b * stride_kb + t * stride_kt + offs_hk[:, None] * stride_kh + offs_f[None, :] * stride_kd
     k1 = tl.load(k_ptrs, mask=mask_k, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptrs + HALF * stride_kd, mask=mask_k, other=0.0).to(tl.float32)
@@ -108,7 +109,7 @@ def rope_kv_write(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, 
     q_rot = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
     if B * T == 0:
         return q_rot
-    inv_freq = inv_freq.to(torch.float32)
+    inv_freq = inv_freq.to(torch.float32).contiguous()  # the kernel reads it with unit stride
     _rope_kv_write_kernel[(B * T,)](
         q, k, v, position_ids, inv_freq, k_cache, v_cache, q_rot,
         pos_t if pos_t is not None else position_ids,

@@ -36,6 +36,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for same-shape, same-dtype tensors with a contiguous last dim."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"silu_mul needs gate and up of one shape and dtype; got {tuple(gate.shape)} {gate.dtype}, {tuple(up.shape)} {up.dtype}")
+    if gate.dim() == 0:
+        raise ValueError("silu_mul needs tensors of at least one dim, got 0-d ones")
     if gate.stride(-1) != 1 or up.stride(-1) != 1:
         raise ValueError("silu_mul needs the last dim of gate and up contiguous")
     N = gate.shape[-1]
