@@ -110,11 +110,41 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def lm_head(self):
         return self.language_model.lm_head
 
-    def get_input_embeddings(self) -> nn.Embedding:  # transformers' accessors (PEFT and others call them)
+    # ---- transformers' model accessors, which PEFT and training libraries call ----------------
+
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.model.embed_tokens
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.language_model.lm_head
+
+    def can_generate(self) -> bool:
+        return True
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """Parameters counted once each (a tied lm_head is the embedding)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.language_model.model.gradient_checkpointing or self.vision_tower.vision_model.gradient_checkpointing
+
+    def enable_input_require_grads(self):
+        """Make the token embeddings' output require grad, as transformers does for reentrant
+        gradient checkpointing over a frozen embedding (PEFT calls it). The checkpoints here are
+        non-reentrant and need no such thing; the hook is kept for callers that expect it."""
+        def require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(require_grad)
+
+    def disable_input_require_grads(self):
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
 
     @property
     def device(self):

@@ -427,3 +427,23 @@ def test_loss_with_a_cache_and_a_mask_over_past_and_new_tokens(tmp_path):
         model(input_ids=first, cache=cache, cache_pos=0)
         losses.append(model(input_ids=second, attention_mask=mask, labels=second, cache=cache, cache_pos=4).loss)
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_accessors_peft_calls():
+    """What PEFT and trainers ask of a transformers model; with the embedding frozen and
+    gradient checkpointing on, a trainable layer gets gradients (enable_input_require_grads on)."""
+    model = LlavaNextForConditionalGeneration(tiny_config(num_hidden_layers=2)).train()
+    assert model.can_generate() and model.main_input_name == "input_ids" and model.supports_gradient_checkpointing
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    inputs = training_batch(model.config)
+    model.requires_grad_(False)
+    layer = model.language_model.model.layers[1].self_attn.q_proj
+    layer.weight.requires_grad_(True)
+    assert model.num_parameters(only_trainable=True) == layer.weight.numel()
+    model.gradient_checkpointing_enable(vision=False)
+    assert model.is_gradient_checkpointing
+    model.enable_input_require_grads()
+    model(**inputs).loss.backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    model.disable_input_require_grads()
+    assert not model.get_input_embeddings()._forward_hooks
