@@ -151,8 +151,8 @@ class LlavaNextConfig(_ReadsExtra):
     def image_token_id(self) -> int:
         return self.image_token_index
 
-    def get_text_config(self, decoder: bool = True) -> TextConfig:
-        return self.text_config
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> TextConfig:
+        return self.text_config  # the only text model: the decoder
 
     @property
     def feature_layers(self) -> list[int]:

@@ -81,6 +81,9 @@ class GenerationConfig:
     def __setattr__(self, name, value):
         self._settings[name] = value
 
+    def __copy__(self):  # its own settings: changing the copy leaves the original as it was
+        return GenerationConfig(**self._settings)
+
     def __eq__(self, other):
         return isinstance(other, GenerationConfig) and self._settings == other._settings
 

@@ -124,9 +124,11 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def can_generate(self) -> bool:
         return True
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        """Parameters counted once each (a tied lm_head is the embedding)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (a tied lm_head is the embedding); exclude_embeddings
+        leaves out the token embedding, as transformers does."""
+        skip = {id(self.get_input_embeddings().weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in skip)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -136,10 +138,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         """Make the token embeddings' output require grad, as transformers does for reentrant
         gradient checkpointing over a frozen embedding (PEFT calls it). The checkpoints here are
         non-reentrant and need no such thing; the hook is kept for callers that expect it."""
-        def require_grad(module, inputs, output):
-            output.requires_grad_(True)
-
-        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(require_grad)
+        self.disable_input_require_grads()  # one hook, however often it is called
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(_output_requires_grad)
 
     def disable_input_require_grads(self):
         hook = self.__dict__.pop("_require_grads_hook", None)
@@ -253,7 +253,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
         (hidden states, attentions, a returned cache) raise.
         """
         _check_transformers_options(self.config, transformers_options)
-        logits_to_keep = transformers_options.pop("num_logits_to_keep", logits_to_keep)  # the older name
+        if "num_logits_to_keep" in transformers_options:  # the older name
+            if not isinstance(logits_to_keep, int) or logits_to_keep:
+                raise TypeError("pass logits_to_keep or num_logits_to_keep, not both")
+            logits_to_keep = transformers_options.pop("num_logits_to_keep")
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a llava_next KVCache (KVCache.for_model(model, batch, max_length)), "
                             f"not {type(cache).__name__}")
@@ -320,7 +323,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
                 loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
                                else num_items_in_batch)
         out = CausalLMOutput(logits=logits, loss=loss)
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict is None or return_dict else out.to_tuple()
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -367,6 +370,9 @@ class LlavaNextForConditionalGeneration(nn.Module):
         them (training only: it is off under no_grad and in eval mode). Non-reentrant
         torch.utils.checkpoint; `gradient_checkpointing_kwargs` (as transformers' Trainer and PEFT
         pass it) may only say so: {"use_reentrant": False}."""
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError("gradient_checkpointing_enable's first argument is gradient_checkpointing_kwargs (a dict), "
+                            "as in transformers; choose the towers with vision= / language=")
         for key, value in (gradient_checkpointing_kwargs or {}).items():
             if key != "use_reentrant":
                 raise TypeError(f"gradient_checkpointing_kwargs: {key!r} is not supported (only use_reentrant=False)")
@@ -498,11 +504,18 @@ LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
 
 
+def _output_requires_grad(module, inputs, output):  # a forward hook (module-level: the model pickles)
+    output.requires_grad_(True)
+
+
 def _to_legacy_keys(state_dict, prefix, *args):
-    """load_state_dict pre-hook: rename transformers v5's keys (its state_dict()) to ours."""
+    """load_state_dict pre-hook (the private API, which torch 2.4 has too): rename transformers
+    v5's keys (its state_dict()) to ours."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         ours = prefix + legacy_key(key[len(prefix):])
         if ours != key:
+            if ours in state_dict:
+                raise KeyError(f"the state dict holds both {key!r} and {ours!r}, two names of one tensor")
             state_dict[ours] = state_dict.pop(key)
 
 
@@ -514,17 +527,19 @@ NO_OP_FORWARD = {"use_cache": (None, True, False), "output_attentions": (None, F
 
 def _check_transformers_options(config, options: dict) -> None:
     """Accept transformers' forward options that change nothing here; name the others."""
-    asked = {k: v for k, v in options.items() if k not in NO_OP_FORWARD and k != "num_logits_to_keep"}
-    for name in ("vision_feature_layer", "vision_feature_select_strategy"):  # the config's own value is a no-op
-        if name in asked and asked[name] in (None, getattr(config, name)):
-            del asked[name]
+    vision = ("vision_feature_layer", "vision_feature_select_strategy")
+    unknown = sorted(k for k in options if k not in NO_OP_FORWARD and k not in vision and k != "num_logits_to_keep")
+    if unknown:
+        raise TypeError(f"forward() got unexpected arguments: {unknown}")
+    asked = [k for k in vision if k in options and options[k] not in (None, getattr(config, k))]
     for name, value in options.items():
+        # `is` first: a tensor or cache object must not be compared with ==
         if name in NO_OP_FORWARD and not any(value is v or (v is not None and value == v) for v in NO_OP_FORWARD[name]):
-            asked[name] = value
+            asked.append(name)
     if asked:
-        raise TypeError(f"forward() does not support {asked} (hidden states, attentions and a returned cache are "
-                        "not implemented; a KVCache passed as cache= is filled in place; vision feature settings "
-                        "come from the config)")
+        raise TypeError(f"forward() does not support {sorted(asked)} as given (hidden states, attentions and a "
+                        "returned cache are not implemented; a KVCache passed as cache= is filled in place; vision "
+                        "feature settings come from the config)")
 
 
 def _progress(items, show: bool, desc: str):

@@ -617,9 +617,13 @@ def test_copy_and_pickle_the_model(saved):
     ids, mask = prompt_ids(hf.config, [[]], [6])
     with torch.no_grad():
         want = ours(input_ids=ids, attention_mask=mask).logits
+        ours.enable_input_require_grads()  # a hook on the embedding: still picklable
         for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
             assert torch.equal(clone(input_ids=ids, attention_mask=mask).logits, want)
             assert clone.generation_config == ours.generation_config and clone.config == ours.config
+    shallow = copy.copy(ours.generation_config)
+    shallow.max_new_tokens = 9
+    assert ours.generation_config.max_new_tokens is None  # the copy has its own settings
 
 
 def test_loss_over_num_items_in_batch_as_transformers(saved):
@@ -662,8 +666,13 @@ def test_logits_to_keep_and_transformers_options(saved):
         loss, logits = ours(input_ids=ids, labels=ids, return_dict=False)
         assert torch.equal(logits, full) and loss.dim() == 0
         for option in (dict(output_hidden_states=True), dict(vision_feature_layer=-3), dict(past_key_values=object())):
-            with pytest.raises(TypeError, match="does not support"):
+            with pytest.raises(TypeError, match=f"does not support \\['{next(iter(option))}'\\]"):
                 ours(input_ids=ids, **option)
+        with pytest.raises(TypeError, match=r"unexpected arguments: \['lables'\]$"):  # a typo: named, not printed
+            ours(input_ids=ids, lables=ids)
+        with pytest.raises(TypeError, match="not both"):
+            ours(input_ids=ids, logits_to_keep=2, num_logits_to_keep=2)
+        assert isinstance(ours(input_ids=ids, return_dict=0), tuple)
         with pytest.raises(TypeError, match="KVCache"):
             from transformers import DynamicCache
             ours(input_ids=ids, cache=DynamicCache())
@@ -682,6 +691,9 @@ def test_load_a_transformers_state_dict(saved):
 
     hf, folder = saved
     ours = LlavaNextForConditionalGeneration(LlavaNextConfig.from_pretrained(folder))
+    both = {**hf.state_dict(), "language_model.model.norm.weight": torch.ones(64)}  # one tensor under two names
+    with pytest.raises(KeyError, match="two names of one tensor"):
+        ours.load_state_dict(both)
     ours.load_state_dict(hf.state_dict())
     ids, mask = prompt_ids(hf.config, [[]], [6])
     with torch.no_grad():

@@ -408,6 +408,8 @@ def test_helpers_see_through_wrappers_and_tied_names(tmp_path):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="use_reentrant=True"):  # positionally, as transformers takes it
         model.gradient_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(TypeError, match="vision= / language="):  # the old positional meaning is refused
+        model.gradient_checkpointing_enable(False)
 
 
 def test_loss_with_a_cache_and_a_mask_over_past_and_new_tokens(tmp_path):
@@ -443,6 +445,8 @@ def test_accessors_peft_calls():
     model.gradient_checkpointing_enable(vision=False)
     assert model.is_gradient_checkpointing
     model.enable_input_require_grads()
+    model.enable_input_require_grads()  # twice: still one hook
+    assert len(model.get_input_embeddings()._forward_hooks) == 1
     model(**inputs).loss.backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     model.disable_input_require_grads()

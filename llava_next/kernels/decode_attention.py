@@ -8,7 +8,6 @@ The launch grid depends only on shapes (B, Hkv, Tmax), never on q_offset's value
 step can be captured in a CUDA graph and replayed as the cache fills up.
 """
 
-import math
 
 import torch
 import triton
@@ -257,8 +256,10 @@ def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, sc
     _, Hkv, Tmax, Dk = k_cache.shape
     if k_cache.shape[0] != B or Dk != D:
         raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on batch or head_dim")
-    if Hq % Hkv != 0:
+    if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if D == 0:
+        raise ValueError("head_dim is 0")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise TypeError(f"q and the caches must share a dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if kv_mask is not None and (kv_mask.shape != (B, Tmax) or kv_mask.dtype != torch.bool):

@@ -574,7 +574,7 @@ def _flash_attention_backward(dout, q, k, v, out, lse, causal, q_offset, kv_mask
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     offset, offset_t, stride_offb = _offset_arg(q_offset, Tk - Tq, B)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = _check_scale(scale, D)
     block_d = max(16, triton.next_power_of_2(D))
     mask_t = kv_mask.view(torch.uint8) if kv_mask is not None else None
     mask_arg = mask_t if mask_t is not None else q

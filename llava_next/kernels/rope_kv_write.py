@@ -133,8 +133,9 @@ def _check_rope_inputs(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_
     Hkv = k.shape[2]
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, length or head_dim")
-    if D % 2:
-        raise ValueError(f"rotary needs an even head_dim, got {D}")
+    if D % 2 or D == 0 or Hkv == 0 or Hq == 0:
+        raise ValueError(f"rotary needs an even head_dim and at least one q and kv head; got head_dim {D}, "
+                         f"{Hq} q heads, {Hkv} kv heads")
     if inv_freq.shape != (D // 2,):
         raise ValueError(f"inv_freq must have shape ({D // 2},) for head_dim {D}, got {tuple(inv_freq.shape)}")
     if position_ids.shape != (B, T):
