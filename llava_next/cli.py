@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--attn", default=None, choices=["auto", "eager", "sdpa", "triton"],
                         help="attention implementation (default auto: the Triton kernels on CUDA, sdpa on CPU)")
     common.add_argument("--max-new-tokens", type=int, default=512,
-                        help="at most this many tokens per answer, whatever the checkpoint's generation config says "
-                             "(default 512)")
+                        help="at most this many tokens per answer, never past the model's context, whatever the "
+                             "checkpoint's generation config says (default 512)")
     # Sampling flags left out take the checkpoint's generation_config.json, else transformers' defaults.
     ckpt = "default: the checkpoint's generation_config.json, else"
     common.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], help="image path or http(s) URL; repeatable")
     g.add_argument("--prompt", required=True, help="the question; the CLI places one <image> per --image itself")
     c = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat; /image PATH attaches an image")
-    c.add_argument("--image", action="append", default=[], help="image for the first message")
+    c.add_argument("--image", action="append", default=[],
+                   help="image path or http(s) URL for the first message; repeatable")
     return p
 
 

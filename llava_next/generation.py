@@ -100,10 +100,12 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              num_beams: int | None = None, cuda_graph=False, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
-    Settings left out (None) come from `model.generation_config` (a checkpoint's
+    Settings left out or None come from `model.generation_config` (a checkpoint's
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length there caps prompt + new
-    tokens). Generation may run past the model's context, with a warning, as in transformers.
+    tokens). (transformers 5.24 lets an explicit None override its config: top_k=None is no top-k
+    there, 50 or the config's here.) Generation may run past the model's context, as in
+    transformers, which does not warn; llava-next does.
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens. Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in

@@ -72,7 +72,7 @@ class GenerationConfig:
         if name in settings or name in KNOWN:
             return settings.get(name)
         raise AttributeError(f"GenerationConfig has no setting {name!r} (a setting generate() knows reads as None "
-                             "until set; to_dict() gives them all as a dict)")
+                             "until set; to_dict() gives the ones set)")
 
     def get(self, name: str, default=None):
         value = self._settings.get(name)

@@ -39,7 +39,8 @@ class LlavaNextImageProcessor:
     `__call__(images)` -> BatchFeature(pixel_values (N, max_tiles, 3, S, S) float32,
     image_sizes (N, 2) int64 original (height, width)). Images: PIL images, numpy arrays or torch
     tensors (HWC or CHW, 1/3/4 channels, uint8, integer-valued floats or floats in [0, 1]), file
-    paths, or (nested) lists of these.
+    paths, base64 `data:image/...` URIs, or (nested) lists of these. Transparency (an alpha
+    channel, or a palette / tRNS colour key) is composited onto white, as transformers does.
     """
 
     model_input_names = ["pixel_values", "image_sizes"]

@@ -126,8 +126,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters counted once each (a tied lm_head is the embedding); exclude_embeddings
-        leaves out the token embedding, as transformers does."""
-        skip = {id(self.get_input_embeddings().weight)} if exclude_embeddings else set()
+        leaves out every nn.Embedding's (the tokens' and the vision positions'), as transformers does."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
         return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in skip)
 
     @property
@@ -327,8 +327,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
-        """Grow (or shrink) the embedding table and lm_head to `new_num_tokens` rows, e.g. after
-        `tokenizer.add_tokens(...)`: `model.resize_token_embeddings(len(tokenizer))`. Old rows are
+        """Grow (or shrink) the embedding table and lm_head to `new_num_tokens` rows, e.g. when
+        `tokenizer.add_tokens(...)` outgrows the table: `model.resize_token_embeddings(max(len(tokenizer),
+        model.config.text_config.vocab_size))` (the llava-hf tables have spare rows past the
+        tokenizer, which `len(tokenizer)` alone would cut off). Old rows are
         kept; new rows are the mean of the old ones (mean_resizing, transformers' default, which
         samples around that mean instead) or drawn as init_weights does. The Parameters are new:
         build the optimizer after resizing. Returns the embedding."""
@@ -432,7 +434,9 @@ class LlavaNextForConditionalGeneration(nn.Module):
         The model is built on the meta device and each tensor is read from the memory-mapped
         file, cast and moved to its device before being assigned, so host memory stays near one
         copy of the weights. `low_cpu_mem_usage` is accepted for transformers compatibility; this
-        is always the behaviour. `progress=True` shows a progress bar on stderr.
+        is always the behaviour. `progress=True` shows a progress bar on stderr. The dtype defaults
+        to the one config.json names. generation_config.json, when the folder has one, becomes
+        `model.generation_config` (else config.json's generation settings, as in transformers).
         """
         from .hub import resolve_folder
 
@@ -484,7 +488,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder, max_shard_size="5GB", state_dict=None) -> None:
-        """config.json plus safetensors in the legacy hub layout (sharded past max_shard_size).
+        """config.json, generation_config.json (model.generation_config, every setting in it) and
+        safetensors in the legacy hub layout (sharded past max_shard_size).
 
         `state_dict`: tensors to write instead of `self.state_dict()`, e.g. a full state dict
         gathered from an FSDP-sharded model."""

@@ -120,7 +120,8 @@ class LlavaNextProcessor:
     def __call__(self, *args, text=None, images=None, return_tensors: str | None = "pt", text_kwargs=None,
                  images_kwargs=None, common_kwargs=None, **options) -> BatchFeature:
         """`processor(text, images)`, or transformers 5's order `processor(images, text)`: positional
-        arguments are told apart by type (images, image paths or URLs vs prompt strings).
+        arguments are told apart by type (images, image paths or base64 data URIs vs prompt
+        strings; http(s) URLs count as images but are refused, not fetched).
 
         Text options (padding, truncation, max_length, pad_to_multiple_of, padding_side,
         add_special_tokens, return_attention_mask) go to the tokenizer and image options

@@ -94,8 +94,9 @@ class LlavaNextTokenizer:
 
     def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
         """Append tokens (strings or AddedToken) to the vocabulary, as transformers does; returns how
-        many were new. The model's embedding must grow to match:
-        `model.resize_token_embeddings(len(tokenizer))`."""
+        many were new. The llava-hf embedding tables have spare rows past the tokenizer, which new
+        ids use as they are; only when `len(tokenizer)` outgrows the table, call
+        `model.resize_token_embeddings(max(len(tokenizer), model.config.text_config.vocab_size))`."""
         tokens = [new_tokens] if isinstance(new_tokens, str) or hasattr(new_tokens, "content") else list(new_tokens)
         added = 0
         for t in tokens:

@@ -703,7 +703,10 @@ def test_load_a_transformers_state_dict(saved):
 def test_config_attributes_transformers_code_reads(saved):
     hf, folder = saved
     cfg = json.loads((folder / "config.json").read_text())
-    ours = LlavaNextForConditionalGeneration.from_pretrained(folder).config
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    for exclude in (False, True):
+        assert model.num_parameters(exclude_embeddings=exclude) == hf.num_parameters(exclude_embeddings=exclude)
+    ours = model.config
     assert ours.model_type == "llava_next" and ours.use_return_dict and ours.get_text_config() is ours.text_config
     assert ours.text_config.initializer_range == cfg["text_config"]["initializer_range"]  # unmodelled, still readable
     with pytest.raises(AttributeError):
