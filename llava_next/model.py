@@ -121,6 +121,21 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.language_model.lm_head
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.model.embed_tokens = value
+        self.tie_weights()
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.language_model.lm_head = value
+
+    def tie_weights(self) -> None:
+        """Point lm_head at the embedding again when the config ties them (after replacing either)."""
+        if self.config.tie_word_embeddings:
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.model
+
     def can_generate(self) -> bool:
         return True
 

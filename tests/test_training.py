@@ -451,3 +451,10 @@ def test_accessors_peft_calls():
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     model.disable_input_require_grads()
     assert not model.get_input_embeddings()._forward_hooks
+    assert model.get_decoder() is model.language_model.model
+    emb = torch.nn.Embedding(*model.get_input_embeddings().weight.shape)
+    model.set_input_embeddings(emb)
+    assert model.get_input_embeddings() is emb and model.get_output_embeddings().weight is not emb.weight  # untied
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is emb.weight
