@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,50 +20,18 @@ import torch.nn.functional as F
 
 from .anyres import num_tiles, tile_grid, unpadded_grid
 from .attention import ATTENTION_FUNCTIONS, resolve_attn_implementation
+from .compat import CausalLMOutput, check_transformers_options, output_requires_grad, to_legacy_keys
 from .config import LlavaNextConfig
 from .fused_linear import fuse_linears
 from .generation_config import GenerationConfig
 from .language import LlamaForCausalLM, LlamaRMSNorm
 from .kv_cache import KVCache
-from .loading import CheckpointError, LazyCheckpoint, check_keys, legacy_key, save_state_dict, weight_files
+from .loading import CheckpointError, LazyCheckpoint, check_keys, save_state_dict, weight_files
 from .vision import CLIPVisionModel, LlavaNextMultiModalProjector
 
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class CausalLMOutput:
-    """Read like transformers' ModelOutput: out.logits, out["logits"], out[0], "loss" in out, and
-    keys() / to_tuple() over the fields that are set, in order: (loss, logits) or (logits,)."""
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-
-    def keys(self) -> list[str]:
-        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.keys())
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, slice)):
-            return self.to_tuple()[key]
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key, default=None):
-        return getattr(self, key) if key in self.keys() else default
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
-
-    def __iter__(self):  # a dict's iteration: the keys
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
 
 
 class LlavaNextForConditionalGeneration(nn.Module):
@@ -102,7 +69,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         # checkpoint's generation_config.json, as transformers does.
         self.generation_config = GenerationConfig.from_model_config(config)
         # load_state_dict also takes the key layouts of transformers (model.language_model.*, ...).
-        self._register_load_state_dict_pre_hook(_to_legacy_keys)
+        self._register_load_state_dict_pre_hook(to_legacy_keys)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -154,7 +121,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         gradient checkpointing over a frozen embedding (PEFT calls it). The checkpoints here are
         non-reentrant and need no such thing; the hook is kept for callers that expect it."""
         self.disable_input_require_grads()  # one hook, however often it is called
-        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(_output_requires_grad)
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(output_requires_grad)
 
     def disable_input_require_grads(self):
         hook = self.__dict__.pop("_require_grads_hook", None)
@@ -267,7 +234,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         (logits,). transformers' options that ask for nothing different are accepted; the others
         (hidden states, attentions, a returned cache) raise.
         """
-        _check_transformers_options(self.config, transformers_options)
+        check_transformers_options(self.config, transformers_options)
         if "num_logits_to_keep" in transformers_options:  # the older name
             if not isinstance(logits_to_keep, int) or logits_to_keep:
                 raise TypeError("pass logits_to_keep or num_logits_to_keep, not both")
@@ -522,44 +489,6 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
 LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
-
-
-def _output_requires_grad(module, inputs, output):  # a forward hook (module-level: the model pickles)
-    output.requires_grad_(True)
-
-
-def _to_legacy_keys(state_dict, prefix, *args):
-    """load_state_dict pre-hook (the private API, which torch 2.4 has too): rename transformers
-    v5's keys (its state_dict()) to ours."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        ours = prefix + legacy_key(key[len(prefix):])
-        if ours != key:
-            if ours in state_dict:
-                raise KeyError(f"the state dict holds both {key!r} and {ours!r}, two names of one tensor")
-            state_dict[ours] = state_dict.pop(key)
-
-
-# transformers' forward options that ask for what forward() does anyway, with the values that do.
-NO_OP_FORWARD = {"use_cache": (None, True, False), "output_attentions": (None, False),
-                 "output_hidden_states": (None, False), "past_key_values": (None,), "cache_position": (None,),
-                 "mm_encoder_outputs": (None,)}
-
-
-def _check_transformers_options(config, options: dict) -> None:
-    """Accept transformers' forward options that change nothing here; name the others."""
-    vision = ("vision_feature_layer", "vision_feature_select_strategy")
-    unknown = sorted(k for k in options if k not in NO_OP_FORWARD and k not in vision and k != "num_logits_to_keep")
-    if unknown:
-        raise TypeError(f"forward() got unexpected arguments: {unknown}")
-    asked = [k for k in vision if k in options and options[k] not in (None, getattr(config, k))]
-    for name, value in options.items():
-        # `is` first: a tensor or cache object must not be compared with ==
-        if name in NO_OP_FORWARD and not any(value is v or (v is not None and value == v) for v in NO_OP_FORWARD[name]):
-            asked.append(name)
-    if asked:
-        raise TypeError(f"forward() does not support {sorted(asked)} as given (hidden states, attentions and a "
-                        "returned cache are not implemented; a KVCache passed as cache= is filled in place; vision "
-                        "feature settings come from the config)")
 
 
 def _progress(items, show: bool, desc: str):

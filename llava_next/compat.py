@@ -1,0 +1,83 @@
+"""What lets code written for transformers' LlavaNextForConditionalGeneration use ours unchanged:
+its output object, the forward options it passes that change nothing here, and its state_dict key
+names. The model itself (model.py) does not depend on any of it to compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .loading import legacy_key
+
+
+@dataclass
+class CausalLMOutput:
+    """Read like transformers' ModelOutput: out.logits, out["logits"], out[0], "loss" in out, and
+    keys() / to_tuple() over the fields that are set, in order: (loss, logits) or (logits,)."""
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+    def keys(self) -> list[str]:
+        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key, default=None):
+        return getattr(self, key) if key in self.keys() else default
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):  # a dict's iteration: the keys
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+def output_requires_grad(module, inputs, output):  # a forward hook (module-level: the model pickles)
+    output.requires_grad_(True)
+
+
+def to_legacy_keys(state_dict, prefix, *args):
+    """load_state_dict pre-hook (the private API, which torch 2.4 has too): rename transformers
+    v5's keys (its state_dict()) to ours."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        ours = prefix + legacy_key(key[len(prefix):])
+        if ours != key:
+            if ours in state_dict:
+                raise KeyError(f"the state dict holds both {key!r} and {ours!r}, two names of one tensor")
+            state_dict[ours] = state_dict.pop(key)
+
+
+# transformers' forward options that ask for what forward() does anyway, with the values that do.
+NO_OP_FORWARD = {"use_cache": (None, True, False), "output_attentions": (None, False),
+                 "output_hidden_states": (None, False), "past_key_values": (None,), "cache_position": (None,),
+                 "mm_encoder_outputs": (None,)}
+
+
+def check_transformers_options(config, options: dict) -> None:
+    """Accept transformers' forward options that change nothing here; name the others."""
+    vision = ("vision_feature_layer", "vision_feature_select_strategy")
+    unknown = sorted(k for k in options if k not in NO_OP_FORWARD and k not in vision and k != "num_logits_to_keep")
+    if unknown:
+        raise TypeError(f"forward() got unexpected arguments: {unknown}")
+    asked = [k for k in vision if k in options and options[k] not in (None, getattr(config, k))]
+    for name, value in options.items():
+        # `is` first: a tensor or cache object must not be compared with ==
+        if name in NO_OP_FORWARD and not any(value is v or (v is not None and value == v) for v in NO_OP_FORWARD[name]):
+            asked.append(name)
+    if asked:
+        raise TypeError(f"forward() does not support {sorted(asked)} as given (hidden states, attentions and a "
+                        "returned cache are not implemented; a KVCache passed as cache= is filled in place; vision "
+                        "feature settings come from the config)")
