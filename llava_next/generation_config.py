@@ -43,6 +43,8 @@ KNOWN = set(SETTINGS) | set(HF_DEFAULTS) | NO_EFFECT | OTHER_NAMES
 
 
 class GenerationConfig:
+    """generation_config.json's settings as attributes (see the module docstring)."""
+
     def __init__(self, **settings):
         object.__setattr__(self, "_settings", dict(settings))
 
