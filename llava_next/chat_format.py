@@ -28,10 +28,13 @@ HOW_TO_CHOOSE = ("choose one with LlavaNextProcessor.from_pretrained(..., chat_f
 END_OF_TURN = {"mistral": " </s>", "vicuna": "</s>", "chatml": "<|im_end|>"}  # after an assistant message
 
 
-def render(conversation: list[dict], chat_format: str, add_generation_prompt: bool = True,
+def render(conversation: list[dict], chat_format: str, add_generation_prompt: bool | None = None,
            continue_final_message: bool = False) -> str:
-    """The prompt string for a conversation in one of FORMATS. continue_final_message: the last
+    """The prompt string for a conversation in one of FORMATS. add_generation_prompt (default: unless
+    continue_final_message) ends it with the assistant's header. continue_final_message: the last
     message is the assistant's and stays open (no end of turn), for the model to go on with it."""
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final_message
     if chat_format not in FORMATS:
         raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {FORMATS}")
     system, turns = _split_system(conversation)
@@ -101,8 +104,10 @@ def _split_system(conversation: list[dict]) -> tuple[str | None, list[tuple[str,
 
 
 def message_text(message: dict) -> str:
-    """A message's images as `<image>\\n` each, then its text parts joined."""
-    content = message.get("content", "")
+    """A message's images as `<image>\\n` each, then its text parts joined as they are (no separator)."""
+    content = message.get("content")
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
     images, texts = 0, []

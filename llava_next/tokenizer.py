@@ -192,6 +192,10 @@ class LlavaNextTokenizer:
         vocab.update(self._added)
         return vocab
 
+    def get_added_vocab(self) -> dict[str, int]:
+        """The added tokens (`<image>`, `<pad>`, ...) and their ids, as transformers' tokenizers give them."""
+        return dict(self._added)
+
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self.decode(self.convert_tokens_to_ids(list(tokens)))
 

@@ -85,6 +85,8 @@ def build_labels(processor, conversations, images=None, chat_format: str | None 
             raise ValueError("the conversations have {'type': 'image'} items without the image; pass images=...")
         images = found if any(found) else None
 
+    for c, conversation in enumerate(conversations):
+        _check_messages(processor.tokenizer, conversation, c)
     rows = []  # (ids, labels) before the <image> expansion
     for conversation in conversations:
         ids, spans = assistant_spans(processor.tokenizer, conversation, fmt)
@@ -109,8 +111,30 @@ def build_labels(processor, conversations, images=None, chat_format: str | None 
             raise RuntimeError(f"conversation {i}: the processor's input_ids differ from the tokens the labels were "
                                "built for; the processor and its tokenizer disagree on this prompt")
         labels[i, real] = torch.tensor(expanded_labels)
+    if not (labels != IGNORE_INDEX).any():  # the loss would be a NaN (a mean over nothing)
+        raise ValueError("no conversation has an assistant reply: nothing to supervise")
     out["labels"] = labels
     return out
+
+
+def _check_messages(tokenizer, conversation: list[dict], c: int) -> None:
+    """Refuse what would train the wrong tokens: an image in a reply (its text around the image
+    would be supervised in pieces) and a special token's text inside a message, which the
+    tokenizer reads as that token (an `</s>` mid-reply would teach the model to stop there)."""
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    for m, message in enumerate(conversation):
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+        for item in items:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind in ("image", "image_url") and message.get("role") == "assistant":
+                raise ValueError(f"conversation {c}, message {m}: an image in an assistant reply; LLaVA's replies "
+                                 "are text (put the image in the user turn before it)")
+            text = item.get("text", "") if kind == "text" else ""
+            found = next((s for s in specials if s and s in text), None)
+            if found is not None:
+                raise ValueError(f"conversation {c}, message {m}: its text holds {found!r}, which the tokenizer reads "
+                                 "as that special token, not as text; remove or escape it")
 
 
 # ---- freezing -------------------------------------------------------------------------------

@@ -103,3 +103,11 @@ def test_undetectable(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     assert detect_format(str(tmp_path), False) is None
     assert detect_format(None, False) is None
+
+
+def test_render_defaults_for_continuing_and_empty_content():
+    """continue_final_message alone leaves the reply open (no generation prompt asked for); a
+    message whose content is None renders as empty text."""
+    reply = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert render(reply, "chatml", continue_final_message=True).endswith("<|im_start|>assistant\nHello")
+    assert render([{"role": "user", "content": None}], "mistral") == "[INST]  [/INST]"

@@ -458,3 +458,23 @@ def test_accessors_peft_calls():
     model.config.tie_word_embeddings = True
     model.tie_weights()
     assert model.get_output_embeddings().weight is emb.weight
+
+
+@pytest.mark.parametrize("chat_format", ["mistral", "chatml"])
+def test_build_labels_refuses_what_would_train_the_wrong_tokens(chat_format):
+    """A special token's text inside a message (read as that token: an `</s>` mid-reply would be
+    supervised as a stop), an image inside a reply, and a batch with no reply at all (NaN loss)."""
+    processor = make_processor(chat_format)
+    stop = "</s>" if chat_format == "mistral" else "<|im_end|>"
+    user = {"role": "user", "content": "Strike it out?"}
+    with pytest.raises(ValueError, match=f"message 1: its text holds '{re.escape(stop)}'"):
+        build_labels(processor, [user, {"role": "assistant", "content": f"Use <s>old{stop} new."}])
+    with pytest.raises(ValueError, match="message 0: its text holds '<image>'"):
+        build_labels(processor, [{"role": "user", "content": "what is <image>?"}, {"role": "assistant", "content": "A tag."}])
+    with pytest.raises(ValueError, match="image in an assistant reply"):
+        build_labels(processor, [user, {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+                     images=[[RED]])
+    with pytest.raises(ValueError, match="nothing to supervise"):
+        build_labels(processor, [[user]])
+    fine = build_labels(processor, [[user, {"role": "assistant", "content": "No."}], [user]])  # one row has a reply
+    assert (fine["labels"][0] != -100).any() and (fine["labels"][1] == -100).all()
