@@ -174,6 +174,11 @@ def test_flash_input_errors():
             flash_attention(q, k, v, causal=True, scale=scale)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         flash_attention(q, k[:, :0], v[:, :0], causal=True)
+    # a side tensor on another device (meta stands in for a GPU/CPU mix-up): named before any launch
+    with pytest.raises(ValueError, match="kv_mask is on meta"):
+        flash_attention(q, k, v, causal=True, kv_mask=torch.ones(1, 7, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="q_offset is on meta"):
+        flash_attention(q, k, v, causal=True, q_offset=torch.tensor(0, device="meta"))
 
 
 def test_flash_reference_keeps_nan():

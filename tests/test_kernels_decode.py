@@ -102,6 +102,8 @@ def test_decode_input_errors():
         decode_attention(q, k, v, q_offset=torch.tensor([1, 2, 3], device=DEVICE))
     with pytest.raises(ValueError, match="scale must be > 0"):
         decode_attention(q, k, v, q_offset=3, scale=0.0)
+    with pytest.raises(ValueError, match="q_offset is on meta"):
+        decode_attention(q, k, v, q_offset=torch.tensor(3, device="meta"))
     empty = decode_attention(q, k[:, :, :0], v[:, :, :0], q_offset=0)  # an empty cache: nothing to attend to
     assert empty.shape == q.shape and not empty.any()
 

@@ -88,6 +88,8 @@ def test_rope_kv_write_errors():
         rope_kv_write(q, k, v, pos, inv_freq(64), cache, cache.clone(), 2)
     with pytest.raises(ValueError, match="inv_freq"):
         rope_kv_write(q, k, v, pos, inv_freq(32), cache, cache.clone(), 0)
+    with pytest.raises(ValueError, match="position_ids is on meta"):
+        rope_kv_write(q, k, v, pos.to("meta"), inv_freq(64), cache, cache.clone(), 0)
 
 
 # ---------------------------------------------------------------- rms_norm

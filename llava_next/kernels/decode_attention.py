@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import _check_scale, _offset_arg, online_softmax_step
+from .flash_attention import _check_scale, _offset_arg, check_devices, online_softmax_step
 from .pdl import pdl_args, wait_for_previous_kernel
 from .rope_kv_write import _check_rope_inputs, rope_cos_sin
 
@@ -269,6 +269,7 @@ def _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, sc
     if sliding_window is not None and int(sliding_window) <= 0:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
     offset, offset_t, stride_offb = _offset_arg(q_offset, 0, B)
+    check_devices(q, k_cache=k_cache, v_cache=v_cache, kv_mask=kv_mask, q_offset=offset_t)
     scale = _check_scale(scale, D)
     if Tmax == 0:  # an empty cache: nothing to attend to, and no tile to launch
         return torch.zeros_like(q)

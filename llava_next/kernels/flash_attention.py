@@ -261,6 +261,14 @@ def _check_scale(scale, D: int) -> float:
     return scale
 
 
+def check_devices(reference: torch.Tensor, **tensors) -> None:
+    """The side tensors a launcher takes (masks, positions, caches) on the device of its main
+    input: Triton would otherwise fail with a bare pointer error, or read host memory."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device}, the inputs on {reference.device}")
+
+
 def _offset_arg(q_offset, default: int, batch: int, name: str = "q_offset"):
     """(int value, tensor or None, batch stride) for an offset given as None / int / tensor."""
     if q_offset is None:
@@ -290,8 +298,7 @@ def _check_attention_inputs(q, k, v, kv_mask):
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attention kernels take fp16, bf16 or fp32, got {q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    check_devices(q, k=k, v=v, kv_mask=kv_mask)
     if D > 256:
         raise ValueError(f"head_dim {D} > 256 is not supported")
     if D == 0:
@@ -309,6 +316,7 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
     `use_tma` (default: the module's USE_TMA) asks for the copy-engine loads where they apply."""
     B, Hq, Tq, D, Hkv, Tk = _check_attention_inputs(q, k, v, kv_mask)
     offset, offset_t, stride_offb = _offset_arg(q_offset, Tk - Tq, B)
+    check_devices(q, q_offset=offset_t)
     if sliding_window is not None and int(sliding_window) <= 0:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
     scale = _check_scale(scale, D)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash_attention import check_devices
 from .pdl import pdl_args, wait_for_previous_kernel
 
 # One program per (batch row, token): all heads of that token at once, as a (heads, D/2) tile of
@@ -142,6 +143,8 @@ def _check_rope_inputs(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_
         raise ValueError(f"position_ids must be ({B}, {T}), got {tuple(position_ids.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[0] != B or k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
         raise ValueError(f"k_cache and v_cache must both be ({B}, {Hkv}, Tmax, {D}); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    check_devices(q, k=k, v=v, position_ids=position_ids, inv_freq=inv_freq, k_cache=k_cache, v_cache=v_cache,
+                  cache_pos=cache_pos)
     Tmax = k_cache.shape[2]
     if isinstance(cache_pos, torch.Tensor):
         if cache_pos.numel() != 1:
