@@ -27,8 +27,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, Tmax, D)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.kv_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # (B, Tmax)
-        # Positions written by int-position (prefill) calls; decode steps with a tensor position do
-        # not advance it (that would need a host sync): pass cache_pos explicitly after them.
+        self._slots = torch.arange(max_length, device=device)  # (Tmax,), for tensor-position writes
+        # Positions written by int-position (prefill) calls. A decode step with a tensor position
+        # cannot advance it without a host sync, so it sets None: pass cache_pos explicitly after.
         self.length = 0
 
     @classmethod
@@ -50,10 +51,32 @@ class KVCache:
         self.kv_mask.zero_()
         self.length = 0
 
+    def check(self, model, batch_size: int, T: int, dtype, cache_pos) -> None:
+        """That this cache fits the model and the call (host-side facts only: no device sync)."""
+        cfg = model.config.text_config
+        want = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim)
+        have = (self.k.shape[0], self.batch_size, self.k.shape[2], self.k.shape[4])
+        if have != want:
+            raise ValueError(f"the KVCache holds (layers, batch, kv heads, head_dim) = {have}; this call needs {want} "
+                             "(KVCache.for_model(model, batch_size, max_length))")
+        if self.k.dtype != dtype or self.k.device != model.device:
+            raise ValueError(f"the KVCache is {self.k.dtype} on {self.k.device}; the model computes {dtype} on "
+                             f"{model.device}")
+        if isinstance(cache_pos, torch.Tensor):
+            if T != 1 or cache_pos.numel() != 1 or cache_pos.dtype != torch.long:
+                raise ValueError("a tensor cache_pos writes one token per row: a 0-d int64 tensor and T = 1 "
+                                 f"(got {cache_pos.dtype} of shape {tuple(cache_pos.shape)}, T = {T})")
+        elif cache_pos < 0:
+            raise ValueError(f"cache_pos must be >= 0, got {cache_pos}")
+
     def mark(self, cache_pos, T: int, attention_mask=None) -> None:
         """Record which of the T new positions are real tokens (once per forward, not per layer)."""
         if isinstance(cache_pos, torch.Tensor):  # one decode token per row, always real
+            # As an int write does, writing at cache_pos ends the context there: a step that goes
+            # back (resampling, a rejected draft) must not count the slots it left behind.
+            self.kv_mask &= self._slots <= cache_pos
             self.kv_mask.index_fill_(1, cache_pos.reshape(1), True)
+            self.length = None
             return
         end = cache_pos + T
         if end > self.max_length:

@@ -251,6 +251,9 @@ class LlavaNextForConditionalGeneration(nn.Module):
             raise ValueError("pixel_values need input_ids (their <image> positions); with inputs_embeds, write the "
                              "image features (model.embed(input_ids, pixel_values, image_sizes)) into them yourself")
         if cache is not None and cache_pos is None:
+            if cache.length is None:
+                raise ValueError("the cache's length is unknown after decode steps with a tensor cache_pos: "
+                                 "pass cache_pos explicitly")
             cache_pos = cache.length
         first_chunk = cache is None or (not torch.is_tensor(cache_pos) and cache_pos == 0)
         if inputs_embeds is None:
@@ -262,6 +265,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
             if position_ids is None:
                 position_ids = _positions(kv_mask, B, T, inputs_embeds.device)
         else:
+            cache.check(self, B, T, self.dtype, cache_pos)
             cache.mark(cache_pos, T, attention_mask)
             kv_mask = cache.visible_mask(cache_pos, T)
             if position_ids is None:

@@ -321,3 +321,37 @@ def test_generation_settings_from_config_json_without_a_generation_config(tmp_pa
     got = ours.generate(input_ids=ids, attention_mask=mask)
     assert torch.equal(got, want) and got.shape[1] == ids.shape[1] + 3  # stopped at the top-level eos
 
+
+
+def test_manual_decode_rewind_and_cache_checks(pair):
+    """A tensor-position step that goes back (resampling, a rejected draft) forgets the slots it
+    left behind, as an int write does: its logits equal a run that stopped there. After tensor
+    steps the cache's length is unknown, so leaving out cache_pos is an error; a cache that does
+    not fit the model or the call is named."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[]], [6])
+    T = ids.shape[1]
+    nxt = torch.tensor([[5], [7], [9], [11], [13]])
+
+    def run(steps):  # prefill, then tensor-position steps at T, T + 1, ...
+        cache = KVCache.for_model(ours, 1, T + 8)
+        ours(input_ids=ids, attention_mask=mask, cache=cache, cache_pos=0)
+        with torch.no_grad():
+            out = [ours(input_ids=t[None], cache=cache, cache_pos=torch.tensor(T + i)).logits for i, t in enumerate(steps)]
+        return cache, out
+
+    cache, _ = run(nxt)  # five steps ...
+    with torch.no_grad():
+        back = ours(input_ids=nxt[2][None], cache=cache, cache_pos=torch.tensor(T + 2)).logits  # ... then back to T + 2
+    _, want = run(nxt[:3])
+    torch.testing.assert_close(back, want[2])
+    with pytest.raises(ValueError, match="pass cache_pos explicitly"):
+        ours(input_ids=nxt[0][None], cache=cache)
+    for bad, message in ((KVCache.for_model(ours, 2, T + 8), "this call needs"),
+                         (KVCache.for_model(ours, 1, T + 8, dtype=torch.float16), "the model computes")):
+        with pytest.raises(ValueError, match=message):
+            ours(input_ids=ids, cache=bad, cache_pos=0)
+    with pytest.raises(ValueError, match="cache_pos must be >= 0"):
+        ours(input_ids=ids, cache=KVCache.for_model(ours, 1, T + 8), cache_pos=-1)
+    with pytest.raises(ValueError, match="0-d int64 tensor"):
+        ours(input_ids=nxt[0][None], cache=cache, cache_pos=torch.tensor(T, dtype=torch.int32))
