@@ -176,61 +176,69 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) runs past the model's context ({context}): "
                       "positions beyond it were never trained, so expect the text to degrade there",
                       stacklevel=_user_stacklevel())
-    if streamer is not None:
-        if B != 1:
-            raise ValueError("a streamer needs a batch of one prompt")
-        streamer.put(input_ids.cpu())
-
-    graphed = isinstance(cuda_graph, GraphedDecode)
-    if device.type == "cuda" and fuse_projections and not graphed:
-        model.fuse_projections()  # q/k/v and gate/up as one product each; a no-op once done
-    if graphed or (cuda_graph and device.type == "cuda"):
-        step = cuda_graph if graphed else GraphedDecode(model, B, T + max_new_tokens, fuse_projections)
-        if not step.fits(model, B, T + max_new_tokens):
-            raise ValueError(f"the GraphedDecode was captured for batch {step.cache.batch_size} and "
-                             f"{step.cache.max_length} positions ({step.cache.k.dtype}, {step.cache.k.device}); "
-                             f"this call needs batch {B} and {T + max_new_tokens} positions")
-        if not step.same_weights(model):
-            raise ValueError("the model's weights moved since this GraphedDecode was captured (.to(), "
-                             "load_state_dict(assign=True), fuse_projections): capture a new one")
-        if not step.same_path(model):
-            raise ValueError("enable_decode_kernels() was switched since this GraphedDecode was captured, "
-                             "and the graph replays the path it captured: capture a new one")
-        cache = step.cache
-        cache.reset()
-    else:
-        cache = KVCache.for_model(model, B, T + max_new_tokens)
-        if cuda_graph and device.type == "cuda":
-            step = None  # captured on this cache after the first token, once the prompt is in it
-        else:
-            step = lambda token, pos: decode_one_token(model, token, cache, pos)  # noqa: E731
-    out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)
-    out[:, :T] = input_ids
-    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty)
-
-    logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
-    cache_pos = torch.tensor(T, device=device)
-    n = 0
-    while n < max_new_tokens:
-        token = choose(process_logits(logits, out[:, :T + n], **sampling), do_sample, generator)
-        token = torch.where(unfinished, token, torch.full_like(token, pad))
-        out[:, T + n] = token
-        n += 1
+    if streamer is not None and B != 1:
+        raise ValueError("a streamer needs a batch of one prompt")
+    try:
         if streamer is not None:
-            streamer.put(token.cpu())
-        if eos:
-            unfinished &= ~torch.isin(token, eos_t)
-            if not unfinished.any():
+            streamer.put(input_ids.cpu())
+
+        graphed = isinstance(cuda_graph, GraphedDecode)
+        if device.type == "cuda" and fuse_projections and not graphed:
+            model.fuse_projections()  # q/k/v and gate/up as one product each; a no-op once done
+        if graphed or (cuda_graph and device.type == "cuda"):
+            step = cuda_graph if graphed else GraphedDecode(model, B, T + max_new_tokens, fuse_projections)
+            if not step.fits(model, B, T + max_new_tokens):
+                raise ValueError(f"the GraphedDecode was captured for batch {step.cache.batch_size} and "
+                                 f"{step.cache.max_length} positions ({step.cache.k.dtype}, {step.cache.k.device}); "
+                                 f"this call needs batch {B} and {T + max_new_tokens} positions")
+            if not step.same_weights(model):
+                raise ValueError("the model's weights moved since this GraphedDecode was captured (.to(), "
+                                 "load_state_dict(assign=True), fuse_projections): capture a new one")
+            if not step.same_path(model):
+                raise ValueError("enable_decode_kernels() was switched since this GraphedDecode was captured, "
+                                 "and the graph replays the path it captured: capture a new one")
+            cache = step.cache
+            cache.reset()
+        else:
+            cache = KVCache.for_model(model, B, T + max_new_tokens)
+            if cuda_graph and device.type == "cuda":
+                step = None  # captured on this cache after the first token, once the prompt is in it
+            else:
+                step = lambda token, pos: decode_one_token(model, token, cache, pos)  # noqa: E731
+        out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)
+        out[:, :T] = input_ids
+        eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty)
+
+        logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
+        cache_pos = torch.tensor(T, device=device)
+        n = 0
+        while n < max_new_tokens:
+            token = choose(process_logits(logits, out[:, :T + n], **sampling), do_sample, generator)
+            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            out[:, T + n] = token
+            n += 1
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if eos:
+                unfinished &= ~torch.isin(token, eos_t)
+                if not unfinished.any():
+                    break
+            if n == max_new_tokens:
                 break
-        if n == max_new_tokens:
-            break
-        if step is None:
-            step = GraphedDecode(model, B, T + max_new_tokens, fuse_projections, cache=cache)
-        logits = step(token[:, None], cache_pos)
-        cache_pos += 1
+            if step is None:
+                step = GraphedDecode(model, B, T + max_new_tokens, fuse_projections, cache=cache)
+            logits = step(token[:, None], cache_pos)
+            cache_pos += 1
+    except BaseException as e:
+        if streamer is not None:  # a consumer reading it in another thread must not wait forever
+            if hasattr(streamer, "error"):
+                streamer.error(e)
+            else:  # another library's streamer: end its stream
+                streamer.end()
+        raise
     if streamer is not None:
         streamer.end()
     return out[:, :T + n]
@@ -343,6 +351,8 @@ class TextStreamer:
             self.printed = len(self.tokenizer.decode(self.ids, **self.decode_kwargs))
         elif text.endswith("\ufffd"):
             return
+        elif text and _is_cjk(text[-1]):  # no spaces between such characters: emit each as it comes, as transformers
+            piece, self.printed = text[self.printed:], len(text)
         else:
             stable = text.rfind(" ") + 1
             if stable <= self.printed:
@@ -356,8 +366,21 @@ class TextStreamer:
         self.ids, self.printed, self.next_is_prompt = [], 0, True
         self.on_text(piece, stream_end=True)
 
+    def error(self, exc: BaseException):
+        """generate() failed mid-stream: forget this stream, so the streamer can serve the next."""
+        self.ids, self.printed, self.next_is_prompt = [], 0, True
+
     def on_text(self, text: str, stream_end: bool = False):
         print(text, flush=True, end="" if not stream_end else None)
+
+
+# CJK ideographs (transformers' TextStreamer._is_chinese_char ranges): text without spaces.
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_cjk(char: str) -> bool:
+    return any(lo <= ord(char) <= hi for lo, hi in CJK_RANGES)
 
 
 class TextIteratorStreamer(TextStreamer):
@@ -376,10 +399,16 @@ class TextIteratorStreamer(TextStreamer):
     def __iter__(self):
         return self
 
+    def error(self, exc: BaseException):  # the consumer gets generate()'s exception instead of waiting
+        super().error(exc)
+        self.queue.put(exc, timeout=self.timeout)
+
     def __next__(self):
         value = self.queue.get(timeout=self.timeout)
         if value is self._stop:
             raise StopIteration
+        if isinstance(value, BaseException):
+            raise value
         return value
 
 

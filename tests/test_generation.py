@@ -355,3 +355,32 @@ def test_manual_decode_rewind_and_cache_checks(pair):
         ours(input_ids=ids, cache=KVCache.for_model(ours, 1, T + 8), cache_pos=-1)
     with pytest.raises(ValueError, match="0-d int64 tensor"):
         ours(input_ids=nxt[0][None], cache=cache, cache_pos=torch.tensor(T, dtype=torch.int32))
+
+
+def test_streamer_consumer_gets_generate_errors(pair):
+    """generate() failing mid-stream in a thread: the consumer iterating a TextIteratorStreamer
+    gets the exception instead of waiting forever, and the streamer serves the next call."""
+    import threading
+
+    from llava_next.generation import TextIteratorStreamer
+
+    hf, ours = pair
+
+    class Ids:  # a tokenizer stand-in: decode shows the ids
+        def decode(self, ids, **kw):
+            return " ".join(map(str, ids))
+
+    ids, mask = prompt_ids(hf.config, [[(45, 80)]], [4])
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    streamer = TextIteratorStreamer(Ids(), skip_prompt=True, timeout=30)
+    bad = dict(input_ids=ids, attention_mask=mask, pixel_values=pv[:, :1], image_sizes=sizes)  # tiles missing
+    worker = threading.Thread(target=lambda: pytest.raises(ValueError, ours.generate, **bad, streamer=streamer))
+    worker.start()
+    with pytest.raises(ValueError, match="tiles"):  # generate's own error, not the queue's timeout
+        list(streamer)
+    worker.join()
+    good = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+    worker = threading.Thread(target=lambda: ours.generate(**good, max_new_tokens=3, eos_token_id=[], streamer=streamer))
+    worker.start()
+    assert len("".join(streamer).split()) == 3  # the new tokens only: the failed call left nothing behind
+    worker.join()

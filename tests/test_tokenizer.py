@@ -312,3 +312,26 @@ def test_more_option_edges_like_reference(tmp_path):
         assert tok.add_tokens(["hello", ""]) == 0  # a piece already; nothing
     text = "say hello <x> world"
     assert ours.encode(text) == oracle.encode(text) and len(ours) == len(oracle)
+
+
+def test_streamer_emits_cjk_as_it_comes(pair):
+    """Text without spaces between characters (CJK ideographs) streams a piece per character, as
+    transformers' TextStreamer does, not only at the line's end."""
+    from llava_next.generation import TextStreamer
+
+    ours, _, _ = pair
+
+    class Collect(TextStreamer):
+        def on_text(self, text, stream_end=False):
+            self.pieces.append(text)
+
+    text = "日本語の文章です。東京は大きい都市です。"
+    ids = ours.encode(text, add_special_tokens=False)
+    streamer = Collect(ours, skip_special_tokens=True)
+    streamer.pieces = []
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert "".join(streamer.pieces) == ours.decode(ids, skip_special_tokens=True)
+    assert len([p for p in streamer.pieces if p]) >= 8
+
