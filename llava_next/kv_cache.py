@@ -8,6 +8,9 @@ Two ways to write, chosen by the type of `cache_pos`:
   int     (prefill)  tokens go to [cache_pos, cache_pos + T); attention sees keys [0, cache_pos + T).
   tensor  (decode)   a 0-d device tensor; one token goes to index cache_pos; attention sees the
                      whole buffer and the causal rule hides what is not written yet.
+Either way a write at cache_pos ends the context there: going back (resampling, a rejected draft
+token) forgets what followed. `length` follows int writes; after tensor steps it is unknown (no
+host sync), so the next call must pass cache_pos.
 """
 
 from __future__ import annotations
