@@ -346,8 +346,12 @@ class TextStreamer:
         if text.endswith("\n"):
             # Start over after a line, keeping its last token as context: decoded alone, the next
             # token would lose its leading space (sentencepiece drops it at the start of a text),
-            # and the next line's indentation with it.
-            piece, self.ids = text[self.printed:], self.ids[-1:]
+            # and the next line's indentation with it. The context must decode to some text: a
+            # skipped special token decodes to none, so keep back to the last token that does.
+            start = len(self.ids) - 1
+            while start > 0 and not self.tokenizer.decode(self.ids[start:start + 1], **self.decode_kwargs):
+                start -= 1
+            piece, self.ids = text[self.printed:], self.ids[start:]
             self.printed = len(self.tokenizer.decode(self.ids, **self.decode_kwargs))
         elif text.endswith("\ufffd"):
             return

@@ -182,7 +182,8 @@ def test_yi_style_tokenizer(yi_folder):
 
 STREAMED = ["code:\n    def f(x):\n        if x:\n            return 1\n    return 2", "- a\n - b\n\n  c",
             "line one\nline two", "Ünïcödé çåfé\n日本語のテキスト", "emoji 😀🎉👍🏽 and text\n  🤖 indented",
-            "trailing newline\n", "\n\nstarts with newlines", "a" * 50 + "\n" + " b" * 10]
+            "trailing newline\n", "\n\nstarts with newlines", "a" * 50 + "\n" + " b" * 10,
+            "x\n</s> y", "line\n<s><s>  indented"]  # skipped special tokens right after a newline
 
 
 def test_streamer_prints_what_decode_gives(pair):
