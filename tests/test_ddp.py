@@ -73,6 +73,9 @@ def train(rank, init_file, out_dir, modes):
             identical = all(torch.equal(every[0], other) for other in every[1:])
             results[mode] = {"losses": losses, "identical": identical, "params": flat}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks done with gloo before either tears it down (a rank destroying the group while
+        # the other's gloo threads still work aborted once: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
