@@ -189,22 +189,10 @@ STREAMED = ["code:\n    def f(x):\n        if x:\n            return 1\n    retu
 def test_streamer_prints_what_decode_gives(pair):
     """TextStreamer fed one id at a time prints, piece by piece, exactly decode() of all the ids:
     indentation after a newline included (decoded alone, a token loses its leading space)."""
-    from llava_next.generation import TextStreamer
-
     ours, _, _ = pair
-
-    class Collect(TextStreamer):
-        def on_text(self, text, stream_end=False):
-            self.pieces.append(text)
-
     for text in STREAMED:
         ids = ours.encode(text, add_special_tokens=False)
-        streamer = Collect(ours, skip_special_tokens=True)
-        streamer.pieces = []
-        for i in ids:
-            streamer.put(torch.tensor([i]))
-        streamer.end()
-        assert "".join(streamer.pieces) == ours.decode(ids, skip_special_tokens=True), text
+        assert "".join(streamed(ours, ids)) == ours.decode(ids, skip_special_tokens=True), text
     assert ours.decode(ids[0]) == ours.decode(ids[:1])  # one id as an int, as transformers' streamer passes it
 
 
@@ -318,21 +306,26 @@ def test_more_option_edges_like_reference(tmp_path):
 def test_streamer_emits_cjk_as_it_comes(pair):
     """Text without spaces between characters (CJK ideographs) streams a piece per character, as
     transformers' TextStreamer does, not only at the line's end."""
+    ours, _, _ = pair
+    ids = ours.encode("日本語の文章です。東京は大きい都市です。", add_special_tokens=False)
+    pieces = streamed(ours, ids)
+    assert "".join(pieces) == ours.decode(ids, skip_special_tokens=True)
+    assert len([p for p in pieces if p]) >= 8
+
+
+def streamed(tokenizer, ids) -> list[str]:
+    """The pieces a TextStreamer emits when fed `ids` one at a time, as generate() feeds it."""
     from llava_next.generation import TextStreamer
 
-    ours, _, _ = pair
+    pieces = []
 
     class Collect(TextStreamer):
         def on_text(self, text, stream_end=False):
-            self.pieces.append(text)
+            pieces.append(text)
 
-    text = "日本語の文章です。東京は大きい都市です。"
-    ids = ours.encode(text, add_special_tokens=False)
-    streamer = Collect(ours, skip_special_tokens=True)
-    streamer.pieces = []
+    streamer = Collect(tokenizer, skip_special_tokens=True)
     for i in ids:
         streamer.put(torch.tensor([i]))
     streamer.end()
-    assert "".join(streamer.pieces) == ours.decode(ids, skip_special_tokens=True)
-    assert len([p for p in streamer.pieces if p]) >= 8
+    return pieces
 
