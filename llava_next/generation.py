@@ -134,7 +134,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
             ("repetition_penalty", repetition_penalty)))
     cfg = model.config.text_config
-    T = input_ids.shape[-1]
+    B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, gen, T)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -159,7 +159,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
     device = model.device
     input_ids = input_ids.to(device)
-    B, T = input_ids.shape
     if attention_mask is None:
         # as transformers does: a pad id that occurs in the prompt and is no eos id marks padding
         if pad_is_set and pad not in eos and bool((input_ids == pad).any()):

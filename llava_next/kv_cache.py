@@ -54,7 +54,7 @@ class KVCache:
         self.kv_mask.zero_()
         self.length = 0
 
-    def check(self, model, batch_size: int, T: int, dtype, cache_pos) -> None:
+    def check(self, model, batch_size: int, T: int, cache_pos) -> None:
         """That this cache fits the model and the call (host-side facts only: no device sync)."""
         cfg = model.config.text_config
         want = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -62,8 +62,8 @@ class KVCache:
         if have != want:
             raise ValueError(f"the KVCache holds (layers, batch, kv heads, head_dim) = {have}; this call needs {want} "
                              "(KVCache.for_model(model, batch_size, max_length))")
-        if self.k.dtype != dtype or self.k.device != model.device:
-            raise ValueError(f"the KVCache is {self.k.dtype} on {self.k.device}; the model computes {dtype} on "
+        if self.k.dtype != model.dtype or self.k.device != model.device:
+            raise ValueError(f"the KVCache is {self.k.dtype} on {self.k.device}; the model computes {model.dtype} on "
                              f"{model.device}")
         if isinstance(cache_pos, torch.Tensor):
             if T != 1 or cache_pos.numel() != 1 or cache_pos.dtype != torch.long:

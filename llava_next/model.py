@@ -265,7 +265,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
             if position_ids is None:
                 position_ids = _positions(kv_mask, B, T, inputs_embeds.device)
         else:
-            cache.check(self, B, T, self.dtype, cache_pos)
+            cache.check(self, B, T, cache_pos)
             cache.mark(cache_pos, T, attention_mask)
             kv_mask = cache.visible_mask(cache_pos, T)
             if position_ids is None:
