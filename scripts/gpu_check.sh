@@ -15,6 +15,7 @@
 #
 #     bash scripts/gpu_check.sh                   # tests kernels sweep: under 5 minutes
 #     bash scripts/gpu_check.sh e2e kernels tests sweep   # what a first GPU session owes (~7 min)
+#     DEADLINE=560 AB_N=4 bash scripts/gpu_check.sh tests e2e ab kernels   # stop every stage by 560 s
 #
 # Output lands in $OUT (else ./gpu_logs), at most 8 files, as the device tool returns them:
 # session.txt (this script's whole output), bench_e2e*.json (copy to bench/results/, then run
@@ -32,7 +33,23 @@ unset TRITON_INTERPRET
 PY=${PYTHON:-python3}  # the device image has python3, not always python
 SECONDS=0
 END=${SESSION_SECONDS:-285}
+# DEADLINE (seconds from the start): no stage runs past it, so a call whose timeout_s is a little
+# longer still returns every finished stage's files. Each time box below is cut to what is left.
+DEADLINE=${DEADLINE:-100000}
 failed=""
+
+box() {  # the time box for the next command: min(wanted, left before DEADLINE less 15 s for pack)
+  local want=$1 left=$((DEADLINE - SECONDS - 15))
+  [ "$left" -lt "$want" ] && want=$left
+  [ "$want" -lt 1 ] && want=1
+  echo "$want"
+}
+
+late() {  # true, with a message, when under $1 seconds are left before DEADLINE
+  local left=$((DEADLINE - SECONDS - 15))
+  [ "$left" -ge "$1" ] && return 1
+  echo "skipped: ${left}s left before DEADLINE=${DEADLINE}"
+}
 
 pack() {
   tar czf "$DEST/logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2>/dev/null
@@ -44,20 +61,20 @@ MODEL_TESTS="(triton or cuda or gpu or fuse) and not test_kernels"  # the model-
 
 run_shard() {  # name, pytest args...
   local name=$1; shift
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG/test_$name.txt" 2>&1
+  timeout "$(box 150)" "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG/test_$name.txt" 2>&1
   local rc=$?
   [ $rc -eq 5 ] && rc=0  # no test selected
   echo "$rc" >"$LOG/test_$name.rc"
 }
 
 tests() {  # Triton compiles are CPU-bound and single-threaded per process: shard them
-  local bad=0
-  run_shard attention_fwd tests/test_kernels_attention.py -k "not realistic and not backward" &
-  run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" &
-  run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py &
-  run_shard linear tests/test_kernels_linear.py tests/test_kernels_pdl.py &
-  run_shard model tests -k "$MODEL_TESTS" &
-  wait
+  local bad=0 pids=()
+  run_shard attention_fwd tests/test_kernels_attention.py -k "not realistic and not backward" & pids+=($!)
+  run_shard attention_bwd_real tests/test_kernels_attention.py -k "realistic or backward" & pids+=($!)
+  run_shard decode_small tests/test_kernels_decode.py tests/test_kernels_small.py & pids+=($!)
+  run_shard linear tests/test_kernels_linear.py tests/test_kernels_pdl.py & pids+=($!)
+  run_shard model tests -k "$MODEL_TESTS" & pids+=($!)
+  wait "${pids[@]}"  # not a bare wait: that also waits for the tee behind `exec >` below, for ever
   for f in "$LOG"/test_*.rc; do
     local name rc
     name=$(basename "$f" .rc)
@@ -75,11 +92,14 @@ model_tests() {
 }
 
 kernels() {
-  timeout 150 "$PY" scripts/bench_kernels.py --json "$LOG/bench_kernels.json" 2>&1 | tee "$LOG/bench_kernels.txt"
+  late 30 && return 1
+  timeout "$(box 150)" "$PY" scripts/bench_kernels.py --json "$LOG/bench_kernels.json" 2>&1 | tee "$LOG/bench_kernels.txt"
 }
 
 sweep() {  # the table again, then the alternative tiles, until SESSION_SECONDS
-  local left=$((END - SECONDS))
+  local left=$((END - SECONDS)) cap
+  cap=$(box "$left")
+  [ "$cap" -lt "$left" ] && left=$cap
   if [ "$left" -gt 40 ]; then
     timeout "$left" "$PY" scripts/bench_kernels.py --sweep --json "$LOG/bench_kernels_sweep.json" 2>&1 \
       | tee "$LOG/bench_sweep.txt"
@@ -92,31 +112,36 @@ sweep() {  # the table again, then the alternative tiles, until SESSION_SECONDS
 }
 
 e2e() {
-  timeout "${E2E_TIMEOUT:-240}" "$PY" scripts/bench.py --out "$LOG/bench_e2e.json" 2>&1 | tee "$LOG/bench_e2e.txt"
+  late 60 && return 1
+  timeout "$(box "${E2E_TIMEOUT:-240}")" "$PY" scripts/bench.py --out "$LOG/bench_e2e.json" 2>&1 | tee "$LOG/bench_e2e.txt"
 }
 
 e2e_b1() {
-  timeout 90 "$PY" scripts/bench.py --batches 1 --no-hf --runs 3 --out "$LOG/bench_e2e_b1.json" 2>&1 \
+  late 30 && return 1
+  timeout "$(box 90)" "$PY" scripts/bench.py --batches 1 --no-hf --runs 3 --out "$LOG/bench_e2e_b1.json" 2>&1 \
     | tee "$LOG/bench_e2e_b1.txt"
 }
 
 ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~7 x 25 s)
-  local i=0 v rc=0 box
+  local i=0 v rc=0 want
   for v in "" "--decode-kernels" "--decode-kernels --pdl" "--flash-tma" "--decode-programs-per-sm 1" \
       "--flash-tile 64,64,4,3" "--no-fuse"; do
     i=$((i + 1))
-    box=90
-    case "$v" in *--decode-kernels*) box=150 ;; esac  # decode_linear autotunes: ~36 compiles a new variant
+    [ "$i" -gt "${AB_N:-7}" ] && break  # AB_N: only the first N variants
+    want=90
+    case "$v" in *--decode-kernels*) want=150 ;; esac  # decode_linear autotunes: ~36 compiles a new variant
+    late 30 && { rc=1; break; }
     echo "-- bench.py $v"
     # shellcheck disable=SC2086  # $v is a list of arguments
-    timeout "$box" "$PY" scripts/bench.py --batches 1 8 --no-hf --runs 3 $v --out "$LOG/ab_$i.json" 2>&1 \
+    timeout "$(box $want)" "$PY" scripts/bench.py --batches 1 8 --no-hf --runs 3 $v --out "$LOG/ab_$i.json" 2>&1 \
       | tee -a "$LOG/ab.txt" | grep -E "^TTFT|^generate|^ +[0-9]+ " || rc=1
   done
   return $rc
 }
 
 profile() {
-  timeout 120 "$PY" scripts/profile_step.py --decode-kernels --pdl 2>&1 | tee "$LOG/profile.txt"
+  late 30 && return 1
+  timeout "$(box 120)" "$PY" scripts/profile_step.py --decode-kernels --pdl 2>&1 | tee "$LOG/profile.txt"
 }
 
 stages=${*:-tests kernels sweep}
