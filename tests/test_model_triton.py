@@ -277,7 +277,7 @@ def test_generate_fuses_projections_on_cuda_unless_told_not(models):
     config, _, triton = models
     model = copy.deepcopy(triton).to(torch.float64).float()  # fresh storage: nothing fused
     attn = model.language_model.model.layers[0].self_attn
-    shared = lambda: attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4 == attn.k_proj.weight.data_ptr()  # noqa: E731
+    shared = lambda: attn.q_proj.weight.untyped_storage().data_ptr() == attn.k_proj.weight.untyped_storage().data_ptr()  # noqa: E731
     inputs = batch(config)
     want = model.generate(**inputs, max_new_tokens=4, eos_token_id=[], fuse_projections=False)
     assert not shared()
