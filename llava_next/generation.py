@@ -97,7 +97,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id=None, pad_token_id=None, streamer=None, generator=None, use_cache: bool = True,
-             num_beams: int | None = None, cuda_graph=False, fuse_projections: bool = True, **kwargs):
+             num_beams: int | None = None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Settings left out or None come from `model.generation_config` (a checkpoint's
@@ -114,7 +114,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     after the first new token (two warm-up steps and the capture on the prompt's KV cache come
     between the first and the second token, so the first does not wait for them); pass a
     `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it over calls
-    (the caller owns it and its KV cache).
+    (the caller owns it and its KV cache). None (the default) is True on CUDA with the Triton
+    kernels (attn_implementation "auto" or "triton"), where a failed capture (a hook that
+    synchronizes, say) warns and decodes eagerly; else False. On an H100, 64 new tokens at batch 1
+    took 5.9-7.7 ms a token with the graph, its capture included, and 21-31 eagerly (bench/NOTES.md).
     On CUDA it first calls `model.fuse_projections()` (q/k/v and gate/up as one product each):
     the weights move to new storage once, so a CUDA graph you captured of the model before then
     must be captured again, and later no-grad forwards round differently in the last bit.
@@ -177,6 +180,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                       stacklevel=_user_stacklevel())
     if streamer is not None and B != 1:
         raise ValueError("a streamer needs a batch of one prompt")
+    required = cuda_graph is not None  # asked for explicitly: a failed capture raises
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and model.attn_implementation in ("auto", "triton")
     try:
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -228,7 +234,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             if n == max_new_tokens:
                 break
             if step is None:
-                step = GraphedDecode(model, B, T + max_new_tokens, fuse_projections, cache=cache)
+                step = graphed_or_eager(model, B, T + max_new_tokens, fuse_projections, cache, required)
             logits = step(token[:, None], cache_pos)
             cache_pos += 1
     except BaseException as e:
@@ -241,6 +247,23 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if streamer is not None:
         streamer.end()
     return out[:, :T + n]
+
+
+def graphed_or_eager(model, batch_size: int, max_length: int, fuse_projections: bool, cache, required: bool):
+    """The decode step for generate(): a GraphedDecode captured on the prefilled `cache`, or, when
+    the capture fails and the graph was not asked for (`required` False: generate's default),
+    eager steps after a warning. The failed capture ran no kernel (a capture only records them),
+    so the cache holds the prompt as before; the warm-up steps' scratch slot is cleared again."""
+    try:
+        return GraphedDecode(model, batch_size, max_length, fuse_projections, cache=cache)
+    except Exception as e:
+        if required:
+            raise
+        cache.kv_mask[:, -1] = False  # the scratch slot (warm_up_on_scratch), whatever step failed
+        warnings.warn(f"capturing the decode step as a CUDA graph failed ({type(e).__name__}: {e}); decoding "
+                      "eagerly, which is several times slower at small batches. generate(cuda_graph=False) skips "
+                      "the attempt; cuda_graph=True raises instead.", stacklevel=_user_stacklevel())
+        return lambda token, pos: decode_one_token(model, token, cache, pos)
 
 
 class GraphedDecode:

@@ -139,10 +139,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.mlp = LlamaMLP(cfg, kernels)
         self.kernels = kernels
-        self.decode_kernels = False  # set by LlavaNextForConditionalGeneration.enable_decode_kernels()
+        # None: on CUDA for up to AUTO_DECODE_ROWS rows; True: up to decode_linear's limit; False:
+        # never. Set by LlavaNextForConditionalGeneration.enable_decode_kernels().
+        self.decode_kernels = None
 
     def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
-        if self.decode_kernels:
+        if self.decode_kernels is not False:
             weights = self._decode_weights(x)
             if weights is not None:
                 return self.decode_forward(x, weights, rope, cache, cache_pos, kv_mask)
@@ -168,15 +170,18 @@ class LlamaDecoderLayer(nn.Module):
 
     def _decode_weights(self, x):
         """((q/k/v weight, bias), (gate/up weight, bias)) as single tensors when decode_forward
-        may run this call, else None (the module path runs, whatever changed). It runs only with
-        the Triton kernels on x, at most decode_linear's row limit, no gradient, no autocast or
+        may run this call, else None (the module path runs, whatever changed). It runs only where
+        decode_kernels allows it (None: x on CUDA with at most AUTO_DECODE_ROWS rows; True: at most
+        decode_linear's row limit; False: never), with the Triton kernels on x, no gradient, no autocast or
         torch.compile, this layer's own module classes with no hooks and no replaced forward (a
         LoRA wrapper, a quantized layer or a hook must see its own call), plain weights and
         biases of x's dtype and device, and the projections laid out by fuse_projections()."""
         from .kernels.decode_linear import MAX_ROWS
 
-        if (not kernels_enabled(self.kernels, x) or x.numel() > MAX_ROWS * x.shape[-1]
-                or torch.compiler.is_compiling() or _autocast(x)):
+        rows = MAX_ROWS if self.decode_kernels else AUTO_DECODE_ROWS
+        if (self.decode_kernels is False or (self.decode_kernels is None and not x.is_cuda)
+                or not kernels_enabled(self.kernels, x)
+                or x.numel() > rows * x.shape[-1] or torch.compiler.is_compiling() or _autocast(x)):
             return None
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -197,6 +202,12 @@ class LlamaDecoderLayer(nn.Module):
         if not all(_plain(t, x) for t in (*qkv, *gate_up, o.weight, o.bias, down.weight, down.bias)):
             return None
         return qkv, gate_up
+
+
+# By default (decode_kernels None) the decode_linear path runs on CUDA for steps of at most this
+# many rows: at batch 1 and 8 it took the mistral-7b step from 6.25 to 5.86 and from 7.42 to 6.98
+# ms/token on an H100 (bench/NOTES.md, sixth session); more rows were not timed against cuBLAS.
+AUTO_DECODE_ROWS = 8
 
 
 def _plain(t, x) -> bool:

@@ -389,18 +389,22 @@ class LlavaNextForConditionalGeneration(nn.Module):
             fuse_linears((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
         return self
 
-    def enable_decode_kernels(self, enabled: bool = True):
-        """Run the decoder's few-row, no-gradient forwards (decode steps, at most 64 rows) through
-        `decode_forward`: the q/k/v, o, gate/up and down products as decode_linear Triton kernels
-        with the SiLU-mul and both residual adds folded into their outputs (kernels/decode_linear.py),
-        and a one-token step's rotary, cache write and attention as one rope_decode_attention kernel.
-        Needs the Triton kernels (attn_implementation "triton", or "auto" on CUDA); calls
-        fuse_projections() first. Experimental and off by default: it has not yet been timed on
-        a GPU against the cuBLAS path (`scripts/bench.py --decode-kernels` is the A/B). Returns self."""
+    def enable_decode_kernels(self, enabled: bool | None = True):
+        """Run the decoder's few-row, no-gradient forwards (decode steps) through `decode_forward`:
+        the q/k/v, o, gate/up and down products as decode_linear Triton kernels with the SiLU-mul
+        and both residual adds folded into their outputs (kernels/decode_linear.py), and a
+        one-token step's rotary, cache write and attention as one rope_decode_attention kernel.
+        It needs the Triton kernels (attn_implementation "triton", or "auto" on CUDA) and the
+        fused projections. None, the default a model starts with: on CUDA, for steps of at most 8
+        rows (where it was timed faster than cuBLAS: 5.86 vs 6.25 ms/token at batch 1 on an H100,
+        bench/NOTES.md), once generate() has fused the projections. True: up to 64 rows, and
+        calls fuse_projections() now. False: never (the cuBLAS products). Returns self."""
+        if enabled not in (None, True, False):
+            raise TypeError(f"enable_decode_kernels takes True, False or None, got {enabled!r}")
         if enabled:
             self.fuse_projections()
         for layer in self.language_model.model.layers:
-            layer.decode_kernels = bool(enabled)
+            layer.decode_kernels = None if enabled is None else bool(enabled)
         return self
 
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):

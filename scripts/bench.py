@@ -265,8 +265,8 @@ def set_kernel_experiments(args) -> dict:
         bm, bn, w, st = (int(v) for v in args.flash_tile.split(","))
         default = fa._fwd_config
 
-        def tile(block_d, tq, dtype, device):
-            cfg = default(block_d, tq, dtype, device)
+        def tile(block_d, tq, dtype, device, tma=False):
+            cfg = default(block_d, tq, dtype, device, tma)
             if device.type == "cuda" and dtype != torch.float32 and tq > 64 and block_d <= 128:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
             return cfg
@@ -276,9 +276,9 @@ def set_kernel_experiments(args) -> dict:
     if args.decode_programs_per_sm is not None:
         da.PROGRAMS_PER_SM = args.decode_programs_per_sm
         done["decode_programs_per_sm"] = args.decode_programs_per_sm
-    if args.flash_tma:
-        fa.USE_TMA = True
-        done["flash_tma"] = True
+    if args.flash_tma is not None:  # default: None, where it pays (see flash_attention.USE_TMA)
+        fa.USE_TMA = args.flash_tma
+        done["flash_tma"] = args.flash_tma
     if args.pdl:
         pdl = sys.modules["llava_next.kernels.pdl"]
         pdl.USE_PDL = True
@@ -354,10 +354,12 @@ def main():
                     help="experiment: this tile for fp16/bf16 flash attention instead of the default")
     ap.add_argument("--decode-programs-per-sm", type=float, default=None,
                     help="experiment: the decode-attention split target (default: the kernel's, 4)")
-    ap.add_argument("--flash-tma", action="store_true",
-                    help="experiment: flash attention fetches K/V with the copy engine (TMA, Hopper)")
-    ap.add_argument("--decode-kernels", action="store_true",
-                    help="experiment: decode steps through the decode_linear kernels (enable_decode_kernels)")
+    ap.add_argument("--flash-tma", action=argparse.BooleanOptionalAction, default=None,
+                    help="flash attention fetches K/V with the copy engine (TMA) everywhere it can / never "
+                         "(default: where it pays, Hopper at head_dim 128; flash_attention.USE_TMA)")
+    ap.add_argument("--decode-kernels", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode steps through the decode_linear kernels up to 64 rows / never (default: on "
+                         "CUDA up to 8 rows; enable_decode_kernels)")
     ap.add_argument("--pdl", action="store_true",
                     help="experiment: the decode step's Triton kernels start early (programmatic dependent launch)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
@@ -378,9 +380,9 @@ def main():
     args.fuse = device.type == "cuda" and not args.no_fuse  # what generate() does by default on CUDA
     if args.fuse:
         ours.fuse_projections()  # before any timing, so the vision/prefill split matches TTFT
-    if args.decode_kernels:
-        ours.enable_decode_kernels()
-        experiments["decode_kernels"] = True
+    if args.decode_kernels is not None:
+        ours.enable_decode_kernels(args.decode_kernels)
+        experiments["decode_kernels"] = args.decode_kernels
     log(f"built ours ({args.preset}, {dtype}) on {card} in {time.perf_counter() - t0:.1f} s")
     r_ours = measure_ours(ours, cfg_dict, args, device, dtype)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

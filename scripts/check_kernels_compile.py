@@ -97,7 +97,7 @@ def report(label, kernel):
 
 def attn(dtype, D, causal=True, window=False, mask=False, offset_ptr=False, config=None, tma=False):
     block_d = max(16, triton.next_power_of_2(D))
-    cfg = dict(config or fa._fwd_config(block_d, 4096, TORCH_DTYPES[dtype], torch.device("cuda")))
+    cfg = dict(config or fa._fwd_config(block_d, 4096, TORCH_DTYPES[dtype], torch.device("cuda"), tma))
     bm, bn, w, s = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("num_warps"), cfg.pop("num_stages")
     desc = f"tensordesc<{dtype}[1,1,{bn},{D}]>" if tma else "*" + dtype
     ptrs = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, Out="*" + dtype, Lse="*fp32", KvMask="*u8", QOffset="*i64",

@@ -10,8 +10,9 @@
 #   e2e          scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 240 s)
 #   e2e_b1       scripts/bench.py at batch 1 only, no transformers (<= 90 s)
 #   profile      scripts/profile_step.py: prefill and decode time by kernel family, decode three times (<= 120 s)
-#   ab           bench.py at batch 1 and 8 seven ways: as is, --decode-kernels, the same with --pdl, --flash-tma,
-#                the sweep's two leads, --no-fuse (most wanted first: a time-out cuts the last ones)
+#   ab           bench.py at batch 1 and 8 as is, then the defaults' alternatives: --no-decode-kernels,
+#                --no-flash-tma, --pdl; at batch 32 cuBLAS vs --decode-kernels; --no-fuse (most wanted
+#                first: a time-out or AB_N cuts the last ones)
 #
 #     bash scripts/gpu_check.sh                   # tests kernels sweep: under 5 minutes
 #     bash scripts/gpu_check.sh e2e kernels tests sweep   # what a first GPU session owes (~7 min)
@@ -25,8 +26,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${OUT:-gpu_logs}
 LOG=/tmp/gpu_logs
-rm -rf "$LOG"  # a warm machine keeps /tmp: an earlier call's JSON must not come back as this one's
-mkdir -p "$DEST" "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -57,7 +56,7 @@ pack() {
   return 0
 }
 
-MODEL_TESTS="(triton or cuda or gpu or fuse) and not test_kernels"  # the model-level CUDA tests
+MODEL_TESTS="(triton or cuda or gpu or fuse) and not test_kernels and not test_bench_smoke"  # the model-level CUDA tests
 
 run_shard() {  # name, pytest args...
   local name=$1; shift
@@ -124,12 +123,11 @@ e2e_b1() {
 
 ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~7 x 25 s)
   local i=0 v rc=0 want
-  for v in "" "--decode-kernels" "--decode-kernels --pdl" "--flash-tma" "--decode-programs-per-sm 1" \
-      "--flash-tile 64,64,4,3" "--no-fuse"; do
+  for v in "" "--no-decode-kernels" "--no-flash-tma" "--pdl" "--batches 32" "--decode-kernels --batches 32" \
+      "--no-fuse"; do
     i=$((i + 1))
     [ "$i" -gt "${AB_N:-7}" ] && break  # AB_N: only the first N variants
-    want=90
-    case "$v" in *--decode-kernels*) want=150 ;; esac  # decode_linear autotunes: ~36 compiles a new variant
+    want=120  # the first variant compiles decode_linear's autotune candidates (~36); the rest reuse them
     late 30 && { rc=1; break; }
     echo "-- bench.py $v"
     # shellcheck disable=SC2086  # $v is a list of arguments
@@ -148,6 +146,10 @@ stages=${*:-tests kernels sweep}
 for stage in $stages; do
   declare -F "$stage" >/dev/null || { echo "gpu_check.sh: unknown stage '$stage'" >&2; exit 2; }
 done
+# Only now, with the stages known good: tests/test_bench_smoke.py runs this script with a bad stage,
+# and when it ran inside the tests stage, an earlier rm here deleted the other shards' logs.
+rm -rf "$LOG"  # a warm machine keeps /tmp: an earlier call's JSON must not come back as this one's
+mkdir -p "$DEST" "$LOG"
 exec > >(tee "$DEST/session.txt") 2>&1
 TEE=$!
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader

@@ -7,7 +7,8 @@ kernels, other), and the gap between them: a gap near the wall time means the GP
 Python. The decode step is also timed as bench.py runs it, a CUDA-graph replay, so
 "graph replay - kernel sum" is what the kernels' ramp-up and the gaps between them cost.
 The model's projections are fused (`fuse_projections`, as generate() does on CUDA);
---decode-kernels profiles the decode step a second time with `enable_decode_kernels()`. Then it
+The decode step runs the cuBLAS products (`enable_decode_kernels(False)`); --decode-kernels
+profiles it a second time with `enable_decode_kernels()`. Then it
 times what the fusion buys in isolation: q/k/v and gate/up as one matrix-vector product against
 three and two, at batch 1.
 
@@ -150,7 +151,7 @@ def main():
         prefill(model, one["input_ids"], one["attention_mask"], one["pixel_values"], one["image_sizes"], cache)
 
     section(lambda: report("prefill (vision + projector + language model)", *kernel_times(run_prefill)))
-    section(lambda: decode_step(model, one, T, args.context))
+    section(lambda: decode_step(model.enable_decode_kernels(False), one, T, args.context))
     if args.decode_kernels:
         section(lambda: decode_step(model.enable_decode_kernels(), one, T, args.context, "decode_linear kernels"))
     if args.pdl:  # on the last variant's path; a kernel's time now includes its wait for the one before

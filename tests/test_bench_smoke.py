@@ -39,7 +39,7 @@ def test_gpu_check_ab_variants_run(tmp_path):
     loop = re.search(r'for v in ((?:"[^"]*"\s*(?:\\\n\s*)?)+); do', script)  # the list may continue on a line
     assert loop, "gpu_check.sh's ab loop not found"
     variants = [shlex.split(v) for v in re.findall(r'"([^"]*)"', loop.group(1))]
-    assert ["--decode-kernels"] in variants and ["--flash-tma"] in variants and ["--decode-kernels", "--pdl"] in variants
+    assert ["--no-decode-kernels"] in variants and ["--no-flash-tma"] in variants and ["--pdl"] in variants
     assert len(variants) == 7 and variants[0] == []  # "as committed" first: the baseline of the others
     for i, extra in enumerate(variants):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--preset", "tiny",

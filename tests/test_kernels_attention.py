@@ -237,17 +237,55 @@ def test_flash_backward_realistic_cuda(dtype):
         torch.testing.assert_close(ours.grad.float(), ref.grad, **GRAD_TOL[dtype])
 
 
+def test_flash_tile_choice():
+    """The tiles _fwd_config picks on a GPU (a pure function of its arguments; no GPU needed), and
+    where the copy-engine loads are used by default: nowhere off a GPU."""
+    import sys
+
+    fa = sys.modules["llava_next.kernels.flash_attention"]
+    gpu, bf16 = torch.device("cuda"), torch.bfloat16
+    tile = lambda *a: tuple(fa._fwd_config(*a).values())  # noqa: E731
+    assert tile(128, 3000, bf16, gpu, True) == (64, 64, 4, 3)  # D 128 with TMA
+    assert tile(128, 3000, bf16, gpu, False) == (128, 64, 8, 3)  # D 128, pointer loads (D 80, 96 too)
+    assert tile(64, 577, bf16, gpu, False) == (64, 64, 4, 3)  # the vision tower's D 64
+    assert tile(256, 3000, bf16, gpu, False) == (64, 32, 8, 2)
+    assert tile(128, 7, bf16, gpu, True) == (16, 64, 4, 3)  # a short query block
+    assert tile(128, 3000, torch.float32, gpu, True) == (32, 32, 4, 2)
+    assert not fa._tma_pays(128, bf16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D,causal", [(128, True), (64, False)])
+def test_flash_gpu_default_tiles_match_reference(D, causal, dtype):
+    """The 64x64 tiles the GPU runs by default (with TMA at D 128) over ragged lengths, under the
+    interpreter too (which ignores warps and stages, not the tile shape)."""
+    import sys
+
+    if CUDA and dtype == torch.float32:
+        pytest.skip("fp32 has its own smaller tiles on a GPU")
+    fa = sys.modules["llava_next.kernels.flash_attention"]
+    q, k, v = make_qkv(2, 6, 3, 129, 129, D, dtype)
+    cfg = fa._fwd_config(D, 129, torch.bfloat16, torch.device("cuda"), D == 128)
+    kv_mask = torch.ones(2, 129, dtype=torch.bool, device=DEVICE)
+    kv_mask[1, :30] = False  # a left-padded row
+    out, _ = _flash_attention_forward(q, k, v, causal, kv_mask=kv_mask, config=cfg, use_tma=D == 128)
+    ref = flash_attention_reference(q.float(), k.float(), v.float(), causal=causal, kv_mask=kv_mask)
+    assert_matches_reference(out, ref, q)
+
+
 @pytest.mark.skipif(not CUDA, reason="realistic shapes only compiled on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "B,Hq,Hkv,T,D,causal",
     [(1, 32, 8, 1500, 128, True), (5, 16, 16, 577, 64, False), (2, 32, 32, 300, 128, True), (1, 40, 8, 250, 128, True)],
 )
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointer_loads", "tma"])
-def test_flash_realistic_cuda(B, Hq, Hkv, T, D, causal, dtype, use_tma):
+@pytest.mark.parametrize("use_tma,config", [(None, None), (False, None), (True, None),
+                                            (False, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
+                         ids=["default", "pointer_loads", "tma", "old_tile"])
+def test_flash_realistic_cuda(B, Hq, Hkv, T, D, causal, dtype, use_tma, config):
     q, k, v = make_qkv(B, Hq, Hkv, T, T, D, dtype)
     assert not use_tma or _tma_descriptors(k, v, 64) is not None  # really the TMA loads
-    out, _ = _flash_attention_forward(q, k, v, causal, use_tma=use_tma)
+    out, _ = _flash_attention_forward(q, k, v, causal, use_tma=use_tma, config=config)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(Hq // Hkv, 1), v.float().repeat_interleave(Hq // Hkv, 1), is_causal=causal)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])

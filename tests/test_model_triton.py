@@ -44,19 +44,22 @@ def test_prefill_logits_match_sdpa(models):
     assert diff <= 2e-4
 
 
-@pytest.mark.parametrize("fuse", ["separate", "fused_projections", "decode_kernels"])
+@pytest.mark.parametrize("fuse", ["separate", "fused_projections", "decode_kernels", "auto"])
 def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse, monkeypatch):
     """With a cache the triton model uses the fused rope + cache-write kernel, flash attention for
     the prompt and flash-decoding for each new token; with fuse_projections, q/k/v come out of
     one product as strided views, which the rope kernel must read as such; with decode kernels,
-    each decode step's layers run as decode_linear kernels and rope_decode_attention (decode_forward)."""
+    each decode step's layers run as decode_linear kernels and rope_decode_attention (decode_forward);
+    auto, the default once fused: decode_forward on CUDA, never on CPU."""
     from llava_next.language import LlamaDecoderLayer
 
     config, sdpa, triton = models
     if fuse == "fused_projections":
-        triton = copy.deepcopy(triton).fuse_projections()
+        triton = copy.deepcopy(triton).fuse_projections().enable_decode_kernels(False)
     elif fuse == "decode_kernels":
         triton = copy.deepcopy(triton).enable_decode_kernels()
+    elif fuse == "auto":
+        triton = copy.deepcopy(triton).fuse_projections()
     import llava_next.kernels as K
 
     decode_calls, fused_attention_calls = [], []
@@ -81,7 +84,8 @@ def test_cached_prefill_and_decode_steps_match_sdpa(models, fuse, monkeypatch):
     print(f"cached prefill + 3 decode steps, triton vs sdpa: max abs diff {diff:.2e}")
     assert diff <= 2e-4
     n_layers = config.text_config.num_hidden_layers
-    assert decode_calls == ([(2, 1, config.text_config.hidden_size)] * 3 * n_layers if fuse == "decode_kernels" else [])
+    fast_path = fuse == "decode_kernels" or (fuse == "auto" and DEVICE == "cuda")
+    assert decode_calls == ([(2, 1, config.text_config.hidden_size)] * 3 * n_layers if fast_path else [])
     assert len(fused_attention_calls) == len(decode_calls)  # each decode step's attention in one kernel
 
 
@@ -126,6 +130,33 @@ def test_decode_kernels_greedy_tokens_and_stepping_aside(models):
         assert layer._decode_weights(x) is None
     model.enable_decode_kernels(False)
     assert not any(layer.decode_kernels for layer in model.language_model.model.layers)
+
+
+def test_decode_kernels_by_default_on_cuda_for_a_few_rows(models):
+    """A model starts with decode_kernels None: decode_linear for steps of at most
+    AUTO_DECODE_ROWS rows on CUDA (where it was timed faster), never on CPU; True raises the limit
+    to decode_linear's 64 rows, False turns it off, None restores the default."""
+    from llava_next.kernels.decode_linear import MAX_ROWS
+    from llava_next.language import AUTO_DECODE_ROWS
+
+    config, _, triton = models
+    model = copy.deepcopy(triton).fuse_projections()
+    layer = model.language_model.model.layers[0]
+    assert layer.decode_kernels is None
+    rows = lambda n: torch.randn(n, 1, config.text_config.hidden_size, device=DEVICE)  # noqa: E731
+    with torch.no_grad():
+        assert (layer._decode_weights(rows(AUTO_DECODE_ROWS)) is not None) == (DEVICE == "cuda")
+        assert layer._decode_weights(rows(AUTO_DECODE_ROWS + 1)) is None
+        model.enable_decode_kernels(True)
+        assert layer._decode_weights(rows(AUTO_DECODE_ROWS + 1)) is not None  # CPU too, under the interpreter
+        assert layer._decode_weights(rows(MAX_ROWS + 1)) is None
+        model.enable_decode_kernels(False)
+        assert layer._decode_weights(rows(1)) is None
+        model.enable_decode_kernels(None)
+        assert all(layer.decode_kernels is None for layer in model.language_model.model.layers)
+        assert (layer._decode_weights(rows(1)) is not None) == (DEVICE == "cuda")
+    with pytest.raises(TypeError, match="True, False or None"):
+        model.enable_decode_kernels("yes")
 
 
 def test_greedy_tokens_equal_sdpa(models):
@@ -198,28 +229,86 @@ def test_decode_kernels_short_text_prompt(models):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("decode_kernels,pdl", [(False, False), (True, False), (True, True)],
-                         ids=["cublas", "decode_kernels", "decode_kernels_pdl"])
+@pytest.mark.parametrize("decode_kernels,pdl", [(False, False), (True, False), (True, True), (None, False)],
+                         ids=["cublas", "decode_kernels", "decode_kernels_pdl", "auto"])
 def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels, pdl, monkeypatch):
-    """pdl: the graph (and an eager run) with programmatic dependent launch against ordinary launches."""
+    """pdl: the graph (and an eager run) with programmatic dependent launch against ordinary launches.
+    generate()'s default on CUDA is the graph."""
     import sys
 
+    from llava_next import generation
     from llava_next.generation import GraphedDecode
 
     config, _, triton = models
-    triton = copy.deepcopy(triton).enable_decode_kernels(decode_kernels)
+    triton = copy.deepcopy(triton).fuse_projections().enable_decode_kernels(decode_kernels)
     inputs = batch(config)
     kw = dict(max_new_tokens=8, eos_token_id=[])
-    want = triton.generate(**inputs, **kw)
+    want = triton.generate(**inputs, **kw, cuda_graph=False)
     monkeypatch.setattr(sys.modules["llava_next.kernels.pdl"], "USE_PDL", pdl)
-    assert torch.equal(triton.generate(**inputs, **kw), want)
+    assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=False), want)
     assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=True), want)
+    captures = []
+    monkeypatch.setattr(generation, "GraphedDecode",
+                        lambda *a, **k: captures.append(1) or GraphedDecode(*a, **k))
+    assert torch.equal(triton.generate(**inputs, **kw), want) and captures == [1]  # the default
+    monkeypatch.setattr(generation, "GraphedDecode", GraphedDecode)
     graph = GraphedDecode(triton, 2, inputs["input_ids"].shape[1] + 16)
     for _ in range(2):  # captured once, replayed over calls
         assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=graph), want)
     triton.enable_decode_kernels(not decode_kernels)  # moves no weight, but the graph holds the old path
     with pytest.raises(ValueError, match="enable_decode_kernels"):
         triton.generate(**inputs, **kw, cuda_graph=graph)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generate() captures a CUDA graph by default on CUDA only")
+def test_generate_decodes_eagerly_when_its_default_capture_fails(models, monkeypatch):
+    from llava_next import generation
+
+    config, _, triton = models
+    inputs = batch(config)
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    want = triton.generate(**inputs, **kw, cuda_graph=False)
+
+    def fail(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generation, "GraphedDecode", fail)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        assert torch.equal(triton.generate(**inputs, **kw), want)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        triton.generate(**inputs, **kw, cuda_graph=True)
+
+
+def test_graphed_or_eager_falls_back_after_a_failed_capture(models, monkeypatch):
+    """generate()'s default capture (after the first token, on the prefilled cache): a failure
+    warns and gives eager steps on the same cache, with the scratch slot cleared again; a capture
+    asked for (required) raises."""
+    from llava_next import generation
+
+    config, _, triton = models
+    inputs = batch(config)
+    B, T = inputs["input_ids"].shape
+    cache = KVCache.for_model(triton, B, T + 4)
+
+    def fail(*a, cache, **k):
+        cache.kv_mask[:, -1] = True  # as if a warm-up step had run on the scratch slot
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generation, "GraphedDecode", fail)
+    with pytest.raises(RuntimeError, match="capturing"):
+        generation.graphed_or_eager(triton, B, T + 4, True, cache, required=True)
+    args = [inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")]
+    generation.prefill(triton, *args, cache)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="decoding eagerly"):
+            step = generation.graphed_or_eager(triton, B, T + 4, True, cache, required=False)
+        assert not cache.kv_mask[:, -1].any()
+        token = torch.tensor([[5], [7]], device=DEVICE)
+        got = step(token, torch.tensor(T, device=DEVICE))
+        other = KVCache.for_model(triton, B, T + 4)
+        generation.prefill(triton, *args, other)
+        want = generation.decode_one_token(triton, token, other, torch.tensor(T, device=DEVICE))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

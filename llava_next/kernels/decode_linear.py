@@ -126,14 +126,16 @@ _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_d
 
 # On a GPU the tiles are picked per shape by timing these on its first call (triton.autotune:
 # each config compiled and run, the fastest kept for that (M, N, K, ...)); a CUDA graph's warm-up
-# steps do it before capture. The candidates are the sweep's (scripts/bench_kernels.py --sweep);
-# none has been timed on a GPU yet. AUTOTUNE = False (or LLAVA_NEXT_AUTOTUNE=0 in the environment,
-# as the tests set: they would otherwise compile and time six tiles for every shape they try) uses
-# `_config`'s heuristic instead.
+# steps do it before capture. The candidates are the sweep's (scripts/bench_kernels.py --sweep):
+# on an H100 at batch 1 the autotuner picked the first four, and the sweep found 16/256 on two warps
+# faster still for q/k/v, o and down (19.3 vs 20.1, 13.9 vs 15.1, 41.9 vs 45.4 us; bench/NOTES.md,
+# sixth session), so it replaced 64/128 (slowest for every shape). AUTOTUNE = False (or
+# LLAVA_NEXT_AUTOTUNE=0 in the environment, as the tests set: they would otherwise compile and time
+# six tiles for every shape they try) uses `_config`'s heuristic instead.
 AUTOTUNE = os.environ.get("LLAVA_NEXT_AUTOTUNE", "1") != "0"
 _TUNED_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
                   for bn, bk, w, st in ((16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
-                                        (16, 128, 2, 4), (64, 128, 4, 3))]
+                                        (16, 128, 2, 4), (16, 256, 2, 4))]
 _tuned_kernel = triton.autotune(configs=_TUNED_CONFIGS,
                                 key=["M", "N", "K", "GATED", "HAS_BIAS", "HAS_RESIDUAL", "USE_PDL"])(_kernel)
 

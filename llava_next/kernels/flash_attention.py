@@ -9,6 +9,7 @@ is visible to it unless one of the rules says otherwise:
 A query row that sees no key at all gets zeros, not NaN.
 """
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,11 @@ import triton
 import triton.language as tl
 
 from ..attention import visibility_mask
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no copy-engine loads
+    TensorDescriptor = None
 
 # Flash attention (Dao 2023), forward. One program owns BLOCK_M query rows of one (batch, head)
 # and streams over the key blocks it can see, BLOCK_N keys at a time, keeping per row
@@ -210,40 +216,61 @@ def _attn_fwd_kernel(
         tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=offs_m < Tq)
 
 
-# Experiment: fetch K and V tiles with the Hopper tensor-memory-access engine (a host-side
-# TensorDescriptor per tensor; Triton pipelines its loads with mbarriers) instead of pointer
-# loads. Off until timed on a GPU (bench.py --flash-tma, bench_kernels.py --sweep).
-USE_TMA = False
+# K and V tiles fetched by the Hopper tensor-memory-access engine (a host-side TensorDescriptor per
+# tensor; Triton pipelines its loads with mbarriers) instead of pointer loads. None (the default):
+# where that was measured to pay, a Hopper GPU (sm_90) at head_dim 128 in fp16/bf16, with the
+# 64-row tiles below (bench/NOTES.md, sixth session); True: wherever the descriptors can be made;
+# False: never (bench.py --no-flash-tma, the A/B).
+USE_TMA = None
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def _tma_pays(D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    return (device.type == "cuda" and D == 128 and dtype != torch.float32
+            and _hopper(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+def _tma_readable(k, v) -> bool:
+    """Whether the copy engine can read k and v as they are: it needs triton >= 3.4, a power-of-two
+    head_dim (the tile is the whole head), a contiguous last dim, 16-byte aligned addresses and
+    strides, and every dimension > 0."""
+    if TensorDescriptor is None:
+        return False
+    D = k.shape[-1]
+    if D < 16 or D & (D - 1) or 0 in k.shape:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and not any(st * t.element_size() % 16 for st in t.stride()[:-1]) for t in (k, v))
 
 
 def _tma_descriptors(k, v, block_n: int):
     """(k_desc, v_desc) covering (B, Hkv, Tk, D) with (1, 1, block_n, D) tiles, or None where the
-    copy engine cannot read the tensors as they are: it needs a power-of-two head_dim (the tile
-    is the whole head), a contiguous last dim and 16-byte aligned addresses and strides."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # triton < 3.4
+    copy engine cannot read the tensors as they are (_tma_readable)."""
+    if not _tma_readable(k, v):
         return None
     D = k.shape[-1]
-    if D < 16 or D & (D - 1) or 0 in k.shape:  # a descriptor needs every dimension > 0
-        return None
-    descs = []
-    for t in (k, v):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
-            return None
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, D]))
-    return tuple(descs)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, D]) for t in (k, v))
 
 
-def _fwd_config(block_d: int, tq: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes per head dim. Hopper (H100/H200) numbers: 128 query rows per program on two
-    warpgroups for wgmma, K/V tiles of 64 keys triple-buffered (3 x 32 KiB at D=128 fits in
-    shared memory with the Q tile). fp32 (tests only) needs smaller tiles."""
+def _fwd_config(block_d: int, tq: int, dtype: torch.dtype, device: torch.device, tma: bool = False) -> dict:
+    """Tile sizes per head dim, from the Hopper (H100/H200) sweeps in bench/NOTES.md. `tma`: the
+    K/V tiles come by the copy engine. fp32 (tests only) needs smaller tiles."""
     if device.type != "cuda":  # the interpreter: small tiles keep the masked paths exercised
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    elif block_d <= 128:  # D <= 64 too: with 4 warps the 128-row tile sits at 255 registers
+    elif block_d <= 64 or tma:
+        # 64 query rows on one warpgroup, K/V tiles of 64 keys triple-buffered: small enough that
+        # two CTAs share an SM and drift out of step, so one's softmax overlaps the other's
+        # products. D 64 (the vision tower), pointer loads: 234 vs 211 TFLOP/s for 128-row tiles on
+        # an H100, 237 vs 215 on an H200. D 128 with TMA: 449 vs 413 on an H100 (one sweep), where
+        # with pointer loads this tile is no faster (405).
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    elif block_d <= 128:  # 128 rows on two warpgroups for wgmma; 3 x 32 KiB of K/V stages at D 128
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     else:  # D = 256: the 128-row version would need 256 KiB of shared memory
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
@@ -313,7 +340,8 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
                              scale=None, store_lse=False, config=None, use_tma=None):
     """Launches the forward kernel; returns (out, lse). lse is (B, Hq, Tq) fp32 in the log2 domain
     (+inf for rows that see no key) or None. `config` overrides the tile sizes (benchmark sweeps);
-    `use_tma` (default: the module's USE_TMA) asks for the copy-engine loads where they apply."""
+    `use_tma` (default: the module's USE_TMA; None there: where they pay) asks for the copy-engine
+    loads, which run wherever the tensors allow them (_tma_readable)."""
     B, Hq, Tq, D, Hkv, Tk = _check_attention_inputs(q, k, v, kv_mask)
     offset, offset_t, stride_offb = _offset_arg(q_offset, Tk - Tq, B)
     check_devices(q, q_offset=offset_t)
@@ -328,11 +356,15 @@ def _flash_attention_forward(q, k, v, causal, q_offset=None, kv_mask=None, slidi
     if B * Hq * Tq == 0:
         return out, lse
     block_d = max(16, triton.next_power_of_2(D))
-    cfg = dict(config) if config is not None else _fwd_config(block_d, Tq, q.dtype, q.device)
+    tma = USE_TMA if use_tma is None else use_tma
+    if tma is None:
+        tma = _tma_pays(D, q.dtype, q.device)
+    tma = tma and _tma_readable(k, v)
+    cfg = dict(config) if config is not None else _fwd_config(block_d, Tq, q.dtype, q.device, tma)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     mask_t = kv_mask.view(torch.uint8) if kv_mask is not None else None
     lse_arg = lse if lse is not None else out
-    descs = _tma_descriptors(k, v, block_n) if (USE_TMA if use_tma is None else use_tma) else None
+    descs = _tma_descriptors(k, v, block_n) if tma else None
     grid = (B * Hq, triton.cdiv(Tq, block_m))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse_arg,
