@@ -194,8 +194,7 @@ def answer(processor, model, inputs, args) -> str:
 
     n, context = inputs["input_ids"].shape[1], model.config.text_config.max_position_embeddings
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    # The graph-replayed decode is the one the Triton path was checked with on a GPU.
-    graph = model.device.type == "cuda" and model.attn_implementation in ("auto", "triton") and not args.no_cuda_graph
+    graph = False if args.no_cuda_graph else None  # None: generate()'s default, the graph on CUDA with Triton
     out = _user_error(model.generate, **inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph)
