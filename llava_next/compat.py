@@ -15,12 +15,13 @@ from .loading import legacy_key
 @dataclass
 class CausalLMOutput:
     """Read like transformers' ModelOutput: out.logits, out["logits"], out[0], "loss" in out, and
-    keys() / to_tuple() over the fields that are set, in order: (loss, logits) or (logits,)."""
+    keys() / to_tuple() over the fields that are set, in order: loss, logits, hidden_states."""
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    hidden_states: tuple | None = None  # with output_hidden_states: num_layers + 1 tensors (B, T, C)
 
     def keys(self) -> list[str]:
-        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+        return [k for k in ("loss", "logits", "hidden_states") if getattr(self, k) is not None]
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, k) for k in self.keys())
@@ -62,7 +63,7 @@ def to_legacy_keys(state_dict, prefix, *args):
 
 # transformers' forward options that ask for what forward() does anyway, with the values that do.
 NO_OP_FORWARD = {"use_cache": (None, True, False), "output_attentions": (None, False),
-                 "output_hidden_states": (None, False), "past_key_values": (None,), "cache_position": (None,),
+                 "past_key_values": (None,), "cache_position": (None,),
                  "mm_encoder_outputs": (None,)}
 
 
@@ -78,6 +79,6 @@ def check_transformers_options(config, options: dict) -> None:
         if name in NO_OP_FORWARD and not any(value is v or (v is not None and value == v) for v in NO_OP_FORWARD[name]):
             asked.append(name)
     if asked:
-        raise TypeError(f"forward() does not support {sorted(asked)} as given (hidden states, attentions and a "
+        raise TypeError(f"forward() does not support {sorted(asked)} as given (attentions and a "
                         "returned cache are not implemented; a KVCache passed as cache= is filled in place; vision "
                         "feature settings come from the config)")

@@ -246,8 +246,10 @@ class LlamaModel(nn.Module):
             self._inv_freq[device] = rope_inv_freq(self.config, device=device)
         return self._inv_freq[device]
 
-    def forward(self, inputs_embeds, position_ids, cache=None, cache_pos=None, kv_mask=None):
-        """inputs_embeds (B, T, C), position_ids (B, T) -> hidden states (B, T, C) after the final norm."""
+    def forward(self, inputs_embeds, position_ids, cache=None, cache_pos=None, kv_mask=None, hidden_states=None):
+        """inputs_embeds (B, T, C), position_ids (B, T) -> hidden states (B, T, C) after the final norm.
+        `hidden_states`, a list: gets each layer's input and then the output, num_layers + 1
+        tensors (B, T, C) as transformers' output_hidden_states gives them (the last one normed)."""
         x = inputs_embeds
         inv_freq = self.inv_freq(x.device)
         if kernels_enabled(self.kernels, x) and cache is not None and not torch.is_grad_enabled():
@@ -255,11 +257,16 @@ class LlamaModel(nn.Module):
         else:
             rope = Rope(position_ids, inv_freq, *rope_cos_sin(inv_freq, position_ids, x.dtype))
         for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, cache, cache_pos, kv_mask, use_reentrant=False)
             else:
                 x = layer(x, rope, cache, cache_pos, kv_mask)
-        return self.norm(x)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
 
 
 class LlamaForCausalLM(nn.Module):

@@ -220,7 +220,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None,
                 position_ids=None, cache=None, inputs_embeds=None, *, cache_pos=None, labels=None,
                 logits_to_keep: int | torch.Tensor = 0, num_items_in_batch=None, return_dict: bool = True,
-                **transformers_options):
+                output_hidden_states: bool | int | list[int] | None = None, **transformers_options):
         """Logits for every position (or those `logits_to_keep` picks), and the loss when labels are given.
 
         The positional order is transformers'. attention_mask (B, T) or, with a cache, (B, past + T):
@@ -230,9 +230,14 @@ class LlavaNextForConditionalGeneration(nn.Module):
         logits_to_keep: an int k keeps the last k positions (0: all; with labels, the loss scores
         the labels they predict), a tensor of indices those positions. num_items_in_batch (as
         transformers' Trainer passes it with gradient accumulation): the loss is the sum over the
-        scored labels divided by it, not their mean. return_dict=False gives (loss, logits) or
-        (logits,). transformers' options that ask for nothing different are accepted; the others
-        (hidden states, attentions, a returned cache) raise.
+        scored labels divided by it, not their mean. output_hidden_states=True (default: the
+        config's, else False) adds `hidden_states`, the language model's num_layers + 1 hidden
+        states (B, T, C) as transformers gives them: the embeddings with the image features written
+        in, each layer's output, the last one after the final norm, all positions whatever
+        logits_to_keep says; an int or a list of ints keeps those indices (negative ones count from
+        the end) and puts None at the others, as transformers 5.24 does. return_dict=False gives
+        the set fields as a tuple: (loss, logits, hidden_states) or fewer. transformers' options
+        that ask for nothing different are accepted; the others (attentions, a returned cache) raise.
         """
         check_transformers_options(self.config, transformers_options)
         if "num_logits_to_keep" in transformers_options:  # the older name
@@ -276,7 +281,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
         if not torch.is_tensor(cache_pos) and kv_mask is not None and bool(kv_mask.all()):
             kv_mask = None  # no padding: lets attention take its plain causal path
-        hidden = self.language_model.model(inputs_embeds, position_ids, cache, cache_pos, kv_mask)  # (B, T, H)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        states = [] if output_hidden_states is not False and output_hidden_states is not None else None
+        hidden = self.language_model.model(inputs_embeds, position_ids, cache, cache_pos, kv_mask, states)  # (B, T, H)
         keep = logits_to_keep
         if torch.is_tensor(keep):
             if labels is not None:
@@ -308,7 +316,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
             if num_items_in_batch is not None:
                 loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
                                else num_items_in_batch)
-        out = CausalLMOutput(logits=logits, loss=loss)
+        out = CausalLMOutput(logits=logits, loss=loss,
+                             hidden_states=_select_states(states, output_hidden_states) if states is not None else None)
         return out if return_dict is None or return_dict else out.to_tuple()
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
@@ -507,6 +516,20 @@ def _progress(items, show: bool, desc: str):
     except ImportError:
         return items
     return tqdm(items, desc=desc, unit=" tensors", file=sys.stderr, leave=False)
+
+
+def _select_states(states: list, selection) -> tuple:
+    """output_hidden_states: True keeps every hidden state; an int or a list of ints the ones at
+    those indices (negative: from the end), None in the other places (transformers 5.24's form)."""
+    if selection is True:
+        return tuple(states)
+    picked = [selection] if isinstance(selection, int) and not isinstance(selection, bool) else list(selection)
+    n = len(states)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and -n <= i < n for i in picked):
+        raise ValueError(f"output_hidden_states must be True, or indices into the {n} hidden states "
+                         f"(-{n} to {n - 1}), got {selection!r}")
+    keep = {i % n for i in picked}
+    return tuple(h if i in keep else None for i, h in enumerate(states))
 
 
 def _positions(kv_mask, B: int, T: int, device):

@@ -43,6 +43,51 @@ def compare(hf, folder, image_sizes_per_row, text_lens=None, attn="sdpa", seed=0
 
 
 @pytest.mark.parametrize("family", ["mistral", "vicuna", "yi"])
+def test_hidden_states_match_transformers(tmp_path, family):
+    """output_hidden_states: the language model's num_layers + 1 hidden states, equal to
+    transformers' on every real position of a left-padded batch with images; selections by index
+    (None elsewhere), the tuple form, the config's default, a decode step with a cache."""
+    from llava_next import KVCache
+
+    hf = hf_checkpoint(tmp_path, family, **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+    real = mask.bool()
+    with torch.no_grad():
+        want = hf(**kw, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True).hidden_states
+        out = ours(**kw, output_hidden_states=True, logits_to_keep=1)
+        got = out.hidden_states
+        assert len(got) == len(want) == ours.config.text_config.num_hidden_layers + 1
+        diffs = [(g - w)[real].abs().max().item() for g, w in zip(got, want)]
+        print(f"hidden states max abs diff vs transformers, per index: {['%.1e' % d for d in diffs]}")
+        assert max(diffs) <= ATOL
+        assert got[0].shape[1] == ids.shape[1] and out.logits.shape[1] == 1  # all positions, whatever logits_to_keep
+        assert torch.equal(ours.lm_head(got[-1][:, -1:]), out.logits)  # the last one is after the final norm
+        picked = ours(**kw, output_hidden_states=[0, -1]).hidden_states
+        assert picked[1] is None and torch.equal(picked[0], got[0]) and torch.equal(picked[-1], got[-1])
+        assert [h is None for h in ours(**kw, output_hidden_states=1).hidden_states] == [i != 1 for i in range(len(got))]
+        logits, states = ours(**kw, output_hidden_states=True, return_dict=False)
+        assert len(states) == len(got) and "hidden_states" not in ours(**kw)
+        with pytest.raises(ValueError, match="indices into the"):
+            ours(**kw, output_hidden_states=len(got))
+        ours.config.output_hidden_states = True  # transformers reads the config when the call leaves it out
+        assert len(ours(**kw).hidden_states) == len(got)
+        del ours.config.output_hidden_states
+        # a cached prompt, then one step: the step's hidden states are the full forward's last column
+        T = ids.shape[1]
+        step = torch.tensor([[11], [12]])
+        full = ours(input_ids=torch.cat([ids, step], 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                    pixel_values=pv, image_sizes=sizes, output_hidden_states=True).hidden_states
+        cache = KVCache.for_model(ours, 2, T + 1)
+        ours(**kw, cache=cache)
+        one = ours(input_ids=step, cache=cache, cache_pos=torch.tensor(T), output_hidden_states=True).hidden_states
+        for a, b in zip(one, full):
+            torch.testing.assert_close(a, b[:, -1:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mistral", "vicuna", "yi"])
 def test_families_one_image(tmp_path, family):
     hf = hf_checkpoint(tmp_path, family, **SMALL)
     compare(hf, tmp_path, [[(45, 80)]])
@@ -665,7 +710,7 @@ def test_logits_to_keep_and_transformers_options(saved):
         assert torch.equal(same.logits, full)
         loss, logits = ours(input_ids=ids, labels=ids, return_dict=False)
         assert torch.equal(logits, full) and loss.dim() == 0
-        for option in (dict(output_hidden_states=True), dict(vision_feature_layer=-3), dict(past_key_values=object())):
+        for option in (dict(output_attentions=True), dict(vision_feature_layer=-3), dict(past_key_values=object())):
             with pytest.raises(TypeError, match=f"does not support \\['{next(iter(option))}'\\]"):
                 ours(input_ids=ids, **option)
         with pytest.raises(TypeError, match=r"unexpected arguments: \['lables'\]$"):  # a typo: named, not printed
