@@ -23,14 +23,14 @@ from .kv_cache import KVCache
 def prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache):
     """Run the whole prompt; returns the last position's logits (B, vocab) in fp32."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                image_sizes=image_sizes, cache=cache, cache_pos=0, logits_to_keep=1)
+                image_sizes=image_sizes, cache=cache, cache_pos=0, logits_to_keep=1, output_hidden_states=False)
     return out.logits[:, -1].float()
 
 
 @torch.no_grad()
 def decode_one_token(model, token, cache, cache_pos):
     """token (B, 1), cache_pos 0-d long tensor -> logits (B, vocab) in fp32. Static shapes."""
-    out = model(input_ids=token, cache=cache, cache_pos=cache_pos)
+    out = model(input_ids=token, cache=cache, cache_pos=cache_pos, output_hidden_states=False)
     return out.logits[:, -1].float()
 
 
@@ -115,8 +115,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     between the first and the second token, so the first does not wait for them); pass a
     `GraphedDecode(model, batch_size, max_length)` instead to capture once and reuse it over calls
     (the caller owns it and its KV cache). None (the default) is True on CUDA with the Triton
-    kernels (attn_implementation "auto" or "triton"), where a failed capture (a hook that
-    synchronizes, say) warns and decodes eagerly; else False. On an H100, 64 new tokens at batch 1
+    kernels (attn_implementation "auto" or "triton") unless a module of the model has a forward
+    hook or a replaced forward (a replay runs no Python: they would see the capture only); a
+    failed capture warns and decodes eagerly; else False. On an H100, 64 new tokens at batch 1
     took 5.9-7.7 ms a token with the graph, its capture included, and 21-31 eagerly (bench/NOTES.md).
     On CUDA it first calls `model.fuse_projections()` (q/k/v and gate/up as one product each):
     the weights move to new storage once, so a CUDA graph you captured of the model before then
@@ -182,7 +183,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError("a streamer needs a batch of one prompt")
     required = cuda_graph is not None  # asked for explicitly: a failed capture raises
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and model.attn_implementation in ("auto", "triton")
+        cuda_graph = (device.type == "cuda" and model.attn_implementation in ("auto", "triton")
+                      and not runs_python_per_call(model))
     try:
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -249,6 +251,16 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     return out[:, :T + n]
 
 
+def runs_python_per_call(model) -> bool:
+    """Whether some module of the model runs Python of its own on each call (forward hooks or
+    pre-hooks, global ones too, or a forward replaced on the instance), which a CUDA graph's
+    replay would skip."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in model.modules())
+
+
 def graphed_or_eager(model, batch_size: int, max_length: int, fuse_projections: bool, cache, required: bool):
     """The decode step for generate(): a GraphedDecode captured on the prefilled `cache`, or, when
     the capture fails and the graph was not asked for (`required` False: generate's default),
@@ -287,9 +299,11 @@ class GraphedDecode:
         self.pos = torch.tensor(max_length - 1, device=device)  # a scratch slot for warm-up and capture
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # compiles the Triton kernels and settles the allocator before capture
-            warm_up_on_scratch(model, self.token, self.cache, self.pos, steps=2)
-        torch.cuda.current_stream(device).wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):  # compiles the Triton kernels and settles the allocator before capture
+                warm_up_on_scratch(model, self.token, self.cache, self.pos, steps=2)
+        finally:  # also when a warm-up step fails: a caller may go on eagerly with the same cache
+            torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # The outer stream context puts the current stream back even if the capture fails (the
         # graph context would leave its side stream current); thread_local lets other threads

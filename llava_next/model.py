@@ -230,12 +230,14 @@ class LlavaNextForConditionalGeneration(nn.Module):
         logits_to_keep: an int k keeps the last k positions (0: all; with labels, the loss scores
         the labels they predict), a tensor of indices those positions. num_items_in_batch (as
         transformers' Trainer passes it with gradient accumulation): the loss is the sum over the
-        scored labels divided by it, not their mean. output_hidden_states=True (default: the
-        config's, else False) adds `hidden_states`, the language model's num_layers + 1 hidden
-        states (B, T, C) as transformers gives them: the embeddings with the image features written
-        in, each layer's output, the last one after the final norm, all positions whatever
-        logits_to_keep says; an int or a list of ints keeps those indices (negative ones count from
-        the end) and puts None at the others, as transformers 5.24 does. return_dict=False gives
+        scored labels divided by it, not their mean. output_hidden_states=True (None or left out:
+        the config's, else False; transformers reads an explicit None as False) adds
+        `hidden_states`, the language model's num_layers + 1 hidden states (B, T, C) as
+        transformers gives them: the embeddings with the image features written in, each layer's
+        output, the last one after the final norm, all positions whatever logits_to_keep says; an
+        int or a list of ints keeps those indices (negative ones count from the end) and puts None
+        at the others, as transformers 5.24 does (which drops an index out of range, where this
+        raises). return_dict=False gives
         the set fields as a tuple: (loss, logits, hidden_states) or fewer. transformers' options
         that ask for nothing different are accepted; the others (attentions, a returned cache) raise.
         """

@@ -231,8 +231,8 @@ def measure_ours(model, cfg_dict, args, device, dtype):
 
 def generate_call(model, one, args, device) -> dict:
     """ms per new token of `model.generate(**inputs, max_new_tokens=n)` as a user calls it: eager
-    decode (the default), and cuda_graph=True with its warm-up and capture in every call; whether
-    the graph should be generate()'s default on CUDA is decided from these two numbers."""
+    decode (cuda_graph=False), and cuda_graph=True (generate()'s default on CUDA with the Triton
+    kernels since the sixth session's H100 run) with its warm-up and capture in every call."""
     n = max(2, min(64, args.new_tokens))
     out = dict(new_tokens=n, cuda_graph_ms_per_token=None)  # None off CUDA: cuda_graph=True decodes eagerly there
     for name, graph in (("eager", False), ("cuda_graph", True))[:2 if device.type == "cuda" else 1]:

@@ -115,7 +115,7 @@ def test_flash_lse_for_backward():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["causal", "full_D128", "one_query", "offset_window_padding", "bhtd"])
 def test_flash_tma_loads_match(case, dtype, monkeypatch):
-    """The copy-engine (TMA) variant of the K/V loads (flash_attention.USE_TMA, an experiment):
+    """The copy-engine (TMA) variant of the K/V loads (flash_attention.USE_TMA; by default on Hopper at D 128):
     same results as the pointer loads, including the ragged last key block, which the engine
     fills with zeros, and the masks; tensors it cannot read fall back to pointer loads."""
     import sys

@@ -57,8 +57,8 @@ def make_layers(n_layers, C, Hq, Hkv, D, inter, Tmax, dtype, seed=0):
 
 def decode_steps(layers, x, positions, Hq, Hkv, D, path):
     """A decoder's one-token steps, as LlamaDecoderLayer runs them: with enable_decode_kernels()
-    (every kernel Triton, each one's input the previous one's output) or on the default path
-    (cuBLAS products between the Triton kernels)."""
+    (every kernel Triton, each one's input the previous one's output) or on the module path
+    (cuBLAS products between the Triton kernels; enable_decode_kernels(False))."""
     freqs = inv_freq(D)
     for pos in positions:
         position_ids = pos.view(1, 1)

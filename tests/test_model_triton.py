@@ -248,9 +248,17 @@ def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels, pdl, monk
     assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=False), want)
     assert torch.equal(triton.generate(**inputs, **kw, cuda_graph=True), want)
     captures = []
-    monkeypatch.setattr(generation, "GraphedDecode",
-                        lambda *a, **k: captures.append(1) or GraphedDecode(*a, **k))
+
+    class Counted(GraphedDecode):  # a subclass: generate() asks isinstance(cuda_graph, GraphedDecode)
+        def __init__(self, *a, **k):
+            captures.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(generation, "GraphedDecode", Counted)
     assert torch.equal(triton.generate(**inputs, **kw), want) and captures == [1]  # the default
+    handle = triton.language_model.model.norm.register_forward_hook(lambda *a: None)
+    assert torch.equal(triton.generate(**inputs, **kw), want) and captures == [1]  # a hook: eager
+    handle.remove()
     monkeypatch.setattr(generation, "GraphedDecode", GraphedDecode)
     graph = GraphedDecode(triton, 2, inputs["input_ids"].shape[1] + 16)
     for _ in range(2):  # captured once, replayed over calls
@@ -269,14 +277,33 @@ def test_generate_decodes_eagerly_when_its_default_capture_fails(models, monkeyp
     kw = dict(max_new_tokens=6, eos_token_id=[])
     want = triton.generate(**inputs, **kw, cuda_graph=False)
 
-    def fail(*a, **k):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    class Failing(generation.GraphedDecode):  # a subclass: generate() asks isinstance(cuda_graph, GraphedDecode)
+        def __init__(self, *a, **k):
+            raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(generation, "GraphedDecode", fail)
+    monkeypatch.setattr(generation, "GraphedDecode", Failing)
     with pytest.warns(UserWarning, match="decoding eagerly"):
         assert torch.equal(triton.generate(**inputs, **kw), want)
     with pytest.raises(RuntimeError, match="stream is capturing"):
         triton.generate(**inputs, **kw, cuda_graph=True)
+
+
+def test_runs_python_per_call_sees_hooks_and_replaced_forwards(models):
+    """What keeps generate() from capturing a CUDA graph by default: Python that a replay would skip."""
+    from llava_next.generation import runs_python_per_call
+
+    _, _, triton = models
+    model = copy.deepcopy(triton)
+    assert not runs_python_per_call(model)
+    mlp = model.language_model.model.layers[0].mlp
+    for register in (mlp.register_forward_hook, mlp.register_forward_pre_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *a: None)
+        assert runs_python_per_call(model)
+        handle.remove()
+    assert not runs_python_per_call(model)
+    mlp.forward = lambda x: x
+    assert runs_python_per_call(model)
 
 
 def test_graphed_or_eager_falls_back_after_a_failed_capture(models, monkeypatch):
