@@ -3,7 +3,7 @@
 # box, so one that hangs cannot take the others' time. Uses the device's own torch, triton and
 # transformers; nothing is installed.
 #
-#   tests        the kernel and model tests on CUDA (fp32/fp16/bf16), five shards in parallel (<= 150 s)
+#   tests        the kernel and model tests on CUDA (fp32/fp16/bf16), five shards in parallel (<= 180 s)
 #   model_tests  the model-level CUDA tests only (<= 150 s), when only the model code changed
 #   kernels      scripts/bench_kernels.py: each kernel vs SDPA / its eager reference (<= 150 s; decode_linear autotunes)
 #   sweep        the kernel table again plus alternative tile configs, until SESSION_SECONDS
@@ -61,7 +61,7 @@ MODEL_TESTS="(triton or cuda or gpu or fuse) and not test_kernels and not test_b
 
 run_shard() {  # name, pytest args...
   local name=$1; shift
-  timeout "$(box 150)" "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG/test_$name.txt" 2>&1
+  timeout "$(box 180)" "$PY" -m pytest -q -p no:cacheprovider "$@" >"$LOG/test_$name.txt" 2>&1
   local rc=$?
   [ $rc -eq 5 ] && rc=0  # no test selected
   echo "$rc" >"$LOG/test_$name.rc"
