@@ -255,10 +255,13 @@ def runs_python_per_call(model) -> bool:
     """Whether some module of the model runs Python of its own on each call (forward hooks or
     pre-hooks, global ones too, or a forward replaced on the instance), which a CUDA graph's
     replay would skip."""
+    from .compat import output_requires_grad  # enable_input_require_grads' hook: nothing to do without grad
+
     hooks = torch.nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in model.modules())
+    return any(m._forward_pre_hooks or "forward" in m.__dict__
+               or any(h is not output_requires_grad for h in m._forward_hooks.values()) for m in model.modules())
 
 
 def graphed_or_eager(model, batch_size: int, max_length: int, fuse_projections: bool, cache, required: bool):

@@ -302,6 +302,8 @@ def test_runs_python_per_call_sees_hooks_and_replaced_forwards(models):
         assert runs_python_per_call(model)
         handle.remove()
     assert not runs_python_per_call(model)
+    model.enable_input_require_grads()  # PEFT calls it; its hook does nothing under no_grad
+    assert not runs_python_per_call(model)
     mlp.forward = lambda x: x
     assert runs_python_per_call(model)
 
