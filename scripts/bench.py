@@ -303,8 +303,13 @@ def _version(package):
     return version(package)
 
 
+_T0 = time.perf_counter()
+
+
 def log(msg):
-    print(msg, flush=True)  # progress, so a run cut short still leaves its numbers in the log
+    # progress, so a run cut short still leaves its numbers in the log; the seconds since the start
+    # show where a GPU session's minutes go
+    print(f"[{time.perf_counter() - _T0:5.0f}s] {msg}", flush=True)
 
 
 def free_memory(device):
