@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from .kv_cache import KVCache
+from .language import runs_python_per_call
 
 
 @torch.no_grad()
@@ -184,7 +185,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     required = cuda_graph is not None  # asked for explicitly: a failed capture raises
     if cuda_graph is None:
         cuda_graph = (device.type == "cuda" and model.attn_implementation in ("auto", "triton")
-                      and not runs_python_per_call(model))
+                      and not runs_python_per_call(model.modules()))
     try:
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -249,19 +250,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if streamer is not None:
         streamer.end()
     return out[:, :T + n]
-
-
-def runs_python_per_call(model) -> bool:
-    """Whether some module of the model runs Python of its own on each call (forward hooks or
-    pre-hooks, global ones too, or a forward replaced on the instance), which a CUDA graph's
-    replay would skip."""
-    from .compat import output_requires_grad  # enable_input_require_grads' hook: nothing to do without grad
-
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_pre_hooks or "forward" in m.__dict__
-               or any(h is not output_requires_grad for h in m._forward_hooks.values()) for m in model.modules())
 
 
 def graphed_or_eager(model, batch_size: int, max_length: int, fuse_projections: bool, cache, required: bool):

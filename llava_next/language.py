@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .attention import kernels_enabled
+from .compat import output_requires_grad
 from .config import TextConfig
 from .fused_linear import fused_weights, run_linears
 
@@ -187,11 +188,7 @@ class LlamaDecoderLayer(nn.Module):
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         modules = {attn: LlamaAttention, mlp: LlamaMLP, self.input_layernorm: LlamaRMSNorm,
                    self.post_attention_layernorm: LlamaRMSNorm, **{lin: nn.Linear for lin in linears}}
-        hooks = nn.modules.module
-        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-            return None
-        if any(type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
-               for m, cls in modules.items()):
+        if any(type(m) is not cls for m, cls in modules.items()) or runs_python_per_call(modules):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
@@ -202,6 +199,19 @@ class LlamaDecoderLayer(nn.Module):
         if not all(_plain(t, x) for t in (*qkv, *gate_up, o.weight, o.bias, down.weight, down.bias)):
             return None
         return qkv, gate_up
+
+
+def runs_python_per_call(modules) -> bool:
+    """Whether any of `modules` runs Python of its own on a call, which decode_forward's kernels
+    and a CUDA graph's replay would skip: a forward hook or pre-hook (a global one too) or a
+    forward replaced on the instance. enable_input_require_grads' hook (on the token embedding)
+    does not count: it only marks the embedding's output as needing a gradient, which a step
+    without one does not need."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_pre_hooks or "forward" in m.__dict__
+               or any(h is not output_requires_grad for h in m._forward_hooks.values()) for m in modules)
 
 
 # By default (decode_kernels None) the decode_linear path runs on CUDA for steps of at most this

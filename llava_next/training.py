@@ -85,8 +85,10 @@ def build_labels(processor, conversations, images=None, chat_format: str | None 
             raise ValueError("the conversations have {'type': 'image'} items without the image; pass images=...")
         images = found if any(found) else None
 
+    tok = processor.tokenizer
+    specials = sorted(set(tok.all_special_tokens) | set(tok.get_added_vocab()), key=len, reverse=True)
     for c, conversation in enumerate(conversations):
-        _check_messages(processor.tokenizer, conversation, c)
+        _check_messages(specials, conversation, c)
     rows = []  # (ids, labels) before the <image> expansion
     for conversation in conversations:
         ids, spans = assistant_spans(processor.tokenizer, conversation, fmt)
@@ -117,11 +119,11 @@ def build_labels(processor, conversations, images=None, chat_format: str | None 
     return out
 
 
-def _check_messages(tokenizer, conversation: list[dict], c: int) -> None:
+def _check_messages(specials: list[str], conversation: list[dict], c: int) -> None:
     """Refuse what would train the wrong tokens: an image in a reply (its text around the image
-    would be supervised in pieces) and a special token's text inside a message, which the
-    tokenizer reads as that token (an `</s>` mid-reply would teach the model to stop there)."""
-    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    would be supervised in pieces) and a special token's text (`specials`, longest first) inside a
+    message, which the tokenizer reads as that token (an `</s>` mid-reply would teach the model to
+    stop there)."""
     for m, message in enumerate(conversation):
         content = message.get("content")
         items = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])

@@ -88,8 +88,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, runs: int) -> float:
-    """Median wall time of fn() in seconds, synchronised around each run (after one warm-up)."""
+def timed(fn, device, runs: int, stat=statistics.median) -> float:
+    """Median (or `stat`) wall time of fn() in seconds, synchronised around each run (after one warm-up)."""
     fn()
     times = []
     for _ in range(runs):
@@ -98,7 +98,7 @@ def timed(fn, device, runs: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return stat(times)
 
 
 def build_ours(cfg_dict, device, dtype, attn):
@@ -153,15 +153,7 @@ def copy_bandwidth(device) -> float | None:
         return None
     a = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
     b = torch.empty_like(a)
-    b.copy_(a)
-    times = []
-    for _ in range(30):
-        sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * a.numel() * 4 / min(times)
+    return 2 * a.numel() * 4 / timed(lambda: b.copy_(a), device, 30, stat=min)
 
 
 def decode_bytes(model, batch: int, context: int) -> int:

@@ -38,15 +38,19 @@ END=${SESSION_SECONDS:-285}
 DEADLINE=${DEADLINE:-100000}
 failed=""
 
-box() {  # the time box for the next command: min(wanted, left before DEADLINE less 15 s for pack)
-  local want=$1 left=$((DEADLINE - SECONDS - 15))
+left() { echo $((DEADLINE - SECONDS - 15)); }  # seconds before DEADLINE, less 15 s for pack
+
+box() {  # the time box for the next command: min(wanted, left), at least 1
+  local want=$1 left
+  left=$(left)
   [ "$left" -lt "$want" ] && want=$left
   [ "$want" -lt 1 ] && want=1
   echo "$want"
 }
 
 late() {  # true, with a message, when under $1 seconds are left before DEADLINE
-  local left=$((DEADLINE - SECONDS - 15))
+  local left
+  left=$(left)
   [ "$left" -ge "$1" ] && return 1
   echo "skipped: ${left}s left before DEADLINE=${DEADLINE}"
 }
@@ -97,9 +101,8 @@ kernels() {
 }
 
 sweep() {  # the table again, then the alternative tiles, until SESSION_SECONDS
-  local left=$((END - SECONDS)) cap
-  cap=$(box "$left")
-  [ "$cap" -lt "$left" ] && left=$cap
+  local left
+  left=$(box $((END - SECONDS)))  # also no later than DEADLINE
   if [ "$left" -gt 40 ]; then
     timeout "$left" "$PY" scripts/bench_kernels.py --sweep --json "$LOG/bench_kernels_sweep.json" 2>&1 \
       | tee "$LOG/bench_sweep.txt"

@@ -6,7 +6,7 @@ time of the kernels (from torch.profiler) grouped by family (GEMM, attention, th
 kernels, other), and the gap between them: a gap near the wall time means the GPU waited on
 Python. The decode step is also timed as bench.py runs it, a CUDA-graph replay, so
 "graph replay - kernel sum" is what the kernels' ramp-up and the gaps between them cost.
-The model's projections are fused (`fuse_projections`, as generate() does on CUDA);
+The model's projections are fused (`fuse_projections`, as generate() does on CUDA).
 The decode step runs the cuBLAS products (`enable_decode_kernels(False)`); --decode-kernels
 profiles it a second time with `enable_decode_kernels()`. Then it
 times what the fusion buys in isolation: q/k/v and gate/up as one matrix-vector product against

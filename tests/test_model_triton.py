@@ -290,22 +290,22 @@ def test_generate_decodes_eagerly_when_its_default_capture_fails(models, monkeyp
 
 def test_runs_python_per_call_sees_hooks_and_replaced_forwards(models):
     """What keeps generate() from capturing a CUDA graph by default: Python that a replay would skip."""
-    from llava_next.generation import runs_python_per_call
+    from llava_next.language import runs_python_per_call
 
     _, _, triton = models
     model = copy.deepcopy(triton)
-    assert not runs_python_per_call(model)
+    assert not runs_python_per_call(model.modules())
     mlp = model.language_model.model.layers[0].mlp
     for register in (mlp.register_forward_hook, mlp.register_forward_pre_hook,
                      torch.nn.modules.module.register_module_forward_hook):
         handle = register(lambda *a: None)
-        assert runs_python_per_call(model)
+        assert runs_python_per_call(model.modules())
         handle.remove()
-    assert not runs_python_per_call(model)
+    assert not runs_python_per_call(model.modules())
     model.enable_input_require_grads()  # PEFT calls it; its hook does nothing under no_grad
-    assert not runs_python_per_call(model)
+    assert not runs_python_per_call(model.modules())
     mlp.forward = lambda x: x
-    assert runs_python_per_call(model)
+    assert runs_python_per_call(model.modules())
 
 
 def test_graphed_or_eager_falls_back_after_a_failed_capture(models, monkeypatch):
