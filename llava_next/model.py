@@ -57,11 +57,11 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.attn_implementation = resolve_attn_implementation(attn_implementation, device)
         attn_fn = ATTENTION_FUNCTIONS[self.attn_implementation]
         vc, tc = config.vision_config, config.text_config
-        self.vision_tower = CLIPVisionModel(vc, config.feature_layers, attn_fn)
+        # The fused small kernels follow the attention choice: always with "triton", on CUDA with "auto".
+        self.vision_tower = CLIPVisionModel(vc, config.feature_layers, attn_fn, kernels=self.attn_implementation)
         self.multi_modal_projector = LlavaNextMultiModalProjector(
             vc.hidden_size * len(config.feature_layers), tc.hidden_size, config.multimodal_projector_bias)
         self.image_newline = nn.Parameter(torch.empty(tc.hidden_size))
-        # The fused small kernels follow the attention choice: always with "triton", on CUDA with "auto".
         self.language_model = LlamaForCausalLM(tc, attn_fn, kernels=self.attn_implementation)
         if config.tie_word_embeddings:  # one Parameter for both, as transformers ties them (top-level flag)
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight

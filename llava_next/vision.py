@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .attention import kernels_enabled
 from .config import VisionConfig
 from .fused_linear import run_linears
 
@@ -56,23 +57,29 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, kernels: str = "none"):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.kernels = kernels
 
     def forward(self, x):
         h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as CLIP was trained
+        # quick_gelu, as CLIP was trained: one kernel pass instead of eager's three (no backward:
+        # it steps aside when h needs a gradient)
+        if kernels_enabled(self.kernels, h) and not (torch.is_grad_enabled() and h.requires_grad):
+            from .kernels import quick_gelu
+            return self.fc2(quick_gelu(h))
+        return self.fc2(h * torch.sigmoid(1.702 * h))
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig, attn_fn):
+    def __init__(self, cfg: VisionConfig, attn_fn, kernels: str = "none"):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg, attn_fn)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)
+        self.mlp = CLIPMLP(cfg, kernels)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -80,22 +87,22 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig, attn_fn):
+    def __init__(self, cfg: VisionConfig, attn_fn, kernels: str = "none"):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, attn_fn) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, attn_fn, kernels) for _ in range(cfg.num_hidden_layers))
 
 
 class CLIPVisionTransformer(nn.Module):
     """Returns the hidden states LLaVA selects, concatenated on channels: (N, 1 + p*p, C * len(layers))."""
 
-    def __init__(self, cfg: VisionConfig, feature_layers: list[int], attn_fn):
+    def __init__(self, cfg: VisionConfig, feature_layers: list[int], attn_fn, kernels: str = "none"):
         super().__init__()
         n = cfg.num_hidden_layers
         # hidden_states[0] is the embeddings after pre_layrnorm, hidden_states[i] the output of layer i.
         self.feature_layers = [layer if layer >= 0 else n + 1 + layer for layer in feature_layers]
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's key
-        self.encoder = CLIPEncoder(cfg, attn_fn)
+        self.encoder = CLIPEncoder(cfg, attn_fn, kernels)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # never run
         self.num_layers_run = max(self.feature_layers)
         for module in [*self.encoder.layers[self.num_layers_run:], self.post_layernorm]:
@@ -118,9 +125,9 @@ class CLIPVisionTransformer(nn.Module):
 class CLIPVisionModel(nn.Module):
     """Wrapper whose only job is the `vision_model.` level of the hub key names."""
 
-    def __init__(self, cfg: VisionConfig, feature_layers: list[int], attn_fn):
+    def __init__(self, cfg: VisionConfig, feature_layers: list[int], attn_fn, kernels: str = "none"):
         super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg, feature_layers, attn_fn)
+        self.vision_model = CLIPVisionTransformer(cfg, feature_layers, attn_fn, kernels)
 
     def forward(self, pixel_values):
         return self.vision_model(pixel_values)

@@ -42,6 +42,7 @@ from llava_next.kernels import (  # noqa: E402
     decode_attention,
     decode_linear,
     flash_attention,
+    quick_gelu,
     rms_norm,
     rms_norm_reference,
     rope_decode_attention,
@@ -333,6 +334,14 @@ def bench_silu_mul(M, N):
     row("silu_mul", f"{M}x{N}", "GB/s", nbytes, ours, "eager silu*up", base)
 
 
+def bench_quick_gelu(M, N):
+    nbytes = 2 * M * N * ELEM
+    sets = input_sets(lambda: (torch.randn(M, N, device=DEV, dtype=DTYPE),), nbytes)
+    ours = bench(lambda: quick_gelu(*next(sets)))
+    base = bench(lambda: (lambda h: h * torch.sigmoid(1.702 * h))(*next(sets)))
+    row("quick_gelu", f"{M}x{N}", "GB/s", nbytes, ours, "eager h*sigmoid(1.702h)", base)
+
+
 def _linear_inputs(M, N, K, gated):
     rows = 2 * N if gated else N
     nbytes = rows * K * ELEM + M * K * ELEM + 2 * M * N * ELEM  # the weight once, x in, y out (+ residual)
@@ -418,6 +427,7 @@ def main():
         bench_rms_norm(32, 4096)
         bench_silu_mul(3000, 14336)
         bench_silu_mul(32, 14336)
+        bench_quick_gelu(5 * 577, 4096)  # the vision tower's MLP, one 672x672 image's five tiles
         for M in (1, 8):
             for name, N, K, gated, residual in LINEAR_SHAPES:
                 bench_decode_linear(name, M, N, K, gated, residual)
@@ -432,6 +442,7 @@ def main():
         bench_rope(1, 5, 4, 2, 64, 16)
         bench_rms_norm(4, 256)
         bench_silu_mul(4, 256)
+        bench_quick_gelu(4, 256)
         bench_decode_linear("linear_gate_up", 1, 48, 64, gated=True)
         bench_decode_linear("linear_down", 3, 64, 96, residual=True)
     print_table()

@@ -32,7 +32,7 @@ da = sys.modules["llava_next.kernels.decode_attention"]
 fa = sys.modules["llava_next.kernels.flash_attention"]
 rk = sys.modules["llava_next.kernels.rope_kv_write"]
 rn = sys.modules["llava_next.kernels.rms_norm"]
-sw = sys.modules["llava_next.kernels.swiglu"]
+act = sys.modules["llava_next.kernels.activations"]
 dl = sys.modules["llava_next.kernels.decode_linear"]
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -196,7 +196,8 @@ def main():
         linear(8, 4096, 14336, residual=True)
         linear(32, 32000, 4096, bias=True)
         linear(64, 20480, 7168, gated=True)  # 34b gate/up, many rows: the stage cap on shared memory
-    report("silu_mul bf16", compile_kernel(sw._silu_mul_kernel, dict(G="*bf16", U="*bf16", Y="*bf16"), dict(BLOCK_N=1024), 4))
+    report("silu_mul bf16", compile_kernel(act._silu_mul_kernel, dict(G="*bf16", U="*bf16", Y="*bf16"), dict(BLOCK_N=1024), 4))
+    report("quick_gelu bf16", compile_kernel(act._quick_gelu_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK_N=1024), 4))
 
 
 if __name__ == "__main__":

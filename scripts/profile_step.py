@@ -42,6 +42,7 @@ FAMILIES = [  # first match wins; names of cuBLAS/cuDNN kernels vary by version 
     ("rope_kv_write (ours)", r"_rope_kv_write"),
     ("rms_norm (ours)", r"_rms_norm"),
     ("silu_mul (ours)", r"_silu_mul"),
+    ("quick_gelu (ours)", r"_quick_gelu"),
     ("sdpa (torch)", r"flash|fmha|attention|softmax"),
     ("layer/rms norm (torch)", r"norm"),
     ("elementwise/copy (torch)", r"elementwise|vectorized|unrolled|copy|fill|reduce|cat|index|gather|arange"),

@@ -66,5 +66,5 @@ def test_bench_kernels_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
     assert {"prefill_attn", "vision_attn", "attn_backward", "decode_attn", "rope_decode", "rope_kv_write", "rms_norm",
-            "silu_mul", "linear_gate_up", "linear_down"} <= kernels
+            "silu_mul", "quick_gelu", "linear_gate_up", "linear_down"} <= kernels
     assert any(r["note"].startswith("K/V by TMA") for r in rows)

@@ -1,5 +1,5 @@
-"""rope_kv_write, rms_norm and silu_mul against their plain-PyTorch references (and the first
-two against transformers, the definition of the semantics)."""
+"""rope_kv_write, rms_norm, silu_mul and quick_gelu against their plain-PyTorch references (and
+rope, rms_norm and quick_gelu against transformers, the definition of the semantics)."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ pytest.importorskip("triton")
 from kernel_utils import DEVICE, DTYPES, TOL, inv_freq, qkv_views, require_interpreter  # noqa: E402
 
 from llava_next.kernels import (  # noqa: E402
+    quick_gelu,
+    quick_gelu_reference,
     rms_norm,
     rms_norm_reference,
     rope_kv_write,
@@ -134,3 +136,32 @@ def test_silu_mul_matches_reference(shape, dtype):
     torch.testing.assert_close(y, silu_mul_reference(gate, up), **TOL[dtype])
     eager = torch.nn.functional.silu(gate) * up  # rounds twice: within about one ulp
     torch.testing.assert_close(y, eager, **TOL[dtype])
+
+
+def test_silu_mul_refuses_mismatched_or_strided_inputs():
+    a = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        silu_mul(a, a[:, :4])
+    with pytest.raises(ValueError, match="contiguous"):
+        silu_mul(a.t(), a.t())
+    assert silu_mul(a[:0], a[:0]).shape == (0, 8)
+
+
+# ---------------------------------------------------------------- quick_gelu
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 40), (2, 7, 129), (3, 2500)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter (numpy), x = -200
+def test_quick_gelu_matches_reference_and_transformers(shape, dtype):
+    from transformers.activations import QuickGELUActivation
+
+    g = torch.Generator().manual_seed(0)
+    wide = (6 * torch.randn(*shape[:-1], shape[-1] + 3, generator=g)).to(DEVICE, dtype)
+    x = wide[..., :shape[-1]]  # rows wider than N, as a column slice
+    x[..., :2] = torch.tensor([-200.0, 200.0], dtype=dtype)  # exp overflow and saturation
+    y = quick_gelu(x)
+    assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
+    torch.testing.assert_close(y, quick_gelu_reference(x), **TOL[dtype])
+    torch.testing.assert_close(y, QuickGELUActivation()(x), **TOL[dtype])  # rounds three times: about one ulp
+    assert torch.equal(y[..., :2].float().cpu(), torch.tensor([-0.0, 200.0]).expand_as(y[..., :2]))

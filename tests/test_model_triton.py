@@ -178,7 +178,7 @@ def test_default_attention_is_auto_triton_on_cuda_sdpa_elsewhere(tmp_path, monke
     assert auto.attn_implementation == "auto"
     assert kernels_enabled("auto", torch.zeros(1)) is False and kernels_enabled("triton", torch.zeros(1))
     called = []
-    for name in ("flash_attention", "decode_attention", "rope_kv_write", "rms_norm", "silu_mul"):
+    for name in ("flash_attention", "decode_attention", "rope_kv_write", "rms_norm", "silu_mul", "quick_gelu"):
         monkeypatch.setattr(K, name, lambda *a, _n=name, **k: called.append(_n))
     inputs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch(hf.config).items()}
     assert torch.equal(auto.generate(**inputs, max_new_tokens=3), sdpa.generate(**inputs, max_new_tokens=3))
@@ -190,29 +190,33 @@ def test_default_attention_is_auto_triton_on_cuda_sdpa_elsewhere(tmp_path, monke
             *(torch.randn(1, 4, 3, 16, device="cuda"),) * 3, causal=True).is_cuda
 
 
-def test_triton_mlp_kernel_steps_aside_for_any_input_needing_grad(models):
-    """With gate_proj frozen and up_proj trainable the SiLU-mul kernel (no backward) must not run."""
+def test_triton_mlp_kernels_step_aside_for_any_input_needing_grad(models):
+    """With gate_proj frozen and up_proj trainable the SiLU-mul kernel (no backward) must not run;
+    nor quick_gelu with only the vision tower's fc1 trainable (fc2 frozen)."""
     config, sdpa, triton = models
     inputs = batch(config)
     # Supervise only the last tokens: the outputs at pad positions (and so the prediction of the
     # first real token from the last pad) are undefined and differ between implementations.
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[:, -3:] = inputs["input_ids"][:, -3:]
+    trained = ("language_model.model.layers.0.mlp.up_proj.weight", "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
     grads = []
     for model in (sdpa, triton):
         model.train()
         for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith("mlp.up_proj.weight"))
+            p.requires_grad_(name in trained)
         model(**inputs, labels=labels).loss.backward()
-        grads.append(model.language_model.model.layers[0].mlp.up_proj.weight.grad)
+        params = dict(model.named_parameters())
+        grads.append([params[name].grad for name in trained])
         model.eval()
         for name, p in model.named_parameters():
             p.requires_grad_(True)
             p.grad = None
-    assert grads[1] is not None
-    rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
-    print(f"up_proj grad with gate_proj frozen, triton vs sdpa: relative error {rel:.2e}")
-    assert rel <= 1e-3
+    for name, want, got in zip(trained, *grads):
+        assert got is not None, name
+        rel = ((got - want).norm() / want.norm()).item()
+        print(f"{name} grad, the other weight of its MLP frozen, triton vs sdpa: relative error {rel:.2e}")
+        assert rel <= 1e-3, name
 
 
 def test_decode_kernels_short_text_prompt(models):

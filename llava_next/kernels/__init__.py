@@ -6,7 +6,8 @@
     decode_linear     a few rows times a weight, with the SiLU-mul of gate/up or a residual add fused after
     rope_kv_write     rotary on q and k fused with the KV-cache write
     rms_norm          LlamaRMSNorm
-    silu_mul          the SwiGLU activation
+    silu_mul          the SwiGLU activation (the decoder's MLP)
+    quick_gelu        x * sigmoid(1.702 x) (the vision tower's MLP)
 
 On CPU the kernels run only under the Triton interpreter: TRITON_INTERPRET=1 must be in the
 environment before this package is first imported (triton.jit reads it when a kernel is
@@ -25,6 +26,7 @@ __all__ = [
     "rope_kv_write", "rope_kv_write_reference",
     "rms_norm", "rms_norm_reference",
     "silu_mul", "silu_mul_reference",
+    "quick_gelu", "quick_gelu_reference",
 ]
 
 
@@ -70,7 +72,7 @@ if importlib.util.find_spec("triton") is not None:
     from .flash_attention import flash_attention, flash_attention_reference
     from .rms_norm import rms_norm, rms_norm_reference
     from .rope_kv_write import rope_kv_write, rope_kv_write_reference
-    from .swiglu import silu_mul, silu_mul_reference
+    from .activations import quick_gelu, quick_gelu_reference, silu_mul, silu_mul_reference
 else:  # no triton (macOS, Windows): the names exist and say why they cannot run
 
     def _missing(name):

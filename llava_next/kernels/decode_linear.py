@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .decode_attention import _sm_count
 from .pdl import pdl_args, prefetch_l2, wait_for_previous_kernel
-from .swiglu import silu_mul_f32
+from .activations import silu_mul_f32
 
 # One program owns BLOCK_N output columns (rows of the weight; with GATED, the same BLOCK_N rows
 # of gate and of up) for all M <= BLOCK_M input rows, and streams its slab of the weight once,
@@ -38,7 +38,7 @@ from .swiglu import silu_mul_f32
 # once, by the program that owns the columns.
 #
 # Rounding follows the unfused modules where they round: the product (+ bias) is rounded to the
-# dtype; SiLU-mul is silu(g) * u in fp32 from the rounded g and u, rounded once (swiglu.py);
+# dtype; SiLU-mul is silu(g) * u in fp32 from the rounded g and u, rounded once (activations.py);
 # the residual add is `residual + linear(x)` on rounded values, rounded again.
 
 
@@ -223,7 +223,7 @@ def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=No
 def decode_linear_reference(x, weight, bias=None, *, residual=None, gated=False):
     """The unfused modules in plain PyTorch: F.linear, then the fused kernels' single-rounding
     SiLU-mul when gated, then the residual add."""
-    from .swiglu import silu_mul_reference
+    from .activations import silu_mul_reference
 
     y = torch.nn.functional.linear(x, weight, bias)
     if gated:
