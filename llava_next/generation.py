@@ -212,7 +212,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             if cuda_graph and device.type == "cuda":
                 step = None  # captured on this cache after the first token, once the prompt is in it
             else:
-                step = lambda token, pos: decode_one_token(model, token, cache, pos)  # noqa: E731
+                step = eager_step(model, cache)
         out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)
         out[:, :T] = input_ids
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
@@ -266,7 +266,12 @@ def graphed_or_eager(model, batch_size: int, max_length: int, fuse_projections: 
         warnings.warn(f"capturing the decode step as a CUDA graph failed ({type(e).__name__}: {e}); decoding "
                       "eagerly, which is several times slower at small batches. generate(cuda_graph=False) skips "
                       "the attempt; cuda_graph=True raises instead.", stacklevel=_user_stacklevel())
-        return lambda token, pos: decode_one_token(model, token, cache, pos)
+        return eager_step(model, cache)
+
+
+def eager_step(model, cache):
+    """The decode step as plain calls, token (B, 1) and cache_pos -> logits: what a GraphedDecode replays."""
+    return lambda token, pos: decode_one_token(model, token, cache, pos)
 
 
 class GraphedDecode:

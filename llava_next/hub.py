@@ -15,8 +15,11 @@ class HubError(OSError):
     pass
 
 
-def read_json(path: str):
-    """The contents of a checkpoint's JSON file; a malformed one is a ValueError that names it."""
+def read_json(path: str, missing_ok: bool = False):
+    """The contents of a checkpoint's JSON file; a malformed one is a ValueError that names it.
+    missing_ok: a file that is not there reads as {} (the optional ones: processor_config.json, ...)."""
+    if missing_ok and not os.path.isfile(path):
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

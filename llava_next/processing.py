@@ -72,7 +72,7 @@ class LlavaNextProcessor:
         image_processor = LlavaNextImageProcessor.from_pretrained(folder)
         tokenizer = LlavaNextTokenizer.from_pretrained(folder)
         path = os.path.join(folder, "processor_config.json")
-        settings = read_json(path) if os.path.isfile(path) else {}
+        settings = read_json(path, missing_ok=True)
         settings = {k: v for k, v in settings.items() if v is not None}
         config_path = os.path.join(folder, "config.json")
         if os.path.isfile(config_path) and ("patch_size" not in settings

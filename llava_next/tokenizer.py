@@ -399,8 +399,10 @@ class LlavaNextTokenizer:
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"{folder} has no tokenizer.model; this tokenizer reads sentencepiece models "
                                     "(a folder with only tokenizer.json is not supported)")
-        config = _read_json(folder, "tokenizer_config.json")
-        special_map = _read_json(folder, "special_tokens_map.json")
+        def read(name):  # every one of these files is optional
+            return read_json(os.path.join(folder, name), missing_ok=True)
+
+        config, special_map = read("tokenizer_config.json"), read("special_tokens_map.json")
         added = {int(i): AddedToken(t["content"], t.get("special", True), t.get("lstrip", False),
                                     t.get("rstrip", False))
                  for i, t in config.get("added_tokens_decoder", {}).items()}
@@ -412,7 +414,7 @@ class LlavaNextTokenizer:
                 value = source.get(key) or []
                 extra += [_content(t) for t in (value.values() if isinstance(value, dict) else value)]
         extra = list(dict.fromkeys(extra))  # transformers 5 may write {"image_token": "<image>"}
-        for content, i in _read_json(folder, "added_tokens.json").items():  # the older format
+        for content, i in read("added_tokens.json").items():  # the older format
             added.setdefault(int(i), AddedToken(content, special=content in extra or content in names.values()))
         kwargs = dict(added_tokens=added, additional_special_tokens=extra,
                       add_bos_token=config.get("add_bos_token", True), add_eos_token=config.get("add_eos_token", False),
@@ -468,11 +470,6 @@ def _bytes_to_text(run: bytearray) -> str:
 
 def _content(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
-
-
-def _read_json(folder: str, name: str) -> dict:
-    path = os.path.join(folder, name)
-    return read_json(path) if os.path.isfile(path) else {}
 
 
 def _write_json(folder: str, name: str, data: dict) -> None:
