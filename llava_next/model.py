@@ -27,7 +27,7 @@ from .generation_config import GenerationConfig
 from .language import LlamaForCausalLM, LlamaRMSNorm
 from .kv_cache import KVCache
 from .loading import CheckpointError, LazyCheckpoint, check_keys, save_state_dict, weight_files
-from .vision import CLIPVisionModel, LlavaNextMultiModalProjector
+from .vision import CLIPVisionModel, LlavaNextMultiModalProjector, VisionTowerGraphs
 
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -416,6 +416,18 @@ class LlavaNextForConditionalGeneration(nn.Module):
             self.fuse_projections()
         for layer in self.language_model.model.layers:
             layer.decode_kernels = None if enabled is None else bool(enabled)
+        return self
+
+    def enable_vision_cuda_graphs(self, enabled: bool = True, max_graphs: int = 4):
+        """Replay the vision tower's no-gradient CUDA forwards (generate()'s prefill, forward under
+        no_grad) from CUDA graphs, one per number of tiles, captured on first use (a warm-up run
+        and a capture: the first call for each shape is slower). Its eager forward is bound by the
+        CPU that launches its ~300 short kernels (vision.VisionTowerGraphs says when it steps
+        aside and what it keeps). Off by default: not yet timed on a GPU (`scripts/bench.py
+        --vision-graph`). False drops the graphs. Returns self."""
+        if enabled not in (True, False):
+            raise TypeError(f"enable_vision_cuda_graphs takes True or False, got {enabled!r}")
+        self.vision_tower.cuda_graphs = VisionTowerGraphs(max_graphs) if enabled else None
         return self
 
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):

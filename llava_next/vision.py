@@ -7,6 +7,8 @@ gradient) so that a loaded checkpoint saves back whole.
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ import torch.utils.checkpoint
 from .attention import kernels_enabled
 from .config import VisionConfig
 from .fused_linear import run_linears
+from .language import _autocast, runs_python_per_call
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -123,14 +126,89 @@ class CLIPVisionTransformer(nn.Module):
 
 
 class CLIPVisionModel(nn.Module):
-    """Wrapper whose only job is the `vision_model.` level of the hub key names."""
+    """Wrapper for the `vision_model.` level of the hub key names, and the seam where the
+    tower's no-gradient CUDA forwards may replay from CUDA graphs (`cuda_graphs`, set by
+    LlavaNextForConditionalGeneration.enable_vision_cuda_graphs)."""
 
     def __init__(self, cfg: VisionConfig, feature_layers: list[int], attn_fn, kernels: str = "none"):
         super().__init__()
         self.vision_model = CLIPVisionTransformer(cfg, feature_layers, attn_fn, kernels)
+        self.cuda_graphs = None  # a VisionTowerGraphs, or None: always eager
 
     def forward(self, pixel_values):
+        graphs = self.cuda_graphs
+        if graphs is not None and graphs.applies(self.vision_model, pixel_values):
+            return graphs(self.vision_model, pixel_values)
         return self.vision_model(pixel_values)
+
+
+class VisionTowerGraphs:
+    """The vision tower's forward captured as a CUDA graph per input shape and replayed.
+
+    Why: one image is five 336 px tiles, and the tower runs ~300 short kernels over them (5.3 ms
+    of kernels on an H100), but its eager forward took 8.6-12.9 ms there: the CPU launching the
+    kernels one by one is slower than the GPU running them (bench/NOTES.md, sixth and seventh
+    sessions). A replay is one launch. It runs only where replaying is the same as calling: CUDA
+    tensors, no gradient, no autocast or torch.compile, no hooks or replaced forwards in the tower.
+
+    A graph reads the weights and runs the modules it was captured with: all graphs are dropped
+    and captured again when a weight moved (.to(), fuse_projections(), load_state_dict(assign=
+    True)) or a module was swapped (a PEFT wrapper). Python-side switches inside a module (an
+    adapter turned off) are not seen: enable_vision_cuda_graphs() again after such a change.
+    Each graph keeps its activations' memory (~100 MB for five tiles at ViT-L); at most
+    `max_graphs` shapes are kept, the least recently used dropped first."""
+
+    def __init__(self, max_graphs: int = 4):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.max_graphs = max_graphs
+        self.graphs = collections.OrderedDict()  # (shape, dtype, device) -> (graph, static input, static output)
+        self.signature = None  # the modules and weight addresses the graphs were captured with
+        self.captures = 0
+
+    def __reduce__(self):  # deepcopy / pickle of the model: a copy captures its own graphs
+        return type(self), (self.max_graphs,)
+
+    @staticmethod
+    def applies(tower, pixel_values) -> bool:
+        return (pixel_values.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not _autocast(pixel_values) and not runs_python_per_call(tower.modules()))
+
+    def __call__(self, tower, pixel_values):
+        signature = ([id(m) for m in tower.modules()], [p.data_ptr() for p in tower.parameters()])
+        if signature != self.signature:
+            self.graphs.clear()
+            self.signature = signature
+        key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            self.graphs[key] = self._capture(tower, pixel_values)
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(pixel_values)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
+
+    def _capture(self, tower, pixel_values):
+        static_in = torch.empty_like(pixel_values, memory_format=torch.contiguous_format).copy_(pixel_values)
+        current = torch.cuda.current_stream(pixel_values.device)
+        side = torch.cuda.Stream(pixel_values.device)
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):  # compiles the Triton kernels and settles the allocator before capture
+                tower(static_in)
+        finally:
+            current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # The outer stream context puts the current stream back even if the capture fails;
+        # thread_local lets other threads use CUDA meanwhile (as GraphedDecode does).
+        with torch.cuda.stream(current):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = tower(static_in)
+        self.captures += 1
+        return graph, static_in, static_out
 
 
 class LlavaNextMultiModalProjector(nn.Module):

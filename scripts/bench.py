@@ -372,6 +372,8 @@ def main():
     ap.add_argument("--decode-kernels", action=argparse.BooleanOptionalAction, default=None,
                     help="decode steps through the decode_linear kernels up to 64 rows / never (default: on "
                          "CUDA up to 8 rows; enable_decode_kernels)")
+    ap.add_argument("--vision-graph", action="store_true",
+                    help="experiment: the vision tower replays CUDA graphs (enable_vision_cuda_graphs)")
     ap.add_argument("--pdl", action="store_true",
                     help="experiment: the decode step's Triton kernels start early (programmatic dependent launch)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
@@ -395,6 +397,9 @@ def main():
     if args.decode_kernels is not None:
         ours.enable_decode_kernels(args.decode_kernels)
         experiments["decode_kernels"] = args.decode_kernels
+    if args.vision_graph:
+        ours.enable_vision_cuda_graphs()  # after fuse_projections, which would make the graphs stale
+        experiments["vision_graph"] = True
     log(f"built ours ({args.preset}, {dtype}) on {card} in {time.perf_counter() - t0:.1f} s")
     r_ours = measure_ours(ours, cfg_dict, args, device, dtype)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -10,8 +10,8 @@
 #   e2e          scripts/bench.py: mistral-7b shapes, bf16, ours vs transformers (<= 270 s; 218 s on an H100)
 #   e2e_b1       scripts/bench.py at batch 1 only, no transformers (<= 90 s)
 #   profile      scripts/profile_step.py: prefill and decode time by kernel family, decode three times (<= 120 s)
-#   ab           bench.py at batch 1 and 8 as is, then the defaults' alternatives: --no-decode-kernels,
-#                --no-flash-tma, --pdl; at batch 32 cuBLAS vs --decode-kernels; --no-fuse against
+#   ab           bench.py at batch 1 and 8 as is, then --vision-graph (TTFT), the defaults' alternatives:
+#                --no-decode-kernels, --no-flash-tma, --pdl; at batch 32 cuBLAS vs --decode-kernels; --no-fuse against
 #                --no-decode-kernels (decode_linear needs the fused layout) (most wanted first: a
 #                time-out or AB_N cuts the last ones)
 #
@@ -127,10 +127,10 @@ e2e_b1() {
 
 ab() {  # same-machine A/B of the leads in bench/NOTES.md: batch 1 and 8, no transformers (~7 x 25 s)
   local i=0 v rc=0 want
-  for v in "" "--no-decode-kernels" "--no-flash-tma" "--pdl" "--batches 32" "--decode-kernels --batches 32" \
-      "--no-decode-kernels --no-fuse"; do
+  for v in "" "--vision-graph" "--no-decode-kernels" "--no-flash-tma" "--pdl" "--batches 32" \
+      "--decode-kernels --batches 32" "--no-decode-kernels --no-fuse"; do
     i=$((i + 1))
-    [ "$i" -gt "${AB_N:-7}" ] && break  # AB_N: only the first N variants
+    [ "$i" -gt "${AB_N:-8}" ] && break  # AB_N: only the first N variants
     want=120  # the first variant compiles decode_linear's autotune candidates (~36); the rest reuse them
     late 30 && { rc=1; break; }
     echo "-- bench.py $v"

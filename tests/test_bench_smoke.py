@@ -40,13 +40,16 @@ def test_gpu_check_ab_variants_run(tmp_path):
     assert loop, "gpu_check.sh's ab loop not found"
     variants = [shlex.split(v) for v in re.findall(r'"([^"]*)"', loop.group(1))]
     assert ["--no-decode-kernels"] in variants and ["--no-flash-tma"] in variants and ["--pdl"] in variants
-    assert len(variants) == 7 and variants[0] == []  # "as committed" first: the baseline of the others
+    assert ["--vision-graph"] in variants
+    assert len(variants) == 8 and variants[0] == []  # "as committed" first: the baseline of the others
     for i, extra in enumerate(variants):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--preset", "tiny",
                               "--new-tokens", "2", "--runs", "1", "--batches", "1", "--no-hf",
                               "--out", str(tmp_path / f"ab_{i}.json"), *extra],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, (extra, run.stderr[-2000:])
+        if extra == ["--vision-graph"]:
+            assert json.loads((tmp_path / f"ab_{i}.json").read_text())["kernel_experiments"]["vision_graph"] is True
     profile = re.search(r'"\$PY" scripts/profile_step.py(.*?) 2>&1', script).group(1).split()
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), *profile, "--preset", "vicuna-7b"],
                          capture_output=True, text=True, timeout=120, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})

@@ -671,6 +671,88 @@ def test_copy_and_pickle_the_model(saved):
     assert ours.generation_config.max_new_tokens is None  # the copy has its own settings
 
 
+def test_vision_cuda_graphs_change_nothing_off_cuda_and_copies_get_their_own(saved):
+    """enable_vision_cuda_graphs() leaves CPU forwards as they were (nothing is captured), and a
+    copied model (deepcopy, pickle) gets its own, empty graph cache. (The graphs themselves are
+    tested on CUDA in test_model_triton.py.)"""
+    import copy
+    import pickle
+
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = prompt_ids(hf.config, [[(45, 80)]], [4])
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+    with torch.no_grad():
+        want = ours(**inputs).logits
+        assert ours.enable_vision_cuda_graphs() is ours
+        graphs = ours.vision_tower.cuda_graphs
+        assert torch.equal(ours(**inputs).logits, want)
+        assert graphs.captures == 0 and not graphs.graphs
+        for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+            theirs = clone.vision_tower.cuda_graphs
+            assert theirs is not graphs and theirs.max_graphs == graphs.max_graphs and not theirs.graphs
+            assert torch.equal(clone(**inputs).logits, want)
+    with pytest.raises(TypeError, match="True or False"):
+        ours.enable_vision_cuda_graphs(None)
+    with pytest.raises(ValueError, match="max_graphs"):
+        ours.enable_vision_cuda_graphs(max_graphs=0)
+    assert ours.enable_vision_cuda_graphs(False).vision_tower.cuda_graphs is None
+
+
+def test_vision_cuda_graphs_bookkeeping(saved, monkeypatch):
+    """VisionTowerGraphs' caching without a GPU: a stand-in graph whose replay runs the tower
+    eagerly into the captured output. One capture per shape, replays after; the least recently
+    used shape dropped past max_graphs; everything captured again after a weight moved or a
+    module was swapped; the caller gets a copy, never the buffer the next replay overwrites."""
+    from llava_next.vision import VisionTowerGraphs
+
+    class Replay:
+        def __init__(self, tower, static_in, static_out):
+            self.replay = lambda: static_out.copy_(tower(static_in))
+
+    def capture(self, tower, pixel_values):
+        static_in = pixel_values.clone()
+        static_out = tower(static_in)
+        self.captures += 1
+        return Replay(tower, static_in, static_out), static_in, static_out
+
+    monkeypatch.setattr(VisionTowerGraphs, "applies", staticmethod(lambda tower, pv: not torch.is_grad_enabled()))
+    monkeypatch.setattr(VisionTowerGraphs, "_capture", capture)
+    hf, folder = saved
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    tower = ours.vision_tower
+    pv, _ = image_inputs(hf.config, [(45, 80), (150, 40)])
+    five, three = pv[0], pv[1][:3]  # (the first image's tiles padded to the batch's most)
+    assert len(five) not in (1, 3)
+    with torch.no_grad():
+        want5, want3 = tower(five), tower(three)
+        graphs = ours.enable_vision_cuda_graphs(max_graphs=2).vision_tower.cuda_graphs
+        first = tower(five)
+        assert torch.equal(first, want5) and torch.equal(tower(five), want5) and graphs.captures == 1
+        assert first.data_ptr() != graphs.graphs[tuple(five.shape), five.dtype, five.device][2].data_ptr()
+        assert torch.equal(tower(three), want3) and graphs.captures == 2
+        assert torch.equal(tower(five), want5) and graphs.captures == 2  # five is now the most recent
+        tower(five[:1])
+        assert graphs.captures == 3 and [k[0][0] for k in graphs.graphs] == [len(five), 1]  # three was dropped
+        ours.fuse_projections()  # the q/k/v weights move
+        torch.testing.assert_close(tower(five), want5, atol=1e-5, rtol=1e-5)
+        assert graphs.captures == 4 and len(graphs.graphs) == 1
+        layer = tower.vision_model.encoder.layers[0]
+        layer.mlp = copy_module(layer.mlp)  # swapped (same weights' addresses would not tell)
+        tower(five)
+        assert graphs.captures == 5
+    assert tower(five).requires_grad and graphs.captures == 5  # with gradients: eager
+
+
+def copy_module(module):
+    import copy
+
+    clone = copy.copy(module)  # a new module object sharing the same Parameters
+    clone._modules = dict(module._modules)
+    return clone
+
+
 def test_loss_over_num_items_in_batch_as_transformers(saved):
     """transformers' Trainer passes num_items_in_batch (gradient accumulation): sum / that count."""
     hf, folder = saved

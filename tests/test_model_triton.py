@@ -292,6 +292,41 @@ def test_generate_decodes_eagerly_when_its_default_capture_fails(models, monkeyp
         triton.generate(**inputs, **kw, cuda_graph=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_vision_cuda_graphs_replay_equals_eager(models):
+    """enable_vision_cuda_graphs(): the tower's no-grad forward replays a graph per tile count,
+    equal to the eager forward; captured again after the weights move or a module is swapped;
+    least recently used shapes dropped; eager under hooks and with gradients; and generate()
+    gives the same tokens with it."""
+    config, _, triton = models
+    model = copy.deepcopy(triton)
+    tower = model.vision_tower
+    inputs = batch(config)
+    five, three = inputs["pixel_values"][0], inputs["pixel_values"][1][:3]
+    with torch.no_grad():
+        want5, want3 = tower(five), tower(three)
+        graphs = model.enable_vision_cuda_graphs(max_graphs=2).vision_tower.cuda_graphs
+        for _ in range(2):
+            torch.testing.assert_close(tower(five), want5, atol=0, rtol=0)
+        assert graphs.captures == 1  # captured once, then replayed
+        torch.testing.assert_close(tower(three), want3, atol=0, rtol=0)
+        torch.testing.assert_close(tower(five[:1]), tower.vision_model(five[:1]), atol=0, rtol=0)
+        assert graphs.captures == 3 and len(graphs.graphs) == 2  # the five-tile graph was the least recent
+        model.fuse_projections()  # moves the q/k/v weights: every graph is stale
+        torch.testing.assert_close(tower(three), want3, atol=1e-5, rtol=1e-5)  # fused: rounds differently
+        assert graphs.captures == 4 and len(graphs.graphs) == 1
+        layer = tower.vision_model.encoder.layers[0]
+        handle = layer.register_forward_hook(lambda *a: None)  # a replay would skip it: eager
+        tower(three)
+        handle.remove()
+        assert graphs.captures == 4
+    out = tower(three)  # with gradients: eager, and they flow
+    assert graphs.captures == 4 and out.requires_grad
+    kw = dict(max_new_tokens=4, eos_token_id=[])
+    with_graphs = model.generate(**inputs, **kw)
+    assert torch.equal(with_graphs, model.enable_vision_cuda_graphs(False).generate(**inputs, **kw))
+
+
 def test_runs_python_per_call_sees_hooks_and_replaced_forwards(models):
     """What keeps generate() from capturing a CUDA graph by default: Python that a replay would skip."""
     from llava_next.language import runs_python_per_call
