@@ -8,6 +8,7 @@ gradient) so that a loaded checkpoint saves back whole.
 from __future__ import annotations
 
 import collections
+import threading
 
 import torch
 import torch.nn as nn
@@ -155,6 +156,8 @@ class VisionTowerGraphs:
     and captured again when a weight moved (.to(), fuse_projections(), load_state_dict(assign=
     True)) or a module was swapped (a PEFT wrapper). Python-side switches inside a module (an
     adapter turned off) are not seen: enable_vision_cuda_graphs() again after such a change.
+    Calls take turns (a lock around copy-in, replay and copy-out) and replay on the caller's
+    current stream.
     Each graph keeps its activations' memory (~100 MB for five tiles at ViT-L); at most
     `max_graphs` shapes are kept, the least recently used dropped first."""
 
@@ -165,6 +168,7 @@ class VisionTowerGraphs:
         self.graphs = collections.OrderedDict()  # (shape, dtype, device) -> (graph, static input, static output)
         self.signature = None  # the modules and weight addresses the graphs were captured with
         self.captures = 0
+        self.lock = threading.Lock()  # the static buffers are shared: one copy-replay-clone at a time
 
     def __reduce__(self):  # deepcopy / pickle of the model: a copy captures its own graphs
         return type(self), (self.max_graphs,)
@@ -172,41 +176,47 @@ class VisionTowerGraphs:
     @staticmethod
     def applies(tower, pixel_values) -> bool:
         return (pixel_values.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing()  # inside a caller's own graph: be part of it
                 and not _autocast(pixel_values) and not runs_python_per_call(tower.modules()))
 
     def __call__(self, tower, pixel_values):
-        signature = ([id(m) for m in tower.modules()], [p.data_ptr() for p in tower.parameters()])
-        if signature != self.signature:
-            self.graphs.clear()
-            self.signature = signature
-        key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-        else:
-            self.graphs[key] = self._capture(tower, pixel_values)
-            if len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(pixel_values)
-        graph.replay()
-        return static_out.clone()  # the next replay overwrites static_out
+        with self.lock:
+            signature = ([id(m) for m in tower.modules()], [p.data_ptr() for p in tower.parameters()])
+            if signature != self.signature:
+                self.graphs.clear()
+                self.signature = signature
+            key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
+            if key in self.graphs:
+                self.graphs.move_to_end(key)
+            else:
+                if len(self.graphs) >= self.max_graphs:  # evict before capturing: one pool fewer at the peak
+                    self.graphs.popitem(last=False)
+                self.graphs[key] = self._capture(tower, pixel_values)
+            graph, static_in, static_out = self.graphs[key]
+            static_in.copy_(pixel_values)
+            graph.replay()
+            return static_out.clone()  # the next replay overwrites static_out
 
     def _capture(self, tower, pixel_values):
-        static_in = torch.empty_like(pixel_values, memory_format=torch.contiguous_format).copy_(pixel_values)
-        current = torch.cuda.current_stream(pixel_values.device)
-        side = torch.cuda.Stream(pixel_values.device)
-        side.wait_stream(current)
-        try:
-            with torch.cuda.stream(side):  # compiles the Triton kernels and settles the allocator before capture
-                tower(static_in)
-        finally:
-            current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # The outer stream context puts the current stream back even if the capture fails;
-        # thread_local lets other threads use CUDA meanwhile (as GraphedDecode does).
-        with torch.cuda.stream(current):
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = tower(static_in)
+        device = pixel_values.device
+        # Normal tensors even when called under inference_mode: the static input is written in
+        # place by later calls, which inference tensors refuse outside inference_mode.
+        with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(device):
+            static_in = torch.empty_like(pixel_values, memory_format=torch.contiguous_format).copy_(pixel_values)
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            try:
+                with torch.cuda.stream(side):  # compiles the Triton kernels and settles the allocator before capture
+                    tower(static_in)
+                graph = torch.cuda.CUDAGraph()
+                # Captured on the warm-up's stream, on this device (torch.cuda.graph's own default
+                # stream is one per process, made on whichever device was current first);
+                # thread_local lets other threads use CUDA meanwhile.
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    static_out = tower(static_in)
+            finally:
+                current.wait_stream(side)
         self.captures += 1
         return graph, static_in, static_out
 

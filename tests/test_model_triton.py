@@ -324,6 +324,13 @@ def test_vision_cuda_graphs_replay_equals_eager(models):
     assert graphs.captures == 4 and out.requires_grad
     kw = dict(max_new_tokens=4, eos_token_id=[])
     with_graphs = model.generate(**inputs, **kw)
+    assert graphs.captures == 5  # the batch's tiles, a new shape: generate()'s prefill went through a graph
+    with torch.inference_mode():  # captured under inference_mode, replayed under no_grad after
+        model.enable_vision_cuda_graphs()
+        torch.testing.assert_close(model.vision_tower(three), want3, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision_tower(three), want3, atol=1e-5, rtol=1e-5)
+    assert model.vision_tower.cuda_graphs.captures == 1
     assert torch.equal(with_graphs, model.enable_vision_cuda_graphs(False).generate(**inputs, **kw))
 
 
