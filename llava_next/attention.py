@@ -138,3 +138,9 @@ def kernels_enabled(mode, x) -> bool:
     """Whether the fused small kernels (RMSNorm, SiLU-mul, rope + cache write) run on x: always
     with "triton", for CUDA tensors with "auto"."""
     return mode == "triton" or (mode == "auto" and x.is_cuda)
+
+
+def small_kernels_apply(mode, *inputs) -> bool:
+    """Whether a fused small kernel without a backward (RMSNorm, SiLU-mul, quick_gelu) runs on
+    `inputs`: kernels_enabled on the first, and no gradient needed through any of them."""
+    return kernels_enabled(mode, inputs[0]) and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .attention import kernels_enabled
+from .attention import kernels_enabled, small_kernels_apply
 from .compat import output_requires_grad
 from .config import TextConfig
 from .fused_linear import fused_weights, run_linears
@@ -27,8 +27,7 @@ class LlamaRMSNorm(nn.Module):
         self.kernels = kernels
 
     def forward(self, x):
-        if kernels_enabled(self.kernels, x) and not (torch.is_grad_enabled()
-                                                     and (x.requires_grad or self.weight.requires_grad)):
+        if small_kernels_apply(self.kernels, x, self.weight):
             from .kernels import rms_norm
             return rms_norm(x, self.weight, self.eps)
         h = x.float()  # the variance in fp32 whatever the model dtype, as the reference does
@@ -125,8 +124,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x):
         gate, up = run_linears(x, (self.gate_proj, self.up_proj))  # one product after fuse_projections()
         # The kernel has no backward: it steps aside whenever either input needs a gradient.
-        if kernels_enabled(self.kernels, x) and not (torch.is_grad_enabled()
-                                                     and (gate.requires_grad or up.requires_grad)):
+        if small_kernels_apply(self.kernels, gate, up):
             from .kernels import silu_mul
             return self.down_proj(silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)

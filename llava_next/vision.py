@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .attention import kernels_enabled
+from .attention import small_kernels_apply
 from .config import VisionConfig
 from .fused_linear import run_linears
 from .language import _autocast, runs_python_per_call
@@ -71,7 +71,7 @@ class CLIPMLP(nn.Module):
         h = self.fc1(x)
         # quick_gelu, as CLIP was trained: one kernel pass instead of eager's three (no backward:
         # it steps aside when h needs a gradient)
-        if kernels_enabled(self.kernels, h) and not (torch.is_grad_enabled() and h.requires_grad):
+        if small_kernels_apply(self.kernels, h):
             from .kernels import quick_gelu
             return self.fc2(quick_gelu(h))
         return self.fc2(h * torch.sigmoid(1.702 * h))
