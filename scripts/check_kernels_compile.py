@@ -196,6 +196,12 @@ def main():
         linear(8, 4096, 14336, residual=True)
         linear(32, 32000, 4096, bias=True)
         linear(64, 20480, 7168, gated=True)  # 34b gate/up, many rows: the stage cap on shared memory
+        # every tile the GPU's autotuner may pick (decode_linear._TUNED_CONFIGS), on the widest
+        # shape it sees by default: gated, 8 rows (AUTO_DECODE_ROWS); a candidate that spills or
+        # does not fit would only show on the GPU, mid-autotune
+        for c in dl._TUNED_CONFIGS:
+            linear(8, 14336, 4096, gated=True, config=dict(BLOCK_M=16, **c.kwargs, num_warps=c.num_warps,
+                                                           num_stages=c.num_stages))
     report("silu_mul bf16", compile_kernel(act._silu_mul_kernel, dict(G="*bf16", U="*bf16", Y="*bf16"), dict(BLOCK_N=1024), 4))
     report("quick_gelu bf16", compile_kernel(act._quick_gelu_kernel, dict(X="*bf16", Y="*bf16"), dict(BLOCK_N=1024), 4))
 
