@@ -106,9 +106,13 @@ def triton_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_wi
 
 
 def auto_attention(q, k, v, **kw):
-    """The default: the Triton kernels for CUDA tensors, torch SDPA for anything else. Decided
-    by where the tensors are, so a model loaded on CPU and moved with .to("cuda") gets the kernels."""
-    return (triton_attention if q.is_cuda else sdpa_attention)(q, k, v, **kw)
+    """The default: the Triton kernels for CUDA tensors, torch SDPA for anything else, and SDPA
+    as well where a gradient flows through the attention: our flash backward runs at 0.45-0.48x
+    SDPA's (H200 and H100, bench/NOTES.md), which costs training more than our forward's few
+    percent gain can save. Decided per call by where the tensors are and whether autograd needs
+    them, so a model loaded on CPU and moved with .to("cuda") gets the kernels for generation."""
+    fast = q.is_cuda and not needs_grad(q, k, v)
+    return (triton_attention if fast else sdpa_attention)(q, k, v, **kw)
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention,
@@ -140,7 +144,12 @@ def kernels_enabled(mode, x) -> bool:
     return mode == "triton" or (mode == "auto" and x.is_cuda)
 
 
+def needs_grad(*inputs) -> bool:
+    """Whether autograd will want a gradient through any of `inputs`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 def small_kernels_apply(mode, *inputs) -> bool:
     """Whether a fused small kernel without a backward (RMSNorm, SiLU-mul, quick_gelu) runs on
     `inputs`: kernels_enabled on the first, and no gradient needed through any of them."""
-    return kernels_enabled(mode, inputs[0]) and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    return kernels_enabled(mode, inputs[0]) and not needs_grad(*inputs)

@@ -190,6 +190,38 @@ def test_default_attention_is_auto_triton_on_cuda_sdpa_elsewhere(tmp_path, monke
             *(torch.randn(1, 4, 3, 16, device="cuda"),) * 3, causal=True).is_cuda
 
 
+class _SaysCuda(torch.Tensor):
+    """A CPU tensor that answers is_cuda=True: auto's choice can be checked without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_auto_attention_runs_the_kernels_on_cuda_unless_a_gradient_flows(monkeypatch):
+    """"auto" trains through SDPA (our flash backward is 0.45-0.48x SDPA's): the Triton kernels
+    only where the tensors are on CUDA and autograd wants no gradient through them."""
+    from llava_next import attention
+
+    called = []
+    monkeypatch.setattr(attention, "triton_attention", lambda *a, **k: called.append("triton"))
+    monkeypatch.setattr(attention, "sdpa_attention", lambda *a, **k: called.append("sdpa"))
+
+    def choice(*, cuda=True, grad=(False, False, False), enabled=True):
+        qkv = [torch.zeros(1, 2, 3, 4, requires_grad=g) for g in grad]
+        if cuda:
+            qkv = [t.as_subclass(_SaysCuda) for t in qkv]
+        with torch.set_grad_enabled(enabled):
+            attention.auto_attention(*qkv, causal=True)
+        return called.pop()
+
+    assert choice() == "triton"
+    assert choice(cuda=False) == "sdpa"
+    for grad in ((True, False, False), (False, True, False), (False, False, True)):
+        assert choice(grad=grad) == "sdpa"
+        assert choice(grad=grad, enabled=False) == "triton"  # under no_grad: inference
+
+
 def test_triton_mlp_kernels_step_aside_for_any_input_needing_grad(models):
     """With gate_proj frozen and up_proj trainable the SiLU-mul kernel (no backward) must not run;
     nor quick_gelu with only the vision tower's fc1 trainable (fc2 frozen)."""
