@@ -301,11 +301,14 @@ class GraphedDecode:
         finally:  # also when a warm-up step fails: a caller may go on eagerly with the same cache
             torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        # The outer stream context puts the current stream back even if the capture fails (the
-        # graph context would leave its side stream current); thread_local lets other threads
-        # (a TextIteratorStreamer's consumer) use CUDA meanwhile.
-        with torch.cuda.stream(torch.cuda.current_stream(device)):
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # Captured on the warm-up's stream, with the model's device current: torch.cuda.graph's
+        # own default stream is one per process, made on whichever device was current first, and
+        # its synchronize() is the current device's. The outer stream context puts the current
+        # stream back even if the capture fails (the graph context would leave its stream
+        # current); thread_local lets other threads (a TextIteratorStreamer's consumer) use CUDA
+        # meanwhile.
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
                 self.logits = decode_one_token(model, self.token, self.cache, self.pos)
         if not live:
             self.cache.reset()

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_tensor_device
+
 # Elementwise over (rows, N) tiles of BLOCK_N columns: each input may be a column slice of a wider
 # output (gate and up of one fused gate_up projection: row strides differ from N); the last dim
 # must be contiguous. Computed in fp32 and rounded once. Eager torch rounds each intermediate to
@@ -68,6 +70,7 @@ def _as_rows(name: str, *xs: torch.Tensor):
     return rows, N, (rows[0].shape[0], triton.cdiv(N, block_n)), block_n
 
 
+@on_tensor_device
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for same-shape, same-dtype tensors with a contiguous last dim."""
     (g2, u2), N, grid, block_n = _as_rows("silu_mul", gate, up)
@@ -77,6 +80,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y.view(gate.shape)
 
 
+@on_tensor_device
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x) (CLIP's activation) for a tensor with a contiguous last dim."""
     (x2,), N, grid, block_n = _as_rows("quick_gelu", x)

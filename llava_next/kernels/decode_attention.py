@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import _check_scale, _offset_arg, check_devices, online_softmax_step
+from .launch import on_tensor_device
 from .pdl import pdl_args, wait_for_previous_kernel
 from .rope_kv_write import _check_rope_inputs, rope_cos_sin
 
@@ -215,6 +216,7 @@ def _decode_config(B: int, Hkv: int, Tmax: int, dtype: torch.dtype, device: torc
     return dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=triton.cdiv(Tmax, split_len), num_warps=4, num_stages=3)
 
 
+@on_tensor_device
 def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_window=None, scale=None, config=None):
     """Attention of one query token per row over a static KV cache (two-stage flash-decoding).
 
@@ -225,6 +227,7 @@ def decode_attention(q, k_cache, v_cache, *, q_offset, kv_mask=None, sliding_win
     return _decode_attention(q, k_cache, v_cache, q_offset, kv_mask, sliding_window, scale, config)
 
 
+@on_tensor_device
 def rope_decode_attention(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, *, kv_mask=None,
                           sliding_window=None, scale=None, config=None):
     """rope_kv_write then decode_attention with one launch fewer (the rotary and the cache write

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .decode_attention import _sm_count
+from .launch import on_tensor_device
 from .pdl import pdl_args, prefetch_l2, wait_for_previous_kernel
 from .activations import silu_mul_f32
 
@@ -169,6 +170,7 @@ def _autotune(x) -> bool:
     return AUTOTUNE and x.is_cuda  # the interpreter cannot time configs
 
 
+@on_tensor_device
 def decode_linear(x, weight, bias=None, *, residual=None, gated=False, config=None):
     """x @ weight.T + bias (+ residual) for a few rows (at most MAX_ROWS); with gated=True,
     weight (and bias) stack [gate; up] and the result is silu(x @ gate.T) * (x @ up.T).

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..attention import visibility_mask
+from .launch import on_tensor_device
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -677,6 +678,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+@on_tensor_device
 def flash_attention(q, k, v, *, causal: bool, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
     """softmax(q k^T * scale + mask) v with GQA, causal / sliding-window / key-padding masks.
 

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_tensor_device
 from .pdl import pdl_args, wait_for_previous_kernel
 
 # One program per row: the whole row (N <= 64K) is one tile, so x is read once and y written
@@ -33,6 +34,7 @@ def _rms_norm_kernel(
     tl.store(Y + row * stride_ym + offs, (w * h).to(Y.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., N) with a contiguous last dim, weight (N,). Returns weight * normalize(x), in the
     dtype torch would give `weight * x` (x's dtype when weight matches it)."""

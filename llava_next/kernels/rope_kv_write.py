@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import check_devices
+from .launch import on_tensor_device
 from .pdl import pdl_args, wait_for_previous_kernel
 
 # One program per (batch row, token): all heads of that token at once, as a (heads, D/2) tile of
@@ -97,6 +98,7 @@ def _rope_kv_write_kernel(
     tl.store(vc_ptrs + HALF * stride_vcd, v2.to(VCache.dtype.element_ty), mask=mask_k)
 
 
+@on_tensor_device
 def rope_kv_write(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, *, attention_scaling: float = 1.0):
     """Rotate q and k, write rotated k and raw v into the caches at cache_pos.., return rotated q.
 
