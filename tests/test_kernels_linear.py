@@ -97,6 +97,34 @@ def test_decode_linear_autotuned_launch(monkeypatch):
     assert tuned.best_config.kwargs == dict(BLOCK_N=16, BLOCK_K=64)  # the launch went through the autotuner
 
 
+def test_decode_linear_tunes_once_per_row_tile(monkeypatch):
+    """The autotuner's key (the real one) is the 16-row tile, not the row count: batch 1 and batch
+    8 share a tuning, 20 rows (a 32-row tile) get their own. The timing is a stand-in that counts."""
+    import sys
+
+    import triton
+
+    dl = sys.modules["llava_next.kernels.decode_linear"]
+    timed = []
+
+    def bench(kernel_call, quantiles=None):
+        kernel_call()  # runs the candidate, as the real benchmark does
+        timed.append(1)
+        return [float(len(timed))] * (len(quantiles) if quantiles else 1)
+
+    configs = [triton.Config(dict(BLOCK_N=16, BLOCK_K=64), num_warps=4, num_stages=1),
+               triton.Config(dict(BLOCK_N=32, BLOCK_K=32), num_warps=4, num_stages=1)]
+    tuned = triton.autotune(configs=configs, key=dl._tuned_kernel.keys, do_bench=bench)(dl._kernel)
+    monkeypatch.setattr(dl, "_tuned_kernel", tuned)
+    monkeypatch.setattr(dl, "_autotune", lambda x: True)
+    g = torch.Generator().manual_seed(8)
+    w = randn(40, 96, g=g, scale=0.1)
+    for rows, benched in ((1, 2), (8, 2), (20, 4), (3, 4)):
+        x = randn(rows, 96, g=g)
+        torch.testing.assert_close(decode_linear(x, w), x @ w.T, **TOL[torch.float32])
+        assert len(timed) == benched, f"after {rows} rows: {len(timed)} candidates timed, expected {benched}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configs on a GPU")
 def test_decode_linear_autotuned_on_gpu(monkeypatch):
     """The real autotuner (six tiles timed) on mistral-7b's down projection at batch 1."""

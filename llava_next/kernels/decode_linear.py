@@ -133,12 +133,17 @@ _kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_d
 # sixth session), so it replaced 64/128 (slowest for every shape). AUTOTUNE = False (or
 # LLAVA_NEXT_AUTOTUNE=0 in the environment, as the tests set: they would otherwise compile and time
 # six tiles for every shape they try) uses `_config`'s heuristic instead.
+# The tuning is keyed by BLOCK_M, not M: 1 to 16 rows run the same 16-row tile, so batch 1 and
+# batch 8 share one tuning instead of paying for two. It is kept on disk (cache_results, in
+# Triton's cache directory, keyed by GPU architecture, Triton version and this kernel's source):
+# a new process on the same machine skips the few seconds a shape's tuning takes (about 20 s
+# for a 7B model's shapes at its first generate()).
 AUTOTUNE = os.environ.get("LLAVA_NEXT_AUTOTUNE", "1") != "0"
 _TUNED_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
                   for bn, bk, w, st in ((16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
                                         (16, 128, 2, 4), (16, 256, 2, 4))]
-_tuned_kernel = triton.autotune(configs=_TUNED_CONFIGS,
-                                key=["M", "N", "K", "GATED", "HAS_BIAS", "HAS_RESIDUAL", "USE_PDL"])(_kernel)
+_tuned_kernel = triton.autotune(configs=_TUNED_CONFIGS, cache_results=True,
+                                key=["BLOCK_M", "N", "K", "GATED", "HAS_BIAS", "HAS_RESIDUAL", "USE_PDL"])(_kernel)
 
 
 def _config(M: int, N: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device) -> dict:
