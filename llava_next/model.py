@@ -418,16 +418,18 @@ class LlavaNextForConditionalGeneration(nn.Module):
             layer.decode_kernels = None if enabled is None else bool(enabled)
         return self
 
-    def enable_vision_cuda_graphs(self, enabled: bool = True, max_graphs: int = 4):
+    def enable_vision_cuda_graphs(self, enabled: bool = True, max_graphs: int = 4, max_tiles: int = 16):
         """Replay the vision tower's no-gradient CUDA forwards (generate()'s prefill, forward under
         no_grad) from CUDA graphs, one per number of tiles, captured on first use (a warm-up run
         and a capture: the first call for each shape is slower). Its eager forward is bound by the
         CPU that launches its ~300 short kernels (vision.VisionTowerGraphs says when it steps
-        aside and what it keeps). Off by default: not yet timed on a GPU (`scripts/bench.py
-        --vision-graph`). False drops the graphs. Returns self."""
+        aside and what it keeps): calls of more than `max_tiles` tiles (five an image at most,
+        for the llava-hf checkpoints) run eagerly, where the GPU's work outlasts the launching.
+        Off by default: never yet run on a GPU (`scripts/bench.py --vision-graph`). False drops
+        the graphs. Returns self."""
         if enabled not in (True, False):
             raise TypeError(f"enable_vision_cuda_graphs takes True or False, got {enabled!r}")
-        self.vision_tower.cuda_graphs = VisionTowerGraphs(max_graphs) if enabled else None
+        self.vision_tower.cuda_graphs = VisionTowerGraphs(max_graphs, max_tiles) if enabled else None
         return self
 
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):

@@ -8,6 +8,7 @@ gradient) so that a loaded checkpoint saves back whole.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 
 import torch
@@ -150,37 +151,45 @@ class VisionTowerGraphs:
     of kernels on an H100), but its eager forward took 8.6-12.9 ms there: the CPU launching the
     kernels one by one is slower than the GPU running them (bench/NOTES.md, sixth and seventh
     sessions). A replay is one launch. It runs only where replaying is the same as calling: CUDA
-    tensors, no gradient, no autocast or torch.compile, no hooks or replaced forwards in the tower.
+    tensors, no gradient, no autocast or torch.compile, no hooks or replaced forwards in the tower;
+    and only up to `max_tiles` tiles a call: past about ten the GPU's work outlasts the launching
+    (~1 ms of kernels a tile), so a graph would save nothing and hold more memory.
 
     A graph reads the weights and runs the modules it was captured with: all graphs are dropped
     and captured again when a weight moved (.to(), fuse_projections(), load_state_dict(assign=
     True)) or a module was swapped (a PEFT wrapper). Python-side switches inside a module (an
     adapter turned off) are not seen: enable_vision_cuda_graphs() again after such a change.
-    Calls take turns (a lock around copy-in, replay and copy-out) and replay on the caller's
-    current stream.
     Each graph keeps its activations' memory (~100 MB for five tiles at ViT-L); at most
-    `max_graphs` shapes are kept, the least recently used dropped first."""
+    `max_graphs` shapes are kept, the least recently used dropped first.
+    The static buffers are shared by all callers: calls take turns on the host (a lock), and the
+    copy-in, replay and copy-out all run on one stream of this object's own, which waits for the
+    caller's stream and which the caller's stream waits for; so replays are ordered on the GPU
+    whichever streams the callers use, and the graphs' memory is only ever reused in that order."""
 
-    def __init__(self, max_graphs: int = 4):
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
-        self.max_graphs = max_graphs
+    def __init__(self, max_graphs: int = 4, max_tiles: int = 16):
+        if max_graphs < 1 or max_tiles < 1:
+            raise ValueError(f"max_graphs and max_tiles must be >= 1, got {max_graphs} and {max_tiles}")
+        self.max_graphs, self.max_tiles = max_graphs, max_tiles
         self.graphs = collections.OrderedDict()  # (shape, dtype, device) -> (graph, static input, static output)
         self.signature = None  # the modules and weight addresses the graphs were captured with
         self.captures = 0
         self.lock = threading.Lock()  # the static buffers are shared: one copy-replay-clone at a time
+        self.streams = {}  # device -> the stream every capture and replay on it runs on
 
     def __reduce__(self):  # deepcopy / pickle of the model: a copy captures its own graphs
-        return type(self), (self.max_graphs,)
+        return type(self), (self.max_graphs, self.max_tiles)
+
+    def applies(self, tower, pixel_values) -> bool:
+        return len(pixel_values) <= self.max_tiles and self.replay_is_call(tower, pixel_values)
 
     @staticmethod
-    def applies(tower, pixel_values) -> bool:
+    def replay_is_call(tower, pixel_values) -> bool:
         return (pixel_values.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch.cuda.is_current_stream_capturing()  # inside a caller's own graph: be part of it
                 and not _autocast(pixel_values) and not runs_python_per_call(tower.modules()))
 
     def __call__(self, tower, pixel_values):
-        with self.lock:
+        with self.lock, self.own_stream(pixel_values.device) as caller:
             signature = ([id(m) for m in tower.modules()], [p.data_ptr() for p in tower.parameters()])
             if signature != self.signature:
                 self.graphs.clear()
@@ -195,28 +204,38 @@ class VisionTowerGraphs:
             graph, static_in, static_out = self.graphs[key]
             static_in.copy_(pixel_values)
             graph.replay()
-            return static_out.clone()  # the next replay overwrites static_out
+            out = static_out.clone()  # the next replay overwrites static_out
+            if out.is_cuda:  # made on our stream, used on the caller's: not reused before that is done
+                out.record_stream(caller)
+            return out
+
+    @contextlib.contextmanager
+    def own_stream(self, device):
+        """Run the block on this object's stream for `device`, after the caller's stream's work,
+        and make the caller's stream (which it yields) wait for it, also when the block fails."""
+        with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(device):
+            caller = torch.cuda.current_stream(device)
+            if device not in self.streams:
+                self.streams[device] = torch.cuda.Stream(device)
+            own = self.streams[device]
+            own.wait_stream(caller)
+            try:
+                with torch.cuda.stream(own):
+                    yield caller
+            finally:
+                caller.wait_stream(own)
 
     def _capture(self, tower, pixel_values):
-        device = pixel_values.device
-        # Normal tensors even when called under inference_mode: the static input is written in
-        # place by later calls, which inference tensors refuse outside inference_mode.
-        with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(device):
-            static_in = torch.empty_like(pixel_values, memory_format=torch.contiguous_format).copy_(pixel_values)
-            current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(current)
-            try:
-                with torch.cuda.stream(side):  # compiles the Triton kernels and settles the allocator before capture
-                    tower(static_in)
-                graph = torch.cuda.CUDAGraph()
-                # Captured on the warm-up's stream, on this device (torch.cuda.graph's own default
-                # stream is one per process, made on whichever device was current first);
-                # thread_local lets other threads use CUDA meanwhile.
-                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    static_out = tower(static_in)
-            finally:
-                current.wait_stream(side)
+        """(graph, static input, static output), on the current stream (own_stream's). Normal
+        tensors even when called under inference_mode (own_stream leaves it): the static input
+        is written in place by later calls, which inference tensors refuse outside it."""
+        static_in = torch.empty_like(pixel_values, memory_format=torch.contiguous_format).copy_(pixel_values)
+        tower(static_in)  # compiles the Triton kernels and settles the allocator before capture
+        graph = torch.cuda.CUDAGraph()
+        # On this stream, not torch.cuda.graph's own default one (one per process, made on
+        # whichever device was current first); thread_local lets other threads use CUDA meanwhile.
+        with torch.cuda.graph(graph, stream=torch.cuda.current_stream(), capture_error_mode="thread_local"):
+            static_out = tower(static_in)
         self.captures += 1
         return graph, static_in, static_out
 

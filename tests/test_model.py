@@ -1,6 +1,7 @@
 """The model test: tiny random checkpoints built and saved by transformers, loaded by our code,
 logits compared in fp32 on every non-pad position."""
 
+import contextlib
 import json
 
 import pytest
@@ -691,12 +692,15 @@ def test_vision_cuda_graphs_change_nothing_off_cuda_and_copies_get_their_own(sav
         assert graphs.captures == 0 and not graphs.graphs
         for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
             theirs = clone.vision_tower.cuda_graphs
-            assert theirs is not graphs and theirs.max_graphs == graphs.max_graphs and not theirs.graphs
+            assert theirs is not graphs and not theirs.graphs
+            assert (theirs.max_graphs, theirs.max_tiles) == (graphs.max_graphs, graphs.max_tiles)
             assert torch.equal(clone(**inputs).logits, want)
     with pytest.raises(TypeError, match="True or False"):
         ours.enable_vision_cuda_graphs(None)
     with pytest.raises(ValueError, match="max_graphs"):
         ours.enable_vision_cuda_graphs(max_graphs=0)
+    with pytest.raises(ValueError, match="max_tiles"):
+        ours.enable_vision_cuda_graphs(max_tiles=0)
     assert ours.enable_vision_cuda_graphs(False).vision_tower.cuda_graphs is None
 
 
@@ -717,8 +721,9 @@ def test_vision_cuda_graphs_bookkeeping(saved, monkeypatch):
         self.captures += 1
         return Replay(tower, static_in, static_out), static_in, static_out
 
-    monkeypatch.setattr(VisionTowerGraphs, "applies", staticmethod(lambda tower, pv: not torch.is_grad_enabled()))
+    monkeypatch.setattr(VisionTowerGraphs, "replay_is_call", staticmethod(lambda tower, pv: not torch.is_grad_enabled()))
     monkeypatch.setattr(VisionTowerGraphs, "_capture", capture)
+    monkeypatch.setattr(VisionTowerGraphs, "own_stream", lambda self, device: contextlib.nullcontext())
     hf, folder = saved
     ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
     tower = ours.vision_tower
@@ -742,6 +747,9 @@ def test_vision_cuda_graphs_bookkeeping(saved, monkeypatch):
         layer.mlp = copy_module(layer.mlp)  # swapped (same weights' addresses would not tell)
         tower(five)
         assert graphs.captures == 5
+        graphs.max_tiles = len(three) - 1
+        torch.testing.assert_close(tower(three), want3, atol=1e-5, rtol=1e-5)
+        assert graphs.captures == 5  # more tiles than max_tiles: eager, nothing captured
     assert tower(five).requires_grad and graphs.captures == 5  # with gradients: eager
 
 

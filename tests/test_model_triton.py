@@ -347,6 +347,13 @@ def test_vision_cuda_graphs_replay_equals_eager(models):
         model.fuse_projections()  # moves the q/k/v weights: every graph is stale
         torch.testing.assert_close(tower(three), want3, atol=1e-5, rtol=1e-5)  # fused: rounds differently
         assert graphs.captures == 4 and len(graphs.graphs) == 1
+        got = []
+        for stream in (torch.cuda.Stream(), torch.cuda.Stream()):  # two callers' streams, one graph
+            with torch.cuda.stream(stream):
+                got.append(tower(three))
+        torch.cuda.synchronize()
+        for out in got:
+            torch.testing.assert_close(out, want3, atol=1e-5, rtol=1e-5)
         layer = tower.vision_model.encoder.layers[0]
         handle = layer.register_forward_hook(lambda *a: None)  # a replay would skip it: eager
         tower(three)
