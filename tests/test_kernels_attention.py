@@ -156,6 +156,9 @@ def test_flash_tma_falls_back_where_it_cannot_read():
     q, k, v = make_qkv(1, 2, 1, 9, 9, 32, torch.float16, layout="sliced")
     assert _tma_descriptors(k, v, 32) is None  # 6-byte offset into a wider buffer: not 16-byte aligned
     assert _tma_descriptors(*make_qkv(1, 2, 1, 9, 0, 32, torch.float16)[1:], 32) is None  # no keys
+    k1, v1 = make_qkv(1, 2, 1, 9, 9, 32, torch.float16)[1:]
+    assert _tma_descriptors(k1, v1, 32) is not None
+    assert _tma_descriptors(k1.expand(3, -1, -1, -1), v1.expand(3, -1, -1, -1), 32) is None  # stride 0
     out, _ = _flash_attention_forward(q, k, v, True, use_tma=True)
     assert_matches_reference(out, flash_attention_reference(q.float(), k.float(), v.float(), causal=True), q)
 

@@ -238,14 +238,15 @@ def _tma_pays(D: int, dtype: torch.dtype, device: torch.device) -> bool:
 def _tma_readable(k, v) -> bool:
     """Whether the copy engine can read k and v as they are: it needs triton >= 3.4, a power-of-two
     head_dim (the tile is the whole head), a contiguous last dim, 16-byte aligned addresses and
-    strides, and every dimension > 0."""
+    strides, and every dimension > 0. Broadcast (stride 0) dimensions, as .expand() makes, go to
+    the pointer loads: whether a tensor map takes a zero stride is not documented."""
     if TensorDescriptor is None:
         return False
     D = k.shape[-1]
     if D < 16 or D & (D - 1) or 0 in k.shape:
         return False
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and not any(st * t.element_size() % 16 for st in t.stride()[:-1]) for t in (k, v))
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
 
 
 def _tma_descriptors(k, v, block_n: int):
