@@ -9,6 +9,7 @@ Attribute names equal the legacy hub keys, so `state_dict()` is the checkpoint l
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from .anyres import num_tiles, tile_grid, unpadded_grid
 from .attention import ATTENTION_FUNCTIONS, resolve_attn_implementation
 from .compat import CausalLMOutput, check_transformers_options, output_requires_grad, to_legacy_keys
-from .config import LlavaNextConfig
+from .config import ConfigError, LlavaNextConfig
 from .fused_linear import fuse_linears
 from .generation_config import GenerationConfig
 from .language import LlamaForCausalLM, LlamaRMSNorm
@@ -32,6 +33,15 @@ from .vision import CLIPVisionModel, LlavaNextMultiModalProjector, VisionTowerGr
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# Settings transformers reads on every forward and this model only when it is built (the vision
+# layers it runs and projects, the decoder's attention window); check_config_unchanged.
+_READ_WHEN_BUILT = ("vision_feature_layer", "vision_feature_select_strategy", "text_config.sliding_window")
+
+
+def _read_when_built(config: LlavaNextConfig) -> tuple:
+    return (config.feature_layers, config.vision_feature_select_strategy, config.text_config.attention_window)
 
 
 class LlavaNextForConditionalGeneration(nn.Module):
@@ -54,6 +64,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         super().__init__()
         config.validate_for_model()
         self.config = config
+        self._built_with = _read_when_built(config)
         self.attn_implementation = resolve_attn_implementation(attn_implementation, device)
         attn_fn = ATTENTION_FUNCTIONS[self.attn_implementation]
         vc, tc = config.vision_config, config.text_config
@@ -215,6 +226,22 @@ class LlavaNextForConditionalGeneration(nn.Module):
         # Batch-major, then sequence order: masked_scatter fills positions in row-major order.
         return embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
 
+    def check_config_unchanged(self) -> None:
+        """Raise if a config setting that this model reads once, when it is built, was changed on
+        `model.config` since: transformers reads these on every call (vision_feature_layer,
+        vision_feature_select_strategy, Mistral's sliding_window), so code written for it expects
+        an edit to take effect, and here it would silently not (and save_pretrained would write a
+        config.json that does not describe the weights' model)."""
+        now = _read_when_built(self.config)
+        if now != self._built_with:
+            changed = [f"{name}: built with {was!r}, now {is_!r}"
+                       for name, was, is_ in zip(_READ_WHEN_BUILT, self._built_with, now) if was != is_]
+            raise ConfigError(
+                f"model.config was changed after the model was built ({'; '.join(changed)}), and the model "
+                "reads these settings only when it is built. Build one from the changed config instead: "
+                "config = LlavaNextConfig.from_pretrained(path); config.<setting> = ...; "
+                "LlavaNextForConditionalGeneration.from_pretrained(path, config=config)")
+
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None,
@@ -241,6 +268,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         the set fields as a tuple: (loss, logits, hidden_states) or fewer. transformers' options
         that ask for nothing different are accepted; the others (attentions, a returned cache) raise.
         """
+        self.check_config_unchanged()
         check_transformers_options(self.config, transformers_options)
         if "num_logits_to_keep" in transformers_options:  # the older name
             if not isinstance(logits_to_keep, int) or logits_to_keep:
@@ -443,7 +471,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, torch_dtype=None, dtype=None, low_cpu_mem_usage: bool = True,
                         attn_implementation: str | None = None, device_map=None, device=None,
-                        revision: str | None = None, progress: bool = False, **kwargs):
+                        revision: str | None = None, progress: bool = False, config: LlavaNextConfig | None = None,
+                        **kwargs):
         """Load a llava-hf checkpoint folder (or hub repo id) from its safetensors files.
 
         The model is built on the meta device and each tensor is read from the memory-mapped
@@ -452,6 +481,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         is always the behaviour. `progress=True` shows a progress bar on stderr. The dtype defaults
         to the one config.json names. generation_config.json, when the folder has one, becomes
         `model.generation_config` (else config.json's generation settings, as in transformers).
+        `config`: a LlavaNextConfig to build the model from instead of the folder's config.json
+        (e.g. that config with another vision_feature_layer); the weights must still fit it.
         """
         from .hub import resolve_folder
 
@@ -466,7 +497,12 @@ class LlavaNextForConditionalGeneration(nn.Module):
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
             raise CheckpointError(f"no config.json in {folder}")
-        config = LlavaNextConfig.from_json_file(config_path)
+        if config is None:
+            config = LlavaNextConfig.from_json_file(config_path)
+        elif not isinstance(config, LlavaNextConfig):
+            raise TypeError(f"config must be a LlavaNextConfig, got {type(config).__name__}")
+        else:
+            config = copy.deepcopy(config)  # the model's own: loading may untie its embeddings
         ckpt = LazyCheckpoint(weight_files(folder))
         dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config_path, ckpt)
         device = torch.device(_resolve_device(device if device is not None else device_map))
@@ -508,6 +544,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
         `state_dict`: tensors to write instead of `self.state_dict()`, e.g. a full state dict
         gathered from an FSDP-sharded model."""
+        self.check_config_unchanged()  # else the saved config.json would describe another model
         os.makedirs(folder, exist_ok=True)
         d = self.config.to_dict()
         d["torch_dtype"] = str(self.dtype).replace("torch.", "")

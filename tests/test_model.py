@@ -111,6 +111,47 @@ def test_vision_feature_layer(tmp_path, layer):
     compare(hf, tmp_path, [[(70, 50)]])
 
 
+def test_config_edits_after_building_raise_and_config_argument_builds_them(tmp_path):
+    """transformers reads vision_feature_layer and Mistral's sliding_window on every call, so code
+    written for it edits model.config and expects the edit to act. Ours reads them when built:
+    forward and save_pretrained refuse a model whose config changed since (no silent old
+    behaviour, no config.json that does not describe the weights), and from_pretrained(config=)
+    builds the changed model, equal to transformers with the edit."""
+    from llava_next import LlavaNextConfig
+    from llava_next.config import ConfigError
+
+    hf = hf_checkpoint(tmp_path, "mistral", vision_layers=3, **SMALL)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask = prompt_ids(hf.config, [[(70, 50)]], [5])
+    pv, sizes = image_inputs(hf.config, [(70, 50)])
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+    for edit, value in (("vision_feature_layer", -3), ("text_config.sliding_window", 4)):
+        target = ours.config.text_config if edit.startswith("text_config") else ours.config
+        name = edit.split(".")[-1]
+        old = getattr(target, name)
+        setattr(target, name, value)
+        with pytest.raises(ConfigError, match=f"{edit}: built with .*, now .*{value}"):
+            ours(**kw)
+        with pytest.raises(ConfigError, match="changed after the model was built"):
+            ours.save_pretrained(tmp_path / "saved")
+        assert not (tmp_path / "saved").exists()
+        setattr(target, name, old)
+        ours(**kw)  # as built again: runs
+
+    config = LlavaNextConfig.from_pretrained(tmp_path)
+    config.vision_feature_layer, config.text_config.sliding_window = -3, 4
+    built = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, config=config)
+    assert built.config is not config and config.tie_word_embeddings == built.config.tie_word_embeddings
+    hf.config.vision_feature_layer, hf.config.text_config.sliding_window = -3, 4  # transformers: read per call
+    with torch.no_grad():
+        want = hf(**kw, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        got = built(**kw).logits
+        assert (got - want)[mask.bool()].abs().max().item() <= ATOL
+        assert (got - ours(**kw).logits)[mask.bool()].abs().max().item() > 1e-3  # the edits changed something
+    with pytest.raises(TypeError, match="LlavaNextConfig"):
+        LlavaNextForConditionalGeneration.from_pretrained(tmp_path, config=hf.config)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_left_padded_batch_two_image_sizes(tmp_path, attn):
     hf = hf_checkpoint(tmp_path, "mistral", **SMALL)
