@@ -239,7 +239,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: TextConfig, attn_fn, kernels: str = "none"):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # The pad id's row gets no gradient (and starts at zero), as in transformers: for vicuna and
+        # the 34b the pad id is <unk> (0), a token a prompt may hold.
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_fn, kernels)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)

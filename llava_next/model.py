@@ -152,6 +152,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
+                if getattr(m, "padding_idx", None) is not None:
+                    nn.init.zeros_(m.weight[m.padding_idx])
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, LlamaRMSNorm)):
@@ -380,7 +382,9 @@ class LlavaNextForConditionalGeneration(nn.Module):
                         new[keep:].normal_(0.0, 0.02)  # init_weights' std
             return new
 
-        emb = nn.Embedding(n, old_emb.embedding_dim, device=old_emb.weight.device, dtype=old_emb.weight.dtype)
+        pad = old_emb.padding_idx if old_emb.padding_idx is not None and old_emb.padding_idx < n else None
+        emb = nn.Embedding(n, old_emb.embedding_dim, padding_idx=pad, device=old_emb.weight.device,
+                           dtype=old_emb.weight.dtype)
         emb.weight = nn.Parameter(grown(old_emb.weight), requires_grad=old_emb.weight.requires_grad)
         lm.model.embed_tokens = emb
         if tied:

@@ -91,6 +91,29 @@ def test_loss_and_grads_match_transformers(checkpoint, attn):
     assert errors[worst] <= 1e-3, worst
 
 
+def test_pad_token_row_gets_no_gradient_as_in_transformers(tmp_path):
+    """vicuna's pad id is <unk> (0), which a prompt may hold: its embedding row gets no gradient
+    (nn.Embedding's padding_idx, as transformers builds it), and starts at zero in a model built
+    from its config; resize_token_embeddings keeps it."""
+    hf = hf_checkpoint(tmp_path, "vicuna", **SMALL)
+    pad = hf.config.text_config.pad_token_id
+    assert pad == 0
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).train()
+    ids = torch.tensor([[1, 5, pad, 7, pad, 9, 11]])  # the pad id attended, inside the text
+    for model in (hf, ours):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+    g_ours = ours.get_input_embeddings().weight.grad
+    g_hf = hf.get_input_embeddings().weight.grad
+    assert g_hf[pad].abs().max() == 0 and g_ours[pad].abs().max() == 0
+    assert g_ours[5].abs().max() > 0
+    torch.testing.assert_close(g_ours, g_hf, atol=1e-6, rtol=1e-4)
+    scratch = LlavaNextForConditionalGeneration(ours.config)
+    assert scratch.get_input_embeddings().weight[pad].abs().max() == 0
+    assert scratch.get_input_embeddings().weight[pad + 1].abs().max() > 0
+    assert ours.resize_token_embeddings(ours.config.text_config.vocab_size + 8).padding_idx == pad
+
+
 def test_named_parameters_are_the_checkpoint_keys(checkpoint):
     hf, folder = checkpoint
     ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
