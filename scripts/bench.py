@@ -376,7 +376,7 @@ def main():
                     help="experiment: the vision tower replays CUDA graphs (enable_vision_cuda_graphs)")
     ap.add_argument("--pdl", action="store_true",
                     help="experiment: the decode step's Triton kernels start early (programmatic dependent launch)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>.json on CUDA)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>-<preset>.json on CUDA)")
     args = ap.parse_args()
     if args.decode_kernels and args.no_fuse:
         ap.error("--decode-kernels runs on the fused projections: drop --no-fuse")
