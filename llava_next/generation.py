@@ -15,6 +15,7 @@ import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .kv_cache import KVCache
 from .language import runs_python_per_call
@@ -35,12 +36,18 @@ def decode_one_token(model, token, cache, cache_pos):
     return out.logits[:, -1].float()
 
 
-def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty):
-    """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do."""
+def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty, unseen=None):
+    """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do.
+    `unseen` (B, seen length) bool marks positions of seen_ids the repetition penalty skips: a
+    row's left padding, as transformers skips it (prompt_ignore_length)."""
     if repetition_penalty != 1.0:
+        V = logits.shape[-1]
+        if unseen is not None:  # skipped ids point at a scratch column past the vocabulary
+            seen_ids = seen_ids.masked_fill(unseen, V)
+            logits = F.pad(logits, (0, 1))
         score = logits.gather(1, seen_ids)
         score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
-        logits = logits.scatter(1, seen_ids, score)
+        logits = logits.scatter(1, seen_ids, score)[:, :V]
     if not do_sample:
         return logits
     if temperature != 1.0:
@@ -105,7 +112,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length there caps prompt + new
     tokens). (transformers 5.24 lets an explicit None override its config: top_k=None is no top-k
-    there, 50 or the config's here.) Generation may run past the model's context, as in
+    there, do_sample=None greedy, max_new_tokens=None its default length; here None is the same
+    as leaving the setting out.) Generation may run past the model's context, as in
     transformers, which does not warn; llava-next does.
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens. Without an
@@ -219,12 +227,17 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty)
+        # each row's left padding, which the repetition penalty skips (transformers: the positions
+        # before the mask's first 1)
+        first_real = (attention_mask[:, -T:] != 0).int().argmax(1)  # (B,)
+        padding = torch.arange(out.shape[1], device=device)[None, :] < first_real[:, None]  # (B, T + max_new)
 
         logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
         cache_pos = torch.tensor(T, device=device)
         n = 0
         while n < max_new_tokens:
-            token = choose(process_logits(logits, out[:, :T + n], **sampling), do_sample, generator)
+            token = choose(process_logits(logits, out[:, :T + n], unseen=padding[:, :T + n], **sampling),
+                           do_sample, generator)
             token = torch.where(unfinished, token, torch.full_like(token, pad))
             out[:, T + n] = token
             n += 1

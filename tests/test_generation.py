@@ -108,6 +108,37 @@ def test_sampling_warpers_match_transformers():
     torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 
+def test_repetition_penalty_skips_left_padding_as_transformers(pair):
+    """transformers skips each row's left padding when it penalises repeats (prompt_ignore_length):
+    with pad id == eos id (the tokenizer.pad_token = eos idiom) a padded row would otherwise have
+    its eos penalised. The processed scores, then greedy tokens with that setup, equal transformers'."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 12], pad_id=0)
+    padded = int((mask[:, 0] == 0).nonzero()[0])
+    torch.manual_seed(0)
+    logits = torch.randn(2, hf.config.text_config.vocab_size)
+    first_real = (mask != 0).int().argmax(1)
+    want = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=first_real)(ids, logits.clone())
+    unseen = torch.arange(ids.shape[1])[None, :] < first_real[:, None]
+    got = process_logits(logits, ids, unseen=unseen, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+                         repetition_penalty=1.3)
+    assert torch.equal(got, want)
+    assert not torch.equal(process_logits(logits, ids, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+                                          repetition_penalty=1.3)[padded], want[padded])  # the pad id, 0
+    # end to end: the padded row's pad id is its eos, a token it produces
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    T = ids.shape[1]
+    kw = dict(attention_mask=mask, pixel_values=pv, image_sizes=sizes, max_new_tokens=8, repetition_penalty=1.3)
+    free = hf.generate(input_ids=ids, **kw, do_sample=False, eos_token_id=[5], pad_token_id=0)[padded, T:].tolist()
+    eos = next(t for i, t in enumerate(free[1:], 1) if t not in free[:i] and t not in ids[padded].tolist())
+    ids_e = ids.masked_fill(mask == 0, eos)
+    want = hf.generate(input_ids=ids_e, **kw, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    got = ours.generate(input_ids=ids_e, **kw, eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(got, want)
+
+
 def test_kv_cache_decode_equals_full_forward(pair):
     """Prefill + static-shape decode steps give the logits of one full forward."""
     hf, ours = pair
