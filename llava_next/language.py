@@ -19,6 +19,26 @@ from .config import TextConfig
 from .fused_linear import fused_weights, run_linears
 
 
+class Checkpointing(NamedTuple):
+    """A tower's activation checkpointing (model.activation_checkpointing_enable): every
+    `every_n_layers`-th layer from the first recomputes its activations in backward; with
+    `offload` the inputs it keeps for that wait in host memory."""
+    every_n_layers: int = 1
+    offload: bool = False
+
+
+def run_layer(tower: nn.Module, i: int, layer: nn.Module, *args):
+    """layer(*args), under non-reentrant torch.utils.checkpoint where `tower.gradient_checkpointing`
+    (a Checkpointing, or False) picks layer i, in training with gradients on."""
+    ckpt = tower.gradient_checkpointing
+    if not (ckpt and tower.training and torch.is_grad_enabled() and i % ckpt.every_n_layers == 0):
+        return layer(*args)
+    if ckpt.offload:
+        with torch.autograd.graph.save_on_cpu(pin_memory=args[0].is_cuda):
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+
+
 class LlamaRMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, kernels: str = "none"):
         super().__init__()
@@ -247,7 +267,7 @@ class LlamaModel(nn.Module):
                                     for i in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.kernels = kernels
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # or a Checkpointing
         # Not a buffer: it must stay fp32 whatever dtype the model is cast to, and a buffer would
         # be left on the meta device by loading. Computed once per device.
         self._inv_freq = {}
@@ -267,13 +287,10 @@ class LlamaModel(nn.Module):
             rope = Rope(position_ids, inv_freq, None, None)
         else:
             rope = Rope(position_ids, inv_freq, *rope_cos_sin(inv_freq, position_ids, x.dtype))
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, cache, cache_pos, kv_mask, use_reentrant=False)
-            else:
-                x = layer(x, rope, cache, cache_pos, kv_mask)
+            x = run_layer(self, i, layer, x, rope, cache, cache_pos, kv_mask)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)

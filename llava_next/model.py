@@ -25,7 +25,7 @@ from .compat import CausalLMOutput, check_transformers_options, output_requires_
 from .config import ConfigError, LlavaNextConfig
 from .fused_linear import fuse_linears
 from .generation_config import GenerationConfig
-from .language import LlamaForCausalLM, LlamaRMSNorm
+from .language import Checkpointing, LlamaForCausalLM, LlamaRMSNorm
 from .kv_cache import KVCache
 from .loading import CheckpointError, LazyCheckpoint, check_keys, save_state_dict, weight_files
 from .vision import CLIPVisionModel, LlavaNextMultiModalProjector, VisionTowerGraphs
@@ -92,6 +92,9 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # transformers' value for this class: its Trainer then counts num_items_in_batch over the
+    # shifted labels (labels[..., 1:]), the ones the loss scores
+    loss_type = "ForConditionalGeneration"
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.model.embed_tokens
@@ -124,8 +127,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
         return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and id(p) not in skip)
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.language_model.model.gradient_checkpointing or self.vision_tower.vision_model.gradient_checkpointing
+    def is_activation_checkpointing(self) -> bool:
+        return bool(self.language_model.model.gradient_checkpointing or self.vision_tower.vision_model.gradient_checkpointing)
+
+    is_gradient_checkpointing = is_activation_checkpointing  # transformers' older name
 
     def enable_input_require_grads(self):
         """Make the token embeddings' output require grad, as transformers does for reentrant
@@ -395,25 +400,42 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.config.text_config.vocab_size = n
         return emb
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, *,
-                                      vision: bool = True, language: bool = True):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False, *,
+                                        vision: bool = True, language: bool = True):
         """Recompute each decoder layer's / vision layer's activations in backward instead of storing
-        them (training only: it is off under no_grad and in eval mode). Non-reentrant
-        torch.utils.checkpoint; `gradient_checkpointing_kwargs` (as transformers' Trainer and PEFT
-        pass it) may only say so: {"use_reentrant": False}."""
-        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
-            raise TypeError("gradient_checkpointing_enable's first argument is gradient_checkpointing_kwargs (a dict), "
-                            "as in transformers; choose the towers with vision= / language=")
-        for key, value in (gradient_checkpointing_kwargs or {}).items():
+        them (training only: it is off under no_grad and in eval mode), with non-reentrant
+        torch.utils.checkpoint, as transformers 5.24's method of this name (which its Trainer
+        calls for `gradient_checkpointing=True`): `every_n_layers` checkpoints only every n-th layer
+        of each tower (from its first), trading memory back for speed; `offload` keeps the saved
+        layer inputs in (pinned, on CUDA) host memory. `activation_checkpointing_kwargs` may only
+        say {"use_reentrant": False}. vision= / language= pick the towers."""
+        kwargs = activation_checkpointing_kwargs
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError("the first argument is activation_checkpointing_kwargs (a dict), as in transformers; "
+                            "choose the towers with vision= / language=")
+        for key, value in (kwargs or {}).items():
             if key != "use_reentrant":
-                raise TypeError(f"gradient_checkpointing_kwargs: {key!r} is not supported (only use_reentrant=False)")
+                raise TypeError(f"activation_checkpointing_kwargs: {key!r} is not supported (only use_reentrant=False)")
             if value:
                 raise ValueError("use_reentrant=True is not supported: the checkpoints are non-reentrant")
-        self.vision_tower.vision_model.gradient_checkpointing = vision
-        self.language_model.model.gradient_checkpointing = language
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
+        ckpt = Checkpointing(every_n_layers, bool(offload))
+        self.vision_tower.vision_model.gradient_checkpointing = ckpt if vision else False
+        self.language_model.model.gradient_checkpointing = ckpt if language else False
 
-    def gradient_checkpointing_disable(self):
-        self.gradient_checkpointing_enable(vision=False, language=False)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False, *,
+                                      vision: bool = True, language: bool = True):
+        """activation_checkpointing_enable under its older name (transformers' Trainer and PEFT call it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload,
+                                             vision=vision, language=language)
+
+    def activation_checkpointing_disable(self):
+        self.activation_checkpointing_enable(vision=False, language=False)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def fuse_projections(self):
         """Lay the q/k/v weights of every attention layer (both towers), and the decoder's

@@ -134,6 +134,11 @@ def _check_messages(specials: list[str], conversation: list[dict], c: int) -> No
                                  "are text (put the image in the user turn before it)")
             text = item.get("text", "") if kind == "text" else ""
             found = next((s for s in specials if s and s in text), None)
+            if found is not None and found == "<image>":
+                raise ValueError(f"conversation {c}, message {m}: its text holds '<image>' (LLaVA's data format); "
+                                 "here an image is a content item: "
+                                 '"content": [{"type": "image"}, {"type": "text", "text": "..."}], the images '
+                                 "passed in order with images=")
             if found is not None:
                 raise ValueError(f"conversation {c}, message {m}: its text holds {found!r}, which the tokenizer reads "
                                  "as that special token, not as text; remove or escape it")
@@ -209,7 +214,8 @@ def freeze_language_model(model, frozen: bool = True) -> None:
 
 def parameter_groups(model, lrs: dict | None = None, default_lr: float | None = None,
                      weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer groups of the trainable parameters by name: `lrs` maps an fnmatch pattern (or a
+    """Optimizer groups of the trainable parameters by name (never those the model never runs,
+    `never_trained`): `lrs` maps an fnmatch pattern (or a
     tuple of them) to a learning rate, the first match wins; the others get `default_lr`, or are
     left out of the optimizer when it is None. Weight decay applies to matrices only (not to
     biases, norms, `image_newline`, `class_embedding`). Each group carries its "param_names"
@@ -219,8 +225,9 @@ def parameter_groups(model, lrs: dict | None = None, default_lr: float | None = 
     """
     rules = [((pat,) if isinstance(pat, str) else tuple(pat), lr) for pat, lr in (lrs or {}).items()]
     groups: dict[tuple[float, float], dict] = {}
+    unused = never_trained(model)  # even if unfrozen by hand (model.requires_grad_(True)): no gradient ever
     for p, names in _parameters(model):
-        if not p.requires_grad:
+        if not p.requires_grad or names[0] in unused:
             continue
         name = names[0]
         lr = next((lr for pats, lr in rules if _matches(names, pats)), default_lr)

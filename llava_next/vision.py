@@ -14,12 +14,11 @@ import threading
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from .attention import small_kernels_apply
 from .config import VisionConfig
 from .fused_linear import run_linears
-from .language import _autocast, runs_python_per_call
+from .language import _autocast, run_layer, runs_python_per_call
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -112,16 +111,13 @@ class CLIPVisionTransformer(nn.Module):
         self.num_layers_run = max(self.feature_layers)
         for module in [*self.encoder.layers[self.num_layers_run:], self.post_layernorm]:
             module.requires_grad_(False)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # or a language.Checkpointing
 
     def forward(self, pixel_values):  # (N, 3, S, S)
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         selected = {0: x} if 0 in self.feature_layers else {}
         for i, layer in enumerate(self.encoder.layers[: self.num_layers_run], start=1):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
+            x = run_layer(self, i - 1, layer, x)
             if i in self.feature_layers:
                 selected[i] = x
         return torch.cat([selected[i] for i in self.feature_layers], dim=-1)

@@ -210,6 +210,42 @@ def test_gradient_checkpointing_per_tower():
                 torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_activation_checkpointing_as_transformers_trainer_calls_it(monkeypatch):
+    """transformers 5.24's Trainer (gradient_checkpointing=True) calls
+    activation_checkpointing_enable(activation_checkpointing_kwargs=..., every_n_layers=..., offload=...),
+    or gradient_checkpointing_enable with the same keywords. every_n_layers picks every n-th layer of
+    each tower (4 vision layers run, 6 decoder layers here); offload keeps the saved inputs on the
+    host. The gradients stay those of the plain model."""
+    import torch.utils.checkpoint
+
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(tiny_config()).train()
+    inputs = training_batch(model.config)
+    model(**inputs).loss.backward()
+    want = grads(model)
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for enable, n, offload, expected in (("activation_checkpointing_enable", 1, False, 4 + 6),
+                                         ("activation_checkpointing_enable", 2, True, 2 + 3),
+                                         ("gradient_checkpointing_enable", 3, False, 2 + 2)):
+        kw = "activation_checkpointing_kwargs" if enable.startswith("activation") else "gradient_checkpointing_kwargs"
+        getattr(model, enable)(**{kw: None}, every_n_layers=n, offload=offload)
+        assert model.is_activation_checkpointing and model.is_gradient_checkpointing
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        model(**inputs).loss.backward()
+        assert len(calls) == expected, (enable, n, len(calls))
+        for name, g in grads(model).items():
+            if g is not None:
+                torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=name)
+    model.activation_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="every_n_layers"):
+            model.activation_checkpointing_enable(every_n_layers=bad)
+
+
 # ---- labels ----------------------------------------------------------------------------------
 
 def make_processor(chat_format):
@@ -376,6 +412,10 @@ def test_parameter_groups_by_pattern():
     set_trainable(model, ["vision_tower.*"])
     with pytest.raises(ValueError, match="no trainable parameter matched"):
         parameter_groups(model, {"language_model.*": 1.0})
+    model.requires_grad_(True)  # by hand: the never-run parameters need grad again, but get none
+    names = {n for g in parameter_groups(model, default_lr=1e-5) for n in g["param_names"]}
+    assert never_trained(model) and not names & never_trained(model)
+    assert names == {n for n, p in model.named_parameters()} - never_trained(model)
 
 
 # ---- the example script -------------------------------------------------------------------------
@@ -459,6 +499,8 @@ def test_accessors_peft_calls():
     gradient checkpointing on, a trainable layer gets gradients (enable_input_require_grads on)."""
     model = LlavaNextForConditionalGeneration(tiny_config(num_hidden_layers=2)).train()
     assert model.can_generate() and model.main_input_name == "input_ids" and model.supports_gradient_checkpointing
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    assert LOSS_MAPPING.get(model.loss_type) is ForCausalLMLoss  # Trainer counts the shifted labels, as we score
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     inputs = training_batch(model.config)
     model.requires_grad_(False)
@@ -492,7 +534,7 @@ def test_build_labels_refuses_what_would_train_the_wrong_tokens(chat_format):
     user = {"role": "user", "content": "Strike it out?"}
     with pytest.raises(ValueError, match=f"message 1: its text holds '{re.escape(stop)}'"):
         build_labels(processor, [user, {"role": "assistant", "content": f"Use <s>old{stop} new."}])
-    with pytest.raises(ValueError, match="message 0: its text holds '<image>'"):
+    with pytest.raises(ValueError, match="""message 0: its text holds '<image>'.*\\{"type": "image"\\}"""):
         build_labels(processor, [{"role": "user", "content": "what is <image>?"}, {"role": "assistant", "content": "A tag."}])
     with pytest.raises(ValueError, match="image in an assistant reply"):
         build_labels(processor, [user, {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
