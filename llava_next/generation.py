@@ -12,6 +12,7 @@ import numbers
 import os
 import queue
 import sys
+import unicodedata
 import warnings
 
 import torch
@@ -372,8 +373,9 @@ class TextStreamer:
     """Prints text as it is generated: `generate(..., streamer=TextStreamer(tokenizer))`.
 
     Text is decoded from all new ids each time and only the stable part is emitted: never a
-    trailing U+FFFD (a character whose bytes are split over tokens) and, mid-line, only up to the
-    last space, since the next token can still change how the last word decodes.
+    trailing U+FFFD (a character whose bytes are split over tokens); letters, digits and spaces
+    as they come (as transformers 5.24 does); after a symbol, only up to the last space, since
+    the next token can still change how it decodes.
     """
 
     def __init__(self, tokenizer, skip_prompt: bool = False, **decode_kwargs):
@@ -405,6 +407,13 @@ class TextStreamer:
             return
         elif text and _is_cjk(text[-1]):  # no spaces between such characters: emit each as it comes, as transformers
             piece, self.printed = text[self.printed:], len(text)
+        elif all(c.isspace() or unicodedata.category(c)[0] in "LMN" for c in text[self.printed:]):
+            # letters (with their combining marks), digits and spaces stream as they come, as in
+            # transformers 5.24, so long words and text without spaces (Thai, kana) do too; symbols
+            # wait for a space (they may open some formatting)
+            piece, self.printed = text[self.printed:], len(text)
+            if not piece:
+                return
         else:
             stable = text.rfind(" ") + 1
             if stable <= self.printed:

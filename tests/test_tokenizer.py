@@ -304,13 +304,41 @@ def test_more_option_edges_like_reference(tmp_path):
 
 
 def test_streamer_emits_cjk_as_it_comes(pair):
-    """Text without spaces between characters (CJK ideographs) streams a piece per character, as
+    """Text without spaces between characters (CJK ideographs, kana) streams piece by piece, as
     transformers' TextStreamer does, not only at the line's end."""
     ours, _, _ = pair
     ids = ours.encode("日本語の文章です。東京は大きい都市です。", add_special_tokens=False)
     pieces = streamed(ours, ids)
     assert "".join(pieces) == ours.decode(ids, skip_special_tokens=True)
     assert len([p for p in pieces if p]) >= 8
+
+
+def test_streamer_emits_letters_as_they_come_as_transformers(pair):
+    """transformers 5.24's TextStreamer prints runs of letters, digits and spaces as they come (a
+    long word, Thai without spaces): the same pieces, where both decode the same text."""
+    from transformers import TextStreamer as Reference
+
+    ours, oracle, _ = pair
+    compared = 0
+    for text in ("supercalifragilisticexpialidocious is a long word", "สวัสดีครับผมชื่อ"):
+        ids = ours.encode(text, add_special_tokens=False)
+        if any(t.startswith("<0x") for t in ours.convert_ids_to_tokens(ids)):
+            continue  # byte pieces: the slow oracle decodes them by name
+        compared += 1
+        want = []
+
+        class Collect(Reference):
+            def on_finalized_text(self, text, stream_end=False):
+                want.append(text)
+
+        reference = Collect(oracle, skip_special_tokens=True)
+        for i in ids:
+            reference.put(torch.tensor([i]))
+        reference.end()
+        got = [p for p in streamed(ours, ids) if p]
+        assert got == [p for p in want if p], text
+        assert len(got) >= 8
+    assert compared
 
 
 def streamed(tokenizer, ids) -> list[str]:
