@@ -368,12 +368,13 @@ class LlavaNextTokenizer:
             if i not in self._added_by_id and 0 <= i < self.vocab_size and self.sp.is_byte(i):
                 byte_run.append(int(self.sp.id_to_piece(i)[3:5], 16))  # "<0x0A>" -> 10
                 continue
+            token = self.convert_ids_to_tokens(i)
+            if token is None:  # ids past the vocabulary (the model's padding rows) are dropped, first,
+                continue  # as transformers does: the byte tokens around one stay one run
             if byte_run:
                 out.append(_bytes_to_text(byte_run))
                 byte_run = bytearray()
-            token = self.convert_ids_to_tokens(i)
-            if token is not None:  # ids past the vocabulary (the model's padding rows) are dropped
-                out.append(token.replace("▁", " "))
+            out.append(token.replace("▁", " "))
         if byte_run:
             out.append(_bytes_to_text(byte_run))
         text = "".join(out)

@@ -341,6 +341,18 @@ def test_streamer_emits_letters_as_they_come_as_transformers(pair):
     assert compared
 
 
+def test_decode_drops_ids_past_the_vocabulary_before_joining_bytes(pair):
+    """The model's embedding has rows past the tokenizer (32064 for 32002 ids); sampling may pick
+    one. transformers drops such an id before it joins byte tokens, so the bytes around it still
+    form one character."""
+    ours, _, _ = pair
+    c3, a9 = ours.convert_tokens_to_ids(["<0xC3>", "<0xA9>"])  # "é" in UTF-8
+    past = len(ours) + 5
+    assert ours.convert_ids_to_tokens(past) is None
+    assert ours.decode([c3, a9]) == "é"
+    assert ours.decode([c3, past, a9]) == "é"
+
+
 def streamed(tokenizer, ids) -> list[str]:
     """The pieces a TextStreamer emits when fed `ids` one at a time, as generate() feeds it."""
     from llava_next.generation import TextStreamer
