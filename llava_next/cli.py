@@ -85,8 +85,8 @@ def check_args(args) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature is not None and args.temperature <= 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_p is not None and not 0 <= args.top_p <= 1:
+        raise UsageError(f"--top-p must be in [0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0: no top-k), got {args.top_k}")
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:

@@ -65,21 +65,23 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
     return logits
 
 
-def _new_token_count(max_new_tokens, gen, T: int) -> int:
+def _new_token_count(max_new_tokens, max_length, gen, T: int) -> int:
     """How many tokens to generate, by transformers' rules (_prepare_generated_length): a
-    max_new_tokens (the call's, else the config's) as given; else a configured max_length, which
-    counts the prompt too; else 20. (transformers would stop a model whose own config has
-    max_position_embeddings at that context; LlavaNextConfig has none, so it does not.)"""
+    max_new_tokens (the call's, else the config's) as given; else a max_length (the call's, else
+    the config's), which counts the prompt too; else 20. (transformers would stop a model whose
+    own config has max_position_embeddings at that context; LlavaNextConfig has none, so it does not.)"""
     if max_new_tokens is None:
         max_new_tokens = gen.max_new_tokens
     if max_new_tokens is not None:
         return max_new_tokens
-    if gen.max_length is None:
+    where = "max_length" if max_length is not None else "model.generation_config's max_length"
+    max_length = max_length if max_length is not None else gen.max_length
+    if max_length is None:
         return 20
-    if T >= gen.max_length:
-        raise ValueError(f"the prompt has {T} tokens, which leaves none to generate within "
-                         f"model.generation_config's max_length ({gen.max_length}): pass max_new_tokens")
-    return gen.max_length - T
+    if T >= max_length:
+        raise ValueError(f"the prompt has {T} tokens, which leaves none to generate within {where} "
+                         f"({max_length}): pass max_new_tokens")
+    return max_length - T
 
 
 def _user_stacklevel() -> int:
@@ -103,7 +105,7 @@ def choose(scores, do_sample, generator=None):
 
 @torch.no_grad()
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
-             max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id=None, pad_token_id=None, streamer=None, generator=None, use_cache: bool = True,
              num_beams: int | None = None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
@@ -111,8 +113,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
     Settings left out or None come from `model.generation_config` (a checkpoint's
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
-    top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length there caps prompt + new
-    tokens). (transformers 5.24 lets an explicit None override its config: top_k=None is no top-k
+    top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length, the call's or there, caps
+    prompt + new tokens; max_new_tokens wins over it). (transformers 5.24 lets an explicit None override its config: top_k=None is no top-k
     there, do_sample=None greedy, max_new_tokens=None its default length; here None is the same
     as leaving the setting out.) Generation may run past the model's context, as in
     transformers, which does not warn; llava-next does.
@@ -149,15 +151,15 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             ("repetition_penalty", repetition_penalty)))
     cfg = model.config.text_config
     B, T = input_ids.shape
-    max_new_tokens = _new_token_count(max_new_tokens, gen, T)
+    max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if top_k < 0:
         raise ValueError(f"top_k must be a positive int (or 0: no top-k), got {top_k}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1] (0: the most likely token only), got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     eos = eos_token_id if eos_token_id is not None else gen.eos_token_id

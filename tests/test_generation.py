@@ -311,6 +311,12 @@ def test_generation_config_json_settings_as_transformers(tmp_path):
     hf.generation_config.max_new_tokens, hf.generation_config.max_length = None, ids.shape[1] + 3
     got = ours.generate(input_ids=ids, attention_mask=mask)
     assert got.shape[1] == ids.shape[1] + 3 and torch.equal(got, hf.generate(input_ids=ids, attention_mask=mask))
+    for kw in (dict(max_length=ids.shape[1] + 5), dict(max_length=ids.shape[1] + 5, max_new_tokens=2),
+               dict(do_sample=True, top_p=0.0)):  # a call's max_length; top_p 0 keeps the top token only
+        want = hf.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, **kw), want), kw
+    with pytest.raises(ValueError, match="within max_length"):
+        ours.generate(input_ids=ids, attention_mask=mask, max_length=ids.shape[1])
 
     ours.generation_config.update(no_repeat_ngram_size=2, num_beams=3)
     with pytest.warns(UserWarning, match="no_repeat_ngram_size.*num_beams") as caught:
