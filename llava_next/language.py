@@ -29,8 +29,10 @@ class Checkpointing(NamedTuple):
 
 def run_layer(tower: nn.Module, i: int, layer: nn.Module, *args):
     """layer(*args), under non-reentrant torch.utils.checkpoint where `tower.gradient_checkpointing`
-    (a Checkpointing, or False) picks layer i, in training with gradients on."""
+    (a Checkpointing; True: every layer; False: none) picks layer i, in training with gradients on."""
     ckpt = tower.gradient_checkpointing
+    if ckpt is True:  # set by hand, as transformers' modules take it: every layer
+        ckpt = Checkpointing()
     if not (ckpt and tower.training and torch.is_grad_enabled() and i % ckpt.every_n_layers == 0):
         return layer(*args)
     if ckpt.offload:

@@ -14,7 +14,7 @@ LAUNCHERS = [n for n in K.__all__ if n != "triton_available" and not n.endswith(
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_every_public_launcher_makes_its_tensors_device_current(name):
     fn = getattr(K, name)
-    assert fn.__code__ is on_tensor_device(len).__code__, f"{name} is not wrapped in on_tensor_device"
+    assert fn.__code__ is on_tensor_device(abs).__code__, f"{name} is not wrapped in on_tensor_device"
 
 
 class _OnGpu(torch.Tensor):
@@ -51,6 +51,9 @@ def test_on_tensor_device_switches_only_to_another_gpu(monkeypatch):
 
     x = torch.zeros(2).as_subclass(_OnGpu)
     assert launch(x, 1, z=2) == "out"
+    assert seen.pop() == ([torch.device("cuda", 1)], 1, 2) and entered == [torch.device("cuda", 1), "back"]
+    entered.clear()
+    assert launch(y=1, z=2, x=x) == "out"  # the tensor passed by name
     assert seen.pop() == ([torch.device("cuda", 1)], 1, 2) and entered == [torch.device("cuda", 1), "back"]
     entered.clear()
     _OnGpu.index = 0  # already the current device: no switch

@@ -241,6 +241,11 @@ def test_activation_checkpointing_as_transformers_trainer_calls_it(monkeypatch):
                 torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=name)
     model.activation_checkpointing_disable()
     assert not model.is_gradient_checkpointing
+    model.language_model.model.gradient_checkpointing = True  # by hand, as a bool: every decoder layer
+    calls.clear()
+    model(**inputs).loss.backward()
+    assert len(calls) == 6 and model.is_gradient_checkpointing
+    model.activation_checkpointing_disable()
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="every_n_layers"):
             model.activation_checkpointing_enable(every_n_layers=bad)

@@ -9,19 +9,22 @@ wrapped in `on_tensor_device`, which makes its first tensor's device current for
 """
 
 import functools
+import inspect
 
 import torch
 
 
 def on_tensor_device(launcher):
-    """Run `launcher(x, ...)` with x's CUDA device current (a no-op for CPU tensors, and for x
-    on the current device: one comparison per call)."""
+    """Run the launcher with its first tensor's CUDA device current (passed by position or by
+    name; a no-op for CPU tensors, and for one on the current device: one comparison a call)."""
+    first = next(iter(inspect.signature(launcher).parameters))
 
     @functools.wraps(launcher)
-    def run(x, *args, **kwargs):
-        if x.is_cuda and x.device.index != torch.cuda.current_device():
+    def run(*args, **kwargs):
+        x = args[0] if args else kwargs.get(first)
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
-                return launcher(x, *args, **kwargs)
-        return launcher(x, *args, **kwargs)
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
 
     return run
