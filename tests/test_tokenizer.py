@@ -325,18 +325,8 @@ def test_streamer_emits_letters_as_they_come_as_transformers(pair):
         if any(t.startswith("<0x") for t in ours.convert_ids_to_tokens(ids)):
             continue  # byte pieces: the slow oracle decodes them by name
         compared += 1
-        want = []
-
-        class Collect(Reference):
-            def on_finalized_text(self, text, stream_end=False):
-                want.append(text)
-
-        reference = Collect(oracle, skip_special_tokens=True)
-        for i in ids:
-            reference.put(torch.tensor([i]))
-        reference.end()
         got = [p for p in streamed(ours, ids) if p]
-        assert got == [p for p in want if p], text
+        assert got == [p for p in streamed(oracle, ids, Reference) if p], text
         assert len(got) >= 8
     assert compared
 
@@ -353,15 +343,18 @@ def test_decode_drops_ids_past_the_vocabulary_before_joining_bytes(pair):
     assert ours.decode([c3, past, a9]) == "é"
 
 
-def streamed(tokenizer, ids) -> list[str]:
-    """The pieces a TextStreamer emits when fed `ids` one at a time, as generate() feeds it."""
+def streamed(tokenizer, ids, streamer_class=None) -> list[str]:
+    """The pieces a TextStreamer (ours, or transformers' as `streamer_class`) emits when fed
+    `ids` one at a time, as generate() feeds it."""
     from llava_next.generation import TextStreamer
 
     pieces = []
 
-    class Collect(TextStreamer):
-        def on_text(self, text, stream_end=False):
+    class Collect(streamer_class or TextStreamer):
+        def on_text(self, text, stream_end=False):  # ours
             pieces.append(text)
+
+        on_finalized_text = on_text  # transformers'
 
     streamer = Collect(tokenizer, skip_special_tokens=True)
     for i in ids:
