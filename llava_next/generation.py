@@ -105,8 +105,8 @@ def choose(scores, do_sample, generator=None):
 
 @torch.no_grad()
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
-             max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id=None, pad_token_id=None, streamer=None, generator=None, use_cache: bool = True,
              num_beams: int | None = None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
@@ -114,9 +114,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     Settings left out or None come from `model.generation_config` (a checkpoint's
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length, the call's or there, caps
-    prompt + new tokens; max_new_tokens wins over it). (transformers 5.24 lets an explicit None override its config: top_k=None is no top-k
-    there, do_sample=None greedy, max_new_tokens=None its default length; here None is the same
-    as leaving the setting out.) Generation may run past the model's context, as in
+    prompt + new tokens; max_new_tokens wins over it). (transformers 5.24 lets an explicit None
+    override its config: top_k=None is no top-k there, do_sample=None greedy, max_new_tokens=None
+    its default length; here None is the same as leaving the setting out.) Generation may run past the model's context, as in
     transformers, which does not warn; llava-next does.
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens. Without an

@@ -35,13 +35,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-# Settings transformers reads on every forward and this model only when it is built (the vision
-# layers it runs and projects, the decoder's attention window); check_config_unchanged.
-_READ_WHEN_BUILT = ("vision_feature_layer", "vision_feature_select_strategy", "text_config.sliding_window")
-
-
-def _read_when_built(config: LlavaNextConfig) -> tuple:
-    return (config.feature_layers, config.vision_feature_select_strategy, config.text_config.attention_window)
+def _read_when_built(config: LlavaNextConfig) -> dict:
+    """The settings transformers reads on every forward and this model only when it is built (the
+    vision layers it runs and projects, the decoder's attention window); check_config_unchanged."""
+    return {"vision_feature_layer": config.feature_layers,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "text_config.sliding_window": config.text_config.attention_window}
 
 
 class LlavaNextForConditionalGeneration(nn.Module):
@@ -241,8 +240,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
         config.json that does not describe the weights' model)."""
         now = _read_when_built(self.config)
         if now != self._built_with:
-            changed = [f"{name}: built with {was!r}, now {is_!r}"
-                       for name, was, is_ in zip(_READ_WHEN_BUILT, self._built_with, now) if was != is_]
+            changed = [f"{name}: built with {self._built_with[name]!r}, now {value!r}"
+                       for name, value in now.items() if value != self._built_with[name]]
             raise ConfigError(
                 f"model.config was changed after the model was built ({'; '.join(changed)}), and the model "
                 "reads these settings only when it is built. Build one from the changed config instead: "

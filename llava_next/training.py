@@ -134,7 +134,7 @@ def _check_messages(specials: list[str], conversation: list[dict], c: int) -> No
                                  "are text (put the image in the user turn before it)")
             text = item.get("text", "") if kind == "text" else ""
             found = next((s for s in specials if s and s in text), None)
-            if found is not None and found == "<image>":
+            if found == "<image>":
                 raise ValueError(f"conversation {c}, message {m}: its text holds '<image>' (LLaVA's data format); "
                                  "here an image is a content item: "
                                  '"content": [{"type": "image"}, {"type": "text", "text": "..."}], the images '

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import visibility_mask
+from ..attention import needs_grad, visibility_mask
 from .launch import on_tensor_device
 
 try:
@@ -687,7 +687,7 @@ def flash_attention(q, k, v, *, causal: bool, q_offset=None, kv_mask=None, slidi
     q_offset: key index of query 0 (None: Tk - Tq; int; or 0-d / (1,) / (B,) int tensor).
     kv_mask: (B, Tk) bool, False = padding key. Rows that see no key come out as zeros.
     Differentiable in q, k, v (a FlashAttention-2 backward) when grad mode is on."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return FlashAttentionFunction.apply(q, k, v, causal, q_offset, kv_mask, sliding_window, scale)
     out, _ = _flash_attention_forward(q, k, v, causal, q_offset, kv_mask, sliding_window, scale)
     return out
