@@ -12,16 +12,13 @@ import torch
 from .loading import legacy_key
 
 
-@dataclass
-class CausalLMOutput:
-    """Read like transformers' ModelOutput: out.logits, out["logits"], out[0], "loss" in out, and
-    keys() / to_tuple() over the fields that are set, in order: loss, logits, hidden_states."""
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    hidden_states: tuple | None = None  # with output_hidden_states: num_layers + 1 tensors (B, T, C)
+class ModelOutput:
+    """Read like transformers' ModelOutput: out.name, out["name"], out[0], "name" in out, and
+    keys() / to_tuple() over the fields that are set (not None), in the order of FIELDS."""
+    FIELDS: tuple = ()
 
     def keys(self) -> list[str]:
-        return [k for k in ("loss", "logits", "hidden_states") if getattr(self, k) is not None]
+        return [k for k in self.FIELDS if getattr(self, k) is not None]
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, k) for k in self.keys())
@@ -44,6 +41,30 @@ class CausalLMOutput:
 
     def __len__(self) -> int:
         return len(self.keys())
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    """forward()'s output: loss, logits, hidden_states."""
+    FIELDS = ("loss", "logits", "hidden_states")
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: tuple | None = None  # with output_hidden_states: num_layers + 1 tensors (B, T, C)
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """generate(..., return_dict_in_generate=True)'s output, transformers' fields: sequences (B * n,
+    T + new), with output_scores / output_logits one (B * n, vocab) fp32 tensor per new token
+    (processed / raw), and the KVCache decoded into. attentions and hidden_states stay None
+    (asking for them is an error)."""
+    FIELDS = ("sequences", "scores", "logits", "attentions", "hidden_states", "cache")
+    sequences: torch.Tensor
+    scores: tuple | None = None
+    logits: tuple | None = None
+    attentions: None = None
+    hidden_states: None = None
+    cache: object = None
 
 
 def output_requires_grad(module, inputs, output):  # a forward hook (module-level: the model pickles)

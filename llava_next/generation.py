@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .compat import GenerateDecoderOnlyOutput
 from .kv_cache import KVCache
 from .language import runs_python_per_call
 
@@ -37,10 +38,12 @@ def decode_one_token(model, token, cache, cache_pos):
     return out.logits[:, -1].float()
 
 
-def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty, unseen=None):
+def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty, unseen=None,
+                   banned=None):
     """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do.
     `unseen` (B, seen length) bool marks positions of seen_ids the repetition penalty skips: a
-    row's left padding, as transformers skips it (prompt_ignore_length)."""
+    row's left padding, as transformers skips it (prompt_ignore_length). `banned`: a 1-d id
+    tensor whose scores become -inf (the eos ids before min_new_tokens / min_length)."""
     if repetition_penalty != 1.0:
         V = logits.shape[-1]
         if unseen is not None:  # skipped ids point at a scratch column past the vocabulary
@@ -49,6 +52,8 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
         score = logits.gather(1, seen_ids)
         score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
         logits = logits.scatter(1, seen_ids, score)[:, :V]
+    if banned is not None and banned.numel():
+        logits = logits.index_fill(1, banned, float("-inf"))
     if not do_sample:
         return logits
     if temperature != 1.0:
@@ -105,10 +110,13 @@ def choose(scores, do_sample, generator=None):
 
 @torch.no_grad()
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
-             max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
-             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-             eos_token_id=None, pad_token_id=None, streamer=None, generator=None, use_cache: bool = True,
-             num_beams: int | None = None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
+             max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int | None = None,
+             min_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             num_return_sequences: int | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
+             generator=None, use_cache: bool = True, num_beams: int | None = None,
+             return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
+             output_logits: bool | None = None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Settings left out or None come from `model.generation_config` (a checkpoint's
@@ -119,7 +127,15 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     its default length; here None is the same as leaving the setting out.) Generation may run past the model's context, as in
     transformers, which does not warn; llava-next does.
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
-    Generation ends when every row is finished or after max_new_tokens. Without an
+    Generation ends when every row is finished or after max_new_tokens. Before min_new_tokens new
+    tokens (else a min_length, counting the prompt) the eos ids score -inf.
+    num_return_sequences=n (sampling only, as in transformers) returns n continuations of each
+    prompt, rows b * n ... b * n + n - 1 for prompt b; the prompt and its images are prefilled
+    once and the KV cache copied n times.
+    return_dict_in_generate=True returns a GenerateDecoderOnlyOutput (llava_next.compat):
+    .sequences, and with output_scores / output_logits a tuple of one (B * n, vocab) fp32 tensor
+    per new token: the scores tokens were chosen from (after penalty, temperature, top-k, top-p)
+    / the model's logits; .cache is the KVCache decoded into. Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
     transformers), else every position counts.
     cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call,
@@ -145,10 +161,14 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     gen.warn_unimplemented(stacklevel=_user_stacklevel())
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the processor's output)")
-    do_sample, temperature, top_k, top_p, repetition_penalty = (
+    (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
+     return_dict_in_generate, output_scores, output_logits) = (
         gen.value(name, given) for name, given in (
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-            ("repetition_penalty", repetition_penalty)))
+            ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
+            ("min_length", min_length), ("num_return_sequences", num_return_sequences),
+            ("return_dict_in_generate", return_dict_in_generate), ("output_scores", output_scores),
+            ("output_logits", output_logits)))
     cfg = model.config.text_config
     B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
@@ -162,6 +182,18 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError(f"top_p must be in [0, 1] (0: the most likely token only), got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if (min_new_tokens or 0) < 0 or (min_length or 0) < 0:
+        raise ValueError(f"min_new_tokens and min_length must be >= 0, got {min_new_tokens} and {min_length}")
+    n_seq = num_return_sequences
+    if not isinstance(n_seq, numbers.Integral) or n_seq < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {n_seq!r}")
+    if n_seq > 1 and not do_sample:  # transformers' rule, word for word
+        raise ValueError("Greedy methods (do_sample != True) without beam search do not support "
+                         f"`num_return_sequences` different than 1 (got {n_seq}).")
+    N = B * n_seq  # rows decoded
+    # transformers' MinNewTokensLength / MinLength processors ban eos until then; as there, a
+    # min_new_tokens wins over a min_length (which counts the prompt)
+    min_new = min_new_tokens if min_new_tokens is not None else (min_length or 0) - T
     eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
     if torch.is_tensor(eos):
         eos = eos.reshape(-1).tolist()
@@ -191,8 +223,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) runs past the model's context ({context}): "
                       "positions beyond it were never trained, so expect the text to degrade there",
                       stacklevel=_user_stacklevel())
-    if streamer is not None and B != 1:
-        raise ValueError("a streamer needs a batch of one prompt")
+    if streamer is not None and B * n_seq != 1:
+        raise ValueError("a streamer needs a batch of one prompt and num_return_sequences=1")
     required = cuda_graph is not None  # asked for explicitly: a failed capture raises
     if cuda_graph is None:
         cuda_graph = (device.type == "cuda" and model.attn_implementation in ("auto", "triton")
@@ -205,11 +237,11 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         if device.type == "cuda" and fuse_projections and not graphed:
             model.fuse_projections()  # q/k/v and gate/up as one product each; a no-op once done
         if graphed or (cuda_graph and device.type == "cuda"):
-            step = cuda_graph if graphed else GraphedDecode(model, B, T + max_new_tokens, fuse_projections)
-            if not step.fits(model, B, T + max_new_tokens):
+            step = cuda_graph if graphed else GraphedDecode(model, N, T + max_new_tokens, fuse_projections)
+            if not step.fits(model, N, T + max_new_tokens):
                 raise ValueError(f"the GraphedDecode was captured for batch {step.cache.batch_size} and "
                                  f"{step.cache.max_length} positions ({step.cache.k.dtype}, {step.cache.k.device}); "
-                                 f"this call needs batch {B} and {T + max_new_tokens} positions")
+                                 f"this call needs batch {N} and {T + max_new_tokens} positions")
             if not step.same_weights(model):
                 raise ValueError("the model's weights moved since this GraphedDecode was captured (.to(), "
                                  "load_state_dict(assign=True), fuse_projections): capture a new one")
@@ -219,28 +251,41 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             cache = step.cache
             cache.reset()
         else:
-            cache = KVCache.for_model(model, B, T + max_new_tokens)
+            cache = KVCache.for_model(model, N, T + max_new_tokens)
             if cuda_graph and device.type == "cuda":
                 step = None  # captured on this cache after the first token, once the prompt is in it
             else:
                 step = eager_step(model, cache)
-        out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=device)
-        out[:, :T] = input_ids
+        out = torch.full((N, T + max_new_tokens), pad, dtype=torch.long, device=device)
+        out[:, :T] = input_ids.repeat_interleave(n_seq, 0)
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        unfinished = torch.ones(N, dtype=torch.bool, device=device)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty)
         # each row's left padding, which the repetition penalty skips (transformers: the positions
         # before the mask's first 1)
-        first_real = (attention_mask[:, -T:] != 0).int().argmax(1)  # (B,)
-        padding = torch.arange(out.shape[1], device=device)[None, :] < first_real[:, None]  # (B, T + max_new)
+        first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(n_seq)  # (N,)
+        padding = torch.arange(out.shape[1], device=device)[None, :] < first_real[:, None]  # (N, T + max_new)
+        all_scores, all_logits = [], []
 
-        logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
+        if n_seq == 1:
+            logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
+        else:  # the prompts (and their images) once, then each row's keys and values n_seq times
+            prompt_cache = KVCache.for_model(model, B, T)
+            logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, prompt_cache)
+            logits = logits.repeat_interleave(n_seq, 0)
+            cache.fill_repeated(prompt_cache, n_seq)
+            del prompt_cache
         cache_pos = torch.tensor(T, device=device)
         n = 0
         while n < max_new_tokens:
-            token = choose(process_logits(logits, out[:, :T + n], unseen=padding[:, :T + n], **sampling),
-                           do_sample, generator)
+            scores = process_logits(logits, out[:, :T + n], unseen=padding[:, :T + n],
+                                    banned=eos_t if n < min_new else None, **sampling)
+            if output_logits:  # copies: a graph replay overwrites its logits in place
+                all_logits.append(logits.clone())
+            if output_scores:
+                all_scores.append(scores.clone())
+            token = choose(scores, do_sample, generator)
             token = torch.where(unfinished, token, torch.full_like(token, pad))
             out[:, T + n] = token
             n += 1
@@ -265,6 +310,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise
     if streamer is not None:
         streamer.end()
+    if return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=out[:, :T + n], scores=tuple(all_scores) if output_scores else None,
+                                         logits=tuple(all_logits) if output_logits else None, cache=cache)
     return out[:, :T + n]
 
 

@@ -54,6 +54,20 @@ class KVCache:
         self.kv_mask.zero_()
         self.length = 0
 
+    def fill_repeated(self, prompt: "KVCache", repeats: int) -> None:
+        """Start over with `prompt`'s `length` positions (an int-position prefill), each of its rows
+        taken `repeats` times in a row: row b of `prompt` becomes rows b * repeats ... b * repeats +
+        repeats - 1 here (num_return_sequences: one prefill serves every copy)."""
+        T = prompt.length
+        if T is None or self.batch_size != prompt.batch_size * repeats or T > self.max_length:
+            raise ValueError(f"cannot repeat a cache of batch {prompt.batch_size} and length {T} {repeats} times into "
+                             f"one of batch {self.batch_size} and max_length {self.max_length}")
+        for mine, theirs in ((self.k, prompt.k), (self.v, prompt.v)):  # (L, B * r, Hkv, Tmax, D) <- (L, B, Hkv, T, D)
+            mine[:, :, :, :T].unflatten(1, (prompt.batch_size, repeats)).copy_(theirs[:, :, None, :, :T])
+        self.kv_mask.zero_()
+        self.kv_mask[:, :T] = prompt.kv_mask[:, :T].repeat_interleave(repeats, 0)
+        self.length = T
+
     def check(self, model, batch_size: int, T: int, cache_pos) -> None:
         """That this cache fits the model and the call (host-side facts only: no device sync)."""
         cfg = model.config.text_config

@@ -139,6 +139,121 @@ def test_repetition_penalty_skips_left_padding_as_transformers(pair):
     assert torch.equal(got, want)
 
 
+def assert_scores_close(got, want):
+    """Tuples of (B, vocab) scores: -inf at the same places, the rest to 1e-4."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32 and torch.equal(torch.isinf(g), torch.isinf(w))
+        torch.testing.assert_close(g[~torch.isinf(g)], w[~torch.isinf(w)], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False, repetition_penalty=1.3),
+                                      dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_dict_output_scores_and_logits_match_transformers(pair, sampling):
+    """return_dict_in_generate with output_scores / output_logits: transformers' fields, one fp32
+    (B, vocab) tensor per new token, the processed scores (-inf where a warper removed a token) and
+    the raw logits, on a left-padded batch of two images. Sampling draws with the same
+    torch.multinomial call on the same global generator, so the tokens agree too."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, max_new_tokens=8,
+              eos_token_id=[], return_dict_in_generate=True, output_scores=True, output_logits=True, **sampling)
+    torch.manual_seed(5)
+    want = hf.generate(**kw)
+    torch.manual_seed(5)
+    got = ours.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(got.scores) == 8 and got.scores[0].shape == (2, hf.config.text_config.vocab_size)
+    assert_scores_close(got.scores, want.scores)
+    assert_scores_close(got.logits, want.logits)
+    if sampling["do_sample"]:
+        assert torch.isinf(got.scores[0]).any()  # the warpers acted
+    else:
+        assert not torch.equal(got.scores[1], got.logits[1])  # the penalty acted
+    # read like transformers' ModelOutput
+    assert got.keys() == ["sequences", "scores", "logits", "cache"] and got[0] is got.sequences
+    assert got["scores"] is got.scores and "attentions" not in got and got.hidden_states is None
+    assert isinstance(got.cache, KVCache) and got.cache.batch_size == 2
+    plain = ours.generate(**{**kw, "return_dict_in_generate": False}) if not sampling["do_sample"] else None
+    if plain is not None:
+        assert torch.equal(plain, got.sequences)
+    only = ours.generate(**{**kw, "output_scores": False, "output_logits": False})
+    assert only.scores is None and only.logits is None and only.keys() == ["sequences", "cache"]
+
+
+def test_min_new_tokens_and_min_length_as_transformers(pair):
+    """eos scores -inf until min_new_tokens new tokens (min_length: counting the prompt), as
+    transformers' MinNewTokensLength / MinLength processors; the tokens equal transformers'."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], []], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80)])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, max_new_tokens=10)
+    T = ids.shape[1]
+    free = ours.generate(**inputs, eos_token_id=[])
+    eos = int(free[0, T + 1])  # row 0's second new token
+    stopped = ours.generate(**inputs, eos_token_id=eos)
+    assert int(stopped[0, T + 1]) == eos and (stopped[0, T + 2:] != eos).all()  # stopped there, then padded
+    for kw in (dict(min_new_tokens=4), dict(min_length=T + 5), dict(min_new_tokens=2, min_length=T + 6)):
+        want = hf.generate(**inputs, **kw, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        got = ours.generate(**inputs, **kw, eos_token_id=eos, pad_token_id=eos)
+        assert torch.equal(got, want), kw
+        first = kw.get("min_new_tokens", kw.get("min_length", 0) - T)  # min_new_tokens wins, as there
+        assert (got[:, T:T + first] != eos).all(), kw
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        ours.generate(**inputs, min_new_tokens=-1)
+
+
+def test_num_return_sequences(pair):
+    """n continuations a prompt, rows b * n ... b * n + n - 1 for prompt b, as transformers
+    (greedy refuses it, with transformers' message). Sampling from the top token only (top_k=1)
+    is deterministic: every copy equals greedy's row, and the batch equals transformers', a
+    prompt with two images included (here the prompt is prefilled once and its cache copied)."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, max_new_tokens=8,
+                  eos_token_id=[])
+    with pytest.raises(ValueError, match="Greedy methods .* `num_return_sequences` different than 1"):
+        ours.generate(**inputs, num_return_sequences=2)
+    greedy = ours.generate(**inputs)
+    got = ours.generate(**inputs, do_sample=True, top_k=1, num_return_sequences=3)
+    assert torch.equal(got, greedy.repeat_interleave(3, 0))
+    assert torch.equal(got, hf.generate(**inputs, do_sample=True, top_k=1, num_return_sequences=3))
+
+    ids2, mask2 = prompt_ids(hf.config, [[(45, 80), (150, 40)], []], [3, 9])
+    two = dict(input_ids=ids2, attention_mask=mask2, pixel_values=pv, image_sizes=sizes, max_new_tokens=6,
+               eos_token_id=[])
+    got = ours.generate(**two, do_sample=True, top_k=1, num_return_sequences=2)
+    assert torch.equal(got, ours.generate(**two).repeat_interleave(2, 0))
+    assert torch.equal(got, hf.generate(**two, do_sample=True, top_k=1, num_return_sequences=2))
+
+    torch.manual_seed(0)
+    out = ours.generate(**inputs, do_sample=True, temperature=5.0, top_k=0, num_return_sequences=2,
+                        return_dict_in_generate=True, output_scores=True)
+    assert out.sequences.shape == (4, ids.shape[1] + 8) and out.scores[0].shape[0] == 4
+    assert torch.equal(out.sequences[:, :ids.shape[1]], ids.repeat_interleave(2, 0))
+    assert not torch.equal(out.sequences[0], out.sequences[1])  # two draws from one prompt
+    torch.testing.assert_close(out.scores[0][0], out.scores[0][1])  # from the same first logits
+
+
+def test_generation_config_output_and_count_settings(pair, recwarn):
+    """num_return_sequences, min_new_tokens and the output settings are read from
+    model.generation_config like the others (and no longer warned about as unimplemented)."""
+    _, ours = pair
+    ids = torch.ones(1, 3, dtype=torch.long)
+    saved = ours.generation_config.to_dict()
+    try:
+        ours.generation_config.update(do_sample=True, top_k=1, num_return_sequences=2, return_dict_in_generate=True,
+                                      output_logits=True, min_new_tokens=1)
+        out = ours.generate(input_ids=ids, max_new_tokens=3)
+        assert out.sequences.shape == (2, 6) and len(out.logits) == 3 and out.scores is None
+        assert not [w for w in recwarn if "does not implement" in str(w.message)]
+    finally:
+        ours.generation_config = type(ours.generation_config)(**saved)
+
+
 def test_kv_cache_decode_equals_full_forward(pair):
     """Prefill + static-shape decode steps give the logits of one full forward."""
     hf, ours = pair
@@ -190,8 +305,8 @@ def test_generating_past_the_context_as_transformers(pair):
 
 def test_unknown_generate_argument(pair):
     _, ours = pair
-    with pytest.raises(TypeError, match="num_return_sequences"):
-        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), num_return_sequences=2)
+    with pytest.raises(TypeError, match="stop_strings"):
+        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), stop_strings=["."])
 
 
 def test_cuda_graph_true_on_cpu_decodes_eagerly(pair):

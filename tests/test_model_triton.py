@@ -304,6 +304,23 @@ def test_cuda_graph_decode_equals_eager_decode(models, decode_kernels, pdl, monk
         triton.generate(**inputs, **kw, cuda_graph=graph)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_generate_keeps_every_steps_logits(models):
+    """A replay overwrites one logits buffer: output_logits / output_scores must keep a copy per
+    step. With num_return_sequences the graph decodes the copied prompt cache as eager steps do."""
+    config, _, triton = models
+    triton = copy.deepcopy(triton)
+    kw = dict(max_new_tokens=6, eos_token_id=[], do_sample=True, top_k=1, num_return_sequences=2,
+              return_dict_in_generate=True, output_logits=True, output_scores=True)
+    want = triton.generate(**batch(config), **kw, cuda_graph=False)
+    got = triton.generate(**batch(config), **kw, cuda_graph=True)
+    assert torch.equal(got.sequences, want.sequences) and got.sequences.shape[0] == 4
+    assert not torch.equal(got.logits[1], got.logits[2])  # not one buffer seen six times
+    for name in ("logits", "scores"):
+        for g, w in zip(getattr(got, name), getattr(want, name)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="generate() captures a CUDA graph by default on CUDA only")
 def test_generate_decodes_eagerly_when_its_default_capture_fails(models, monkeypatch):
     from llava_next import generation
