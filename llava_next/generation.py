@@ -39,11 +39,15 @@ def decode_one_token(model, token, cache, cache_pos):
 
 
 def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty, unseen=None,
-                   banned=None):
+                   banned=None, processors=()):
     """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do.
     `unseen` (B, seen length) bool marks positions of seen_ids the repetition penalty skips: a
     row's left padding, as transformers skips it (prompt_ignore_length). `banned`: a 1-d id
-    tensor whose scores become -inf (the eos ids before min_new_tokens / min_length)."""
+    tensor whose scores become -inf (the eos ids before min_new_tokens / min_length).
+    `processors`: a caller's callables (seen_ids, scores) -> scores, run where transformers runs
+    a custom logits_processor: after the penalty and the eos ban, before the sampling warpers.
+    `logits` itself is never written to."""
+    ids = seen_ids
     if repetition_penalty != 1.0:
         V = logits.shape[-1]
         if unseen is not None:  # skipped ids point at a scratch column past the vocabulary
@@ -54,6 +58,8 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
         logits = logits.scatter(1, seen_ids, score)[:, :V]
     if banned is not None and banned.numel():
         logits = logits.index_fill(1, banned, float("-inf"))
+    for i, processor in enumerate(processors):
+        logits = processor(ids, logits.clone() if i == 0 else logits)  # the clone: it may write in place
     if not do_sample:
         return logits
     if temperature != 1.0:
@@ -68,6 +74,17 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
         remove[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     return logits
+
+
+def _callables(given, name: str) -> list:
+    """A callable or a list of them (transformers' LogitsProcessorList / StoppingCriteriaList are
+    both) as a list."""
+    if given is None:
+        return []
+    items = list(given) if isinstance(given, (list, tuple)) else [given]
+    if not all(callable(item) for item in items):
+        raise TypeError(f"{name} must be a callable or a list of callables, got {given!r}")
+    return items
 
 
 def _new_token_count(max_new_tokens, max_length, gen, T: int) -> int:
@@ -116,7 +133,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              num_return_sequences: int | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
              generator=None, use_cache: bool = True, num_beams: int | None = None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
-             output_logits: bool | None = None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
+             output_logits: bool | None = None, logits_processor=None, stopping_criteria=None, cuda_graph=None,
+             fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
 
     Settings left out or None come from `model.generation_config` (a checkpoint's
@@ -135,7 +153,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     return_dict_in_generate=True returns a GenerateDecoderOnlyOutput (llava_next.compat):
     .sequences, and with output_scores / output_logits a tuple of one (B * n, vocab) fp32 tensor
     per new token: the scores tokens were chosen from (after penalty, temperature, top-k, top-p)
-    / the model's logits; .cache is the KVCache decoded into. Without an
+    / the model's logits; .cache is the KVCache decoded into.
+    logits_processor / stopping_criteria: a callable or a list of callables, called as
+    transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):
+    processor(input_ids (N, T + n), scores (N, vocab)) -> scores, after the repetition penalty and
+    the eos ban and before temperature / top-k / top-p; criterion(input_ids with the new token,
+    scores) -> (N,) bool, True for rows that are done (the scores argument is the tuple of scores
+    so far with return_dict_in_generate and output_scores, else None, as there). Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
     transformers), else every position counts.
     cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call,
@@ -195,6 +219,11 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     # min_new_tokens wins over a min_length (which counts the prompt)
     min_new = min_new_tokens if min_new_tokens is not None else (min_length or 0) - T
     eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
+    # transformers fills finished rows with the pad id whenever an eos id is set (even an empty
+    # list); rows that only a stopping criterion finished go on generating otherwise
+    pad_finished = eos is not None
+    processors = _callables(logits_processor, "logits_processor")
+    criteria = _callables(stopping_criteria, "stopping_criteria")
     if torch.is_tensor(eos):
         eos = eos.reshape(-1).tolist()
     eos = [int(eos)] if isinstance(eos, numbers.Integral) else [int(e) for e in (eos or [])]
@@ -280,25 +309,31 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         n = 0
         while n < max_new_tokens:
             scores = process_logits(logits, out[:, :T + n], unseen=padding[:, :T + n],
-                                    banned=eos_t if n < min_new else None, **sampling)
+                                    banned=eos_t if n < min_new else None, processors=processors, **sampling)
             if output_logits:  # copies: a graph replay overwrites its logits in place
                 all_logits.append(logits.clone())
             if output_scores:
                 all_scores.append(scores.clone())
             token = choose(scores, do_sample, generator)
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            if pad_finished:
+                token = torch.where(unfinished, token, torch.full_like(token, pad))
             out[:, T + n] = token
             n += 1
             if streamer is not None:
                 streamer.put(token.cpu())
             if eos:
                 unfinished &= ~torch.isin(token, eos_t)
-                if not unfinished.any():
-                    break
+            if criteria:  # as transformers' StoppingCriteriaList: (ids with the new token, scores) -> (N,) bool
+                seen_scores = tuple(all_scores) if return_dict_in_generate and output_scores else None
+                for criterion in criteria:
+                    unfinished &= ~torch.as_tensor(criterion(out[:, :T + n], seen_scores), device=device,
+                                                   dtype=torch.bool)
+            if (eos or criteria) and not unfinished.any():
+                break
             if n == max_new_tokens:
                 break
             if step is None:
-                step = graphed_or_eager(model, B, T + max_new_tokens, fuse_projections, cache, required)
+                step = graphed_or_eager(model, N, T + max_new_tokens, fuse_projections, cache, required)
             logits = step(token[:, None], cache_pos)
             cache_pos += 1
     except BaseException as e:

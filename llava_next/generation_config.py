@@ -119,5 +119,5 @@ class GenerationConfig:
         ignored = self.unimplemented()
         if ignored:
             warnings.warn(f"the generation config sets {ignored}, which llava-next's generate() does not implement: "
-                          "generating without them (greedy or sampled, one sequence per prompt; remove them from "
+                          "generating without them (greedy or sampled, no beam search; remove them from "
                           "model.generation_config to silence this)", stacklevel=stacklevel + 1)

@@ -238,6 +238,71 @@ def test_num_return_sequences(pair):
     torch.testing.assert_close(out.scores[0][0], out.scores[0][1])  # from the same first logits
 
 
+class BiasThirds:
+    """A caller's logits processor that writes in place, as many do: +2 on ids divisible by 3."""
+
+    def __call__(self, input_ids, scores):
+        scores[:, ::3] += 2.0
+        return scores
+
+
+class StopRows:
+    """A caller's stopping criterion: row b is done after 3 * b + 3 new tokens."""
+
+    def __init__(self, prompt_length):
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        new = input_ids.shape[1] - self.prompt_length
+        return torch.arange(input_ids.shape[0]) * 3 + 3 <= new
+
+
+@pytest.mark.parametrize("eos", ["config", "empty", "unset"])
+def test_logits_processor_and_stopping_criteria_as_transformers(pair, eos):
+    """A caller's logits_processor runs after the penalty, before the warpers; a stopping
+    criterion finishes rows. Finished rows get the pad id when an eos id is set (an empty list
+    too) and go on generating when none is, as in transformers, whose LogitsProcessorList /
+    StoppingCriteriaList work here as well."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    T = ids.shape[1]
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, max_new_tokens=10,
+              repetition_penalty=1.2, return_dict_in_generate=True, output_scores=True, output_logits=True,
+              pad_token_id=7)
+    if eos == "empty":
+        kw["eos_token_id"] = []
+    configs = (ours.generation_config, hf.generation_config)
+    saved = [c.eos_token_id for c in configs]
+    try:
+        if eos == "unset":
+            for c in configs:
+                c.eos_token_id = None
+        for extra in (dict(do_sample=False), dict(do_sample=True, top_k=1)):
+            want = hf.generate(**kw, **extra, logits_processor=LogitsProcessorList([BiasThirds()]),
+                               stopping_criteria=StoppingCriteriaList([StopRows(T)]))
+            got = ours.generate(**kw, **extra, logits_processor=BiasThirds(), stopping_criteria=[StopRows(T)])
+            assert torch.equal(got.sequences, want.sequences), extra
+            assert_scores_close(got.scores, want.scores)
+            assert_scores_close(got.logits, want.logits)  # the raw logits, untouched by the in-place processor
+    finally:
+        for c, value in zip(configs, saved):
+            c.eos_token_id = value
+    assert not torch.equal(got.scores[0], got.logits[0])  # the processor acted
+    new = got.sequences[:, T:]
+    assert new.shape[1] == 6  # row 1 stopped after 6 new tokens, row 0 after 3, then:
+    assert (new[0, 3:] == 7).all() if eos != "unset" else (new[0, 3:] != 7).all()
+    with pytest.raises(TypeError, match="stopping_criteria must be a callable"):
+        ours.generate(input_ids=ids, stopping_criteria=[3])
+    logits = torch.randn(2, 30)  # a processor writing in place never reaches the logits given
+    before = logits.clone()
+    got = process_logits(logits, ids, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                         processors=[BiasThirds()])
+    assert torch.equal(logits, before) and torch.equal(got[:, ::3], before[:, ::3] + 2)
+
+
 def test_generation_config_output_and_count_settings(pair, recwarn):
     """num_return_sequences, min_new_tokens and the output settings are read from
     model.generation_config like the others (and no longer warned about as unimplemented)."""
