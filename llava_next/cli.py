@@ -197,7 +197,8 @@ def answer(processor, model, inputs, args) -> str:
     graph = False if args.no_cuda_graph else None  # None: generate()'s default, the graph on CUDA with Triton
     out = _user_error(model.generate, **inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph)
+                      repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph,
+                      num_return_sequences=1, return_dict_in_generate=False)  # whatever the checkpoint's config says
     return processor.decode(out[0, n:], skip_special_tokens=True).strip()
 
 

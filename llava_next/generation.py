@@ -3,7 +3,8 @@
 `prefill` and `decode_one_token` are plain functions so each can be compiled or captured on its
 own; the decode step has static shapes (the cache position is a device tensor), so it can be
 replayed as a CUDA graph. Logits processing follows transformers' order: repetition penalty,
-then (sampling only) temperature, top-k, top-p.
+the eos ban (min_new_tokens), a caller's logits_processor, then (sampling only) temperature,
+top-k, top-p.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
         score = logits.gather(1, seen_ids)
         score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
         logits = logits.scatter(1, seen_ids, score)[:, :V]
-    if banned is not None and banned.numel():
-        logits = logits.index_fill(1, banned, float("-inf"))
+    if banned is not None:  # ids outside the vocabulary are left out, as transformers' isin mask does
+        banned = banned[(banned >= 0) & (banned < logits.shape[-1])]
+        logits = logits.index_fill(1, banned, float("-inf")) if banned.numel() else logits
     for i, processor in enumerate(processors):
         logits = processor(ids, logits.clone() if i == 0 else logits)  # the clone: it may write in place
     if not do_sample:
@@ -135,7 +137,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
              output_logits: bool | None = None, logits_processor=None, stopping_criteria=None, cuda_graph=None,
              fuse_projections: bool = True, **kwargs):
-    """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids (B, T + n).
+    """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids
+    (B * num_return_sequences, T + n), or with return_dict_in_generate an output object holding them.
 
     Settings left out or None come from `model.generation_config` (a checkpoint's
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
@@ -153,7 +156,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     return_dict_in_generate=True returns a GenerateDecoderOnlyOutput (llava_next.compat):
     .sequences, and with output_scores / output_logits a tuple of one (B * n, vocab) fp32 tensor
     per new token: the scores tokens were chosen from (after penalty, temperature, top-k, top-p)
-    / the model's logits; .cache is the KVCache decoded into.
+    / the model's logits; .cache is the KVCache decoded into (a GraphedDecode's own, which its
+    next use resets, when one was passed).
     logits_processor / stopping_criteria: a callable or a list of callables, called as
     transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):
     processor(input_ids (N, T + n), scores (N, vocab)) -> scores, after the repetition penalty and
@@ -215,6 +219,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError("Greedy methods (do_sample != True) without beam search do not support "
                          f"`num_return_sequences` different than 1 (got {n_seq}).")
     N = B * n_seq  # rows decoded
+    # scores and logits are kept only for the output object, as in transformers
+    keep_scores, keep_logits = bool(return_dict_in_generate and output_scores), bool(return_dict_in_generate and output_logits)
     # transformers' MinNewTokensLength / MinLength processors ban eos until then; as there, a
     # min_new_tokens wins over a min_length (which counts the prompt)
     min_new = min_new_tokens if min_new_tokens is not None else (min_length or 0) - T
@@ -310,9 +316,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         while n < max_new_tokens:
             scores = process_logits(logits, out[:, :T + n], unseen=padding[:, :T + n],
                                     banned=eos_t if n < min_new else None, processors=processors, **sampling)
-            if output_logits:  # copies: a graph replay overwrites its logits in place
+            if keep_logits:  # copies: a graph replay overwrites its logits in place
                 all_logits.append(logits.clone())
-            if output_scores:
+            if keep_scores:
                 all_scores.append(scores.clone())
             token = choose(scores, do_sample, generator)
             if pad_finished:
@@ -324,7 +330,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             if eos:
                 unfinished &= ~torch.isin(token, eos_t)
             if criteria:  # as transformers' StoppingCriteriaList: (ids with the new token, scores) -> (N,) bool
-                seen_scores = tuple(all_scores) if return_dict_in_generate and output_scores else None
+                seen_scores = tuple(all_scores) if keep_scores else None
                 for criterion in criteria:
                     unfinished &= ~torch.as_tensor(criterion(out[:, :T + n], seen_scores), device=device,
                                                    dtype=torch.bool)
@@ -346,8 +352,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if streamer is not None:
         streamer.end()
     if return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=out[:, :T + n], scores=tuple(all_scores) if output_scores else None,
-                                         logits=tuple(all_logits) if output_logits else None, cache=cache)
+        return GenerateDecoderOnlyOutput(sequences=out[:, :T + n], scores=tuple(all_scores) if keep_scores else None,
+                                         logits=tuple(all_logits) if keep_logits else None, cache=cache)
     return out[:, :T + n]
 
 

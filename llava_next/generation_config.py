@@ -29,15 +29,16 @@ HF_DEFAULTS = dict(
     encoder_repetition_penalty=1.0, num_beam_groups=1, diversity_penalty=0.0,
 )
 # Settings that never change the tokens of a greedy or sampled (one-beam) generate(), whatever
-# their value: bookkeeping, caching, beam-search-only settings, extra outputs.
+# their value: bookkeeping, caching, beam-search-only settings. (output_attentions and
+# output_hidden_states are not here: set, they are warned about, since generate() cannot return them.)
 NO_EFFECT = {"transformers_version", "_from_model_config", "decoder_start_token_id", "use_cache",
              "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
-             "low_memory", "prefill_chunk_size", "output_attentions", "output_hidden_states", "output_logits",
+             "low_memory", "prefill_chunk_size", "output_logits",
              "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
              "assistant_lookbehind", "target_lookbehind", "early_stopping", "length_penalty", "renormalize_logits"}
 # Other names transformers' GenerationConfig has (all None until set): read as None here too.
-OTHER_NAMES = {"max_time", "stop_strings", "min_p", "top_h", "bad_words_ids", "force_words_ids",
-               "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
+OTHER_NAMES = {"max_time", "output_attentions", "output_hidden_states", "stop_strings", "min_p", "top_h",
+               "bad_words_ids", "force_words_ids", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
                "begin_suppress_tokens", "sequence_bias", "token_healing", "guidance_scale", "watermarking_config",
                "penalty_alpha", "dola_layers", "constraints"}
 KNOWN = set(SETTINGS) | set(HF_DEFAULTS) | NO_EFFECT | OTHER_NAMES

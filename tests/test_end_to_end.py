@@ -112,6 +112,12 @@ def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path):
     greedy = {cli(*common, "--seed", str(seed), "--no-do-sample").stdout.strip() for seed in (1, 2)}
     assert len(sampled) == 2 and greedy == {answers[0].strip()}  # --no-do-sample overrides the file
 
+    # settings that would change what generate() returns do not reach the CLI's one streamed answer
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "return_dict_in_generate": True,
+                                    "output_scores": True, "num_return_sequences": 3}))
+    run = cli(*common, "--no-do-sample")
+    assert run.returncode == 0 and run.stdout.strip() == answers[0].strip(), run.stderr
+
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--image", "no/such/image.png", "--prompt", "x"], "image file not found: no/such/image.png"),

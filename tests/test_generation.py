@@ -203,6 +203,9 @@ def test_min_new_tokens_and_min_length_as_transformers(pair):
         assert (got[:, T:T + first] != eos).all(), kw
     with pytest.raises(ValueError, match="min_new_tokens"):
         ours.generate(**inputs, min_new_tokens=-1)
+    V = hf.config.text_config.vocab_size  # an eos id past the vocabulary is no score to ban, as there
+    kw = dict(min_new_tokens=3, eos_token_id=[eos, V + 5], pad_token_id=eos)
+    assert torch.equal(ours.generate(**inputs, **kw), hf.generate(**inputs, **kw, do_sample=False))
 
 
 def test_num_return_sequences(pair):
@@ -296,6 +299,12 @@ def test_logits_processor_and_stopping_criteria_as_transformers(pair, eos):
     assert (new[0, 3:] == 7).all() if eos != "unset" else (new[0, 3:] != 7).all()
     with pytest.raises(TypeError, match="stopping_criteria must be a callable"):
         ours.generate(input_ids=ids, stopping_criteria=[3])
+    seen = []  # what a criterion gets as scores: the kept tuple only for the output object, as there
+    for dict_out in (True, False):
+        ours.generate(input_ids=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2, output_scores=True,
+                      return_dict_in_generate=dict_out,
+                      stopping_criteria=lambda ids, scores: seen.append(scores) or torch.zeros(2, dtype=torch.bool))
+    assert [type(x) for x in seen] == [tuple, tuple, type(None), type(None)] and len(seen[1]) == 2
     logits = torch.randn(2, 30)  # a processor writing in place never reaches the logits given
     before = logits.clone()
     got = process_logits(logits, ids, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -315,6 +324,9 @@ def test_generation_config_output_and_count_settings(pair, recwarn):
         out = ours.generate(input_ids=ids, max_new_tokens=3)
         assert out.sequences.shape == (2, 6) and len(out.logits) == 3 and out.scores is None
         assert not [w for w in recwarn if "does not implement" in str(w.message)]
+        ours.generation_config.update(output_hidden_states=True)  # cannot be returned: warned about
+        with pytest.warns(UserWarning, match="output_hidden_states.*does not implement"):
+            assert ours.generate(input_ids=ids, max_new_tokens=3).hidden_states is None
     finally:
         ours.generation_config = type(ours.generation_config)(**saved)
 
