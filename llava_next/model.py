@@ -491,6 +491,18 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
         return generate(self, input_ids, attention_mask, pixel_values, image_sizes, **kwargs)
 
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
+        """transformers' method for a greedy or sampled generate(): the score of each new token
+        (N, new tokens) from generate(..., return_dict_in_generate=True, output_scores=True)'s
+        .sequences and .scores; normalize_logits=True gives log-probabilities (a log-softmax of
+        each step's scores first)."""
+        if beam_indices is not None:
+            raise ValueError("llava-next generates without beam search: beam_indices must be None")
+        steps = torch.stack(tuple(scores), 1)  # (N, new tokens, vocab)
+        if normalize_logits:
+            steps = steps.log_softmax(-1)
+        return steps.gather(2, sequences[:, -steps.shape[1]:, None].to(steps.device)).squeeze(2)
+
     # ---- loading and saving ----------------------------------------------------------------
 
     @classmethod

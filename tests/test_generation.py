@@ -179,6 +179,9 @@ def test_dict_output_scores_and_logits_match_transformers(pair, sampling):
     plain = ours.generate(**{**kw, "return_dict_in_generate": False}) if not sampling["do_sample"] else None
     if plain is not None:
         assert torch.equal(plain, got.sequences)
+    for normalize in (False, True):  # the chosen tokens' scores (log-probabilities), as transformers' method
+        assert_scores_close(ours.compute_transition_scores(got.sequences, got.scores, normalize_logits=normalize),
+                            hf.compute_transition_scores(want.sequences, want.scores, normalize_logits=normalize))
     only = ours.generate(**{**kw, "output_scores": False, "output_logits": False})
     assert only.scores is None and only.logits is None and only.keys() == ["sequences", "cache"]
 
