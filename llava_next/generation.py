@@ -78,6 +78,55 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
     return logits
 
 
+class StopStringCriteria:
+    """Stops a row once its text ends in one of `stop_strings`, as transformers' criterion of that
+    name does (generate(..., stop_strings=..., tokenizer=...) builds one): a stop string counts
+    when it ends inside the newest token, which may run on past it ("st" "opera" stops at "stop")
+    or begin before it; one that ended in an earlier token had stopped the row then. Matching is on
+    UTF-8 bytes, as transformers does for the checkpoints' byte-fallback tokenizers, so an emoji
+    spelt as four byte tokens matches too. A token's text is what it decodes to after other text
+    (its leading space kept), as transformers cleans the vocabulary; a byte token "<0xNN>" is its
+    byte; ids the tokenizer lacks (the model's spare rows) have none."""
+
+    PREFIX = "abcdef"  # decoded before each token, then cut off: transformers' static_prefix
+
+    def __init__(self, tokenizer, stop_strings):
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        if not stops or not all(isinstance(x, str) and x for x in stops):
+            raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
+        self.tokenizer, self.stop_strings = tokenizer, stops
+        self._stops = [x.encode("utf-8") for x in stops]
+        self.longest = max(map(len, self._stops))
+        self._prefix = tokenizer.convert_ids_to_tokens(tokenizer.encode(self.PREFIX, add_special_tokens=False))
+        self._bytes = {}  # id -> its bytes, filled as ids are met
+
+    def token_bytes(self, i: int) -> bytes:
+        if i not in self._bytes:
+            token = self.tokenizer.convert_ids_to_tokens(i)
+            if token is None:
+                text = ""
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                self._bytes[i] = bytes([int(token[3:5], 16)])
+                return self._bytes[i]
+            else:
+                text = self.tokenizer.convert_tokens_to_string(self._prefix + [token])
+            text = text[text.index(self.PREFIX) + len(self.PREFIX):] if self.PREFIX in text else ""
+            self._bytes[i] = text.encode("utf-8")
+        return self._bytes[i]
+
+    def __call__(self, input_ids, scores=None):
+        done = []
+        for row in input_ids.tolist():
+            last = self.token_bytes(row[-1])
+            before, j = b"", len(row) - 2
+            while len(before) < self.longest - 1 and j >= 0:  # enough text for a string that ends in `last`
+                before, j = self.token_bytes(row[j]) + before, j - 1
+            text, cut = before + last, len(before)
+            # an occurrence ends inside `last` iff it starts at or after cut + 1 - len(stop)
+            done.append(bool(last) and any(stop in text[max(0, cut + 1 - len(stop)):] for stop in self._stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def _callables(given, name: str) -> list:
     """A callable or a list of them (transformers' LogitsProcessorList / StoppingCriteriaList are
     both) as a list."""
@@ -135,8 +184,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              num_return_sequences: int | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
              generator=None, use_cache: bool = True, num_beams: int | None = None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
-             output_logits: bool | None = None, logits_processor=None, stopping_criteria=None, cuda_graph=None,
-             fuse_projections: bool = True, **kwargs):
+             output_logits: bool | None = None, logits_processor=None, stopping_criteria=None,
+             stop_strings=None, tokenizer=None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
     """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids
     (B * num_return_sequences, T + n), or with return_dict_in_generate an output object holding them.
 
@@ -163,7 +212,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     processor(input_ids (N, T + n), scores (N, vocab)) -> scores, after the repetition penalty and
     the eos ban and before temperature / top-k / top-p; criterion(input_ids with the new token,
     scores) -> (N,) bool, True for rows that are done (the scores argument is the tuple of scores
-    so far with return_dict_in_generate and output_scores, else None, as there). Without an
+    so far with return_dict_in_generate and output_scores, else None, as there).
+    stop_strings (with tokenizer=, as in transformers): a row stops once its text ends in one of
+    them (StopStringCriteria); the stop string stays in the output. Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
     transformers), else every position counts.
     cuda_graph=True (CUDA only) replays the decode step as a CUDA graph captured for this call,
@@ -230,6 +281,12 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     pad_finished = eos is not None
     processors = _callables(logits_processor, "logits_processor")
     criteria = _callables(stopping_criteria, "stopping_criteria")
+    stop_strings = stop_strings if stop_strings is not None else gen.stop_strings
+    if stop_strings is not None:
+        if tokenizer is None:  # transformers' rule
+            raise ValueError("stop_strings (given or in model.generation_config) need the tokenizer: "
+                             "generate(..., stop_strings=..., tokenizer=processor.tokenizer)")
+        criteria.append(StopStringCriteria(tokenizer, stop_strings))
     if torch.is_tensor(eos):
         eos = eos.reshape(-1).tolist()
     eos = [int(eos)] if isinstance(eos, numbers.Integral) else [int(e) for e in (eos or [])]
@@ -564,4 +621,4 @@ class TextIteratorStreamer(TextStreamer):
         return value
 
 
-__all__ = ["generate", "prefill", "decode_one_token", "TextStreamer", "TextIteratorStreamer"]
+__all__ = ["generate", "prefill", "decode_one_token", "StopStringCriteria", "TextStreamer", "TextIteratorStreamer"]

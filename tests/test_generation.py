@@ -315,6 +315,36 @@ def test_logits_processor_and_stopping_criteria_as_transformers(pair, eos):
     assert torch.equal(logits, before) and torch.equal(got[:, ::3], before[:, ::3] + 2)
 
 
+def test_stop_strings_as_transformers(pair, tmp_path):
+    """generate(stop_strings=..., tokenizer=...) stops a row once its text ends in a stop string,
+    where transformers' generate stops it (the criterion itself is tested in test_tokenizer)."""
+    from oracle_processor import oracle_decoder, write_checkpoint
+
+    from llava_next import LlavaNextTokenizer
+
+    hf, ours = pair
+    folder = write_checkpoint(tmp_path, "mistral" if hf.config.text_config.model_type == "mistral" else "llama")
+    tokenizer, theirs = LlavaNextTokenizer.from_pretrained(folder), oracle_decoder(folder)
+    n_ids = len(tokenizer)
+
+    def in_vocabulary(input_ids, scores):  # the model's spare rows have no text (and break transformers' criterion)
+        scores[:, n_ids:] = float("-inf")
+        return scores
+
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    T = ids.shape[1]
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    free = ours.generate(**kw, logits_processor=[in_vocabulary])
+    stop = tokenizer.decode(free[0, T:T + 5])[-3:]  # row 0 stops at its fifth token, or sooner
+    got = ours.generate(**kw, logits_processor=[in_vocabulary], stop_strings=[stop, "\u00a7\u00a7"], tokenizer=tokenizer)
+    want = hf.generate(**kw, do_sample=False, logits_processor=[in_vocabulary], stop_strings=[stop, "\u00a7\u00a7"],
+                       tokenizer=theirs)
+    assert torch.equal(got, want)
+    assert stop in tokenizer.decode(got[0, T:]) and (got[0, T + 5:] == 0).all()  # stopped, then padded
+    with pytest.raises(ValueError, match="stop_strings .* need the tokenizer"):
+        ours.generate(**kw, stop_strings=stop)
+
+
 def test_generation_config_output_and_count_settings(pair, recwarn):
     """num_return_sequences, min_new_tokens and the output settings are read from
     model.generation_config like the others (and no longer warned about as unimplemented)."""
@@ -385,8 +415,8 @@ def test_generating_past_the_context_as_transformers(pair):
 
 def test_unknown_generate_argument(pair):
     _, ours = pair
-    with pytest.raises(TypeError, match="stop_strings"):
-        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), stop_strings=["."])
+    with pytest.raises(TypeError, match="max_time"):
+        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_time=5.0)
 
 
 def test_cuda_graph_true_on_cpu_decodes_eagerly(pair):

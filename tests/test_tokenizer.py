@@ -362,3 +362,34 @@ def streamed(tokenizer, ids, streamer_class=None) -> list[str]:
     streamer.end()
     return pieces
 
+
+
+STOP_TEXTS = CORPUS + ["stop", "stopper", "lastopper", "st op", "unstoppable", "non-stop\nline two", "a stop. Then",
+                       "Paris is the capital.\nNext", "word<image>stop", "ends</s>stop"]
+STOP_STRINGS = [["stop"], [" two", "\n"], ["e\u0301", "😀"], ["<image>", "</s>"], ["2,7", ". T"], ["is shown"],
+                ["ﬁ", "Пр"], ["T"]]
+
+
+def test_stop_strings_as_transformers(pair):
+    """StopStringCriteria (generate's stop_strings) against transformers' on every prefix of many
+    texts' ids: a stop string counts when it ends inside the newest token."""
+    from transformers.generation.stopping_criteria import StopStringCriteria as Theirs
+
+    from llava_next.generation import StopStringCriteria
+
+    ours, _, folder = pair
+    decoder = oracle_decoder(folder)
+    hits = 0
+    for stops in STOP_STRINGS:
+        mine, theirs = StopStringCriteria(ours, stops), Theirs(decoder, stops)
+        for text in STOP_TEXTS:
+            ids = torch.tensor([ours.encode(text)])
+            for k in range(1, ids.shape[1] + 1):
+                got, want = mine(ids[:, :k]), theirs(ids[:, :k], None)
+                assert got.tolist() == want.tolist(), (stops, text, ours.convert_ids_to_tokens(ids[0, :k].tolist()))
+                hits += int(got[0])
+    assert hits > 40  # the strings do occur
+    batch = torch.tensor([ours.encode("a stop"), ours.encode("a sto")])  # rows apart
+    assert StopStringCriteria(ours, "stop")(batch).tolist() == [True, False]
+    with pytest.raises(ValueError, match="stop_strings must be"):
+        StopStringCriteria(ours, [""])
