@@ -19,6 +19,8 @@ _EXPORTS = {
     "GraphedDecode": "llava_next.generation",
     "TextStreamer": "llava_next.generation",
     "TextIteratorStreamer": "llava_next.generation",
+    "StopStringCriteria": "llava_next.generation",
+    "GenerateDecoderOnlyOutput": "llava_next.compat",
 }
 
 __all__ = list(_EXPORTS)

@@ -198,7 +198,8 @@ def answer(processor, model, inputs, args) -> str:
     out = _user_error(model.generate, **inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph,
-                      num_return_sequences=1, return_dict_in_generate=False)  # whatever the checkpoint's config says
+                      num_return_sequences=1, return_dict_in_generate=False,  # whatever the checkpoint's config says
+                      tokenizer=processor.tokenizer)  # for stop_strings in that config
     return processor.decode(out[0, n:], skip_special_tokens=True).strip()
 
 

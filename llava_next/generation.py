@@ -100,30 +100,46 @@ class StopStringCriteria:
         self._prefix = tokenizer.convert_ids_to_tokens(tokenizer.encode(self.PREFIX, add_special_tokens=False))
         self._bytes = {}  # id -> its bytes, filled as ids are met
 
-    def token_bytes(self, i: int) -> bytes:
+    def token_bytes(self, i: int) -> bytes | None:
+        """The bytes id i stands for; None for an id the tokenizer lacks, which no match spans."""
         if i not in self._bytes:
             token = self.tokenizer.convert_ids_to_tokens(i)
             if token is None:
-                text = ""
-            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                self._bytes[i] = None
+            elif (len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+                  and all(c in "0123456789abcdefABCDEF" for c in token[3:5])):
                 self._bytes[i] = bytes([int(token[3:5], 16)])
-                return self._bytes[i]
             else:
                 text = self.tokenizer.convert_tokens_to_string(self._prefix + [token])
-            text = text[text.index(self.PREFIX) + len(self.PREFIX):] if self.PREFIX in text else ""
-            self._bytes[i] = text.encode("utf-8")
+                text = text[text.index(self.PREFIX) + len(self.PREFIX):] if self.PREFIX in text else ""
+                self._bytes[i] = text.encode("utf-8")
         return self._bytes[i]
 
     def __call__(self, input_ids, scores=None):
+        # Only the tail is read (a host copy of the whole sequence each step would grow with it):
+        # longest + 1 tokens hold enough bytes unless some are empty, when the row is read whole.
+        window = min(input_ids.shape[1], self.longest + 1)
         done = []
-        for row in input_ids.tolist():
+        for b, row in enumerate(input_ids[:, -window:].tolist()):
             last = self.token_bytes(row[-1])
+            if not last:  # no bytes (or an unknown id): nothing ends inside it
+                done.append(False)
+                continue
             before, j = b"", len(row) - 2
-            while len(before) < self.longest - 1 and j >= 0:  # enough text for a string that ends in `last`
-                before, j = self.token_bytes(row[j]) + before, j - 1
+            while len(before) < self.longest - 1:  # enough text for a string that ends in `last`
+                if j < 0:
+                    if len(row) == input_ids.shape[1]:
+                        break
+                    row = input_ids[b].tolist()  # empty tokens in the window: read the whole row
+                    j = len(row) - 2 - (window - 1)
+                    continue
+                piece = self.token_bytes(row[j])
+                if piece is None:  # an unknown id ends the match, as transformers' dummy row does
+                    break
+                before, j = piece + before, j - 1
             text, cut = before + last, len(before)
             # an occurrence ends inside `last` iff it starts at or after cut + 1 - len(stop)
-            done.append(bool(last) and any(stop in text[max(0, cut + 1 - len(stop)):] for stop in self._stops))
+            done.append(any(stop in text[max(0, cut + 1 - len(stop)):] for stop in self._stops))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -211,8 +227,11 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):
     processor(input_ids (N, T + n), scores (N, vocab)) -> scores, after the repetition penalty and
     the eos ban and before temperature / top-k / top-p; criterion(input_ids with the new token,
-    scores) -> (N,) bool, True for rows that are done (the scores argument is the tuple of scores
-    so far with return_dict_in_generate and output_scores, else None, as there).
+    scores) -> (N,) bool (N = B * num_return_sequences), True for rows that are done (the scores argument is the tuple of scores
+    so far with return_dict_in_generate and output_scores, else None, as there). They run in
+    addition to generate()'s own: transformers instead lets a caller's object replace its own one
+    of the same class (a RepetitionPenaltyLogitsProcessor, an EosTokenCriteria); pass the setting
+    (repetition_penalty=, eos_token_id=) here instead.
     stop_strings (with tokenizer=, as in transformers): a row stops once its text ends in one of
     them (StopStringCriteria); the stop string stays in the output. Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
@@ -276,11 +295,12 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     # min_new_tokens wins over a min_length (which counts the prompt)
     min_new = min_new_tokens if min_new_tokens is not None else (min_length or 0) - T
     eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
-    # transformers fills finished rows with the pad id whenever an eos id is set (even an empty
-    # list); rows that only a stopping criterion finished go on generating otherwise
-    pad_finished = eos is not None
     processors = _callables(logits_processor, "logits_processor")
     criteria = _callables(stopping_criteria, "stopping_criteria")
+    # transformers fills finished rows with the pad id whenever an eos id is set (even an empty
+    # list) or a criterion has one (its EosTokenCriteria); rows that only another criterion
+    # finished go on generating otherwise
+    pad_finished = eos is not None or any(hasattr(c, "eos_token_id") for c in criteria)
     stop_strings = stop_strings if stop_strings is not None else gen.stop_strings
     if stop_strings is not None:
         if tokenizer is None:  # transformers' rule

@@ -114,7 +114,8 @@ def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path):
 
     # settings that would change what generate() returns do not reach the CLI's one streamed answer
     gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "return_dict_in_generate": True,
-                                    "output_scores": True, "num_return_sequences": 3}))
+                                    "output_scores": True, "num_return_sequences": 3,
+                                    "stop_strings": ["\u00a7\u00a7\u00a7"]}))
     run = cli(*common, "--no-do-sample")
     assert run.returncode == 0 and run.stdout.strip() == answers[0].strip(), run.stderr
 

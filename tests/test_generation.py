@@ -315,6 +315,29 @@ def test_logits_processor_and_stopping_criteria_as_transformers(pair, eos):
     assert torch.equal(logits, before) and torch.equal(got[:, ::3], before[:, ::3] + 2)
 
 
+def test_a_callers_eos_criterion_pads_finished_rows_as_transformers(pair):
+    """With no eos id set, a caller's criterion that has one (transformers' EosTokenCriteria) still
+    makes finished rows emit the pad id, as there."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria
+
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    T = ids.shape[1]
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=7)
+    configs = (ours.generation_config, hf.generation_config)
+    saved = [c.eos_token_id for c in configs]
+    try:
+        for c in configs:
+            c.eos_token_id = None
+        eos = int(ours.generate(**kw)[0, T + 1])
+        got = ours.generate(**kw, stopping_criteria=[EosTokenCriteria(eos)])
+        want = hf.generate(**kw, do_sample=False, stopping_criteria=[EosTokenCriteria(eos)])
+    finally:
+        for c, value in zip(configs, saved):
+            c.eos_token_id = value
+    assert torch.equal(got, want) and (got[0, T + 2:] == 7).all()
+
+
 def test_stop_strings_as_transformers(pair, tmp_path):
     """generate(stop_strings=..., tokenizer=...) stops a row once its text ends in a stop string,
     where transformers' generate stops it (the criterion itself is tested in test_tokenizer)."""

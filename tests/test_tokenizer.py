@@ -389,6 +389,16 @@ def test_stop_strings_as_transformers(pair):
                 assert got.tolist() == want.tolist(), (stops, text, ours.convert_ids_to_tokens(ids[0, :k].tolist()))
                 hits += int(got[0])
     assert hits > 40  # the strings do occur
+    # an id past the tokenizer (the model's spare embedding rows) ends a match, as in transformers
+    spare = len(ours) + 5
+    for stops, pieces in ((["-stop"], ["non", "-", spare, "stop"]), (["op"], ["st", spare, "op"]),
+                          (["stop"], [spare])):
+        ids = torch.tensor([[i if isinstance(i, int) else ours.encode(i, add_special_tokens=False)[-1]
+                             for i in pieces]])
+        got, want = StopStringCriteria(ours, stops)(ids), Theirs(decoder, stops)(ids, None)
+        assert got.tolist() == want.tolist(), (stops, pieces)
+    long = torch.tensor([ours.encode("x " * 50 + "the end stop")])  # the tail window of a long row
+    assert StopStringCriteria(ours, ["end stop", "x x"])(long).tolist() == [True]
     batch = torch.tensor([ours.encode("a stop"), ours.encode("a sto")])  # rows apart
     assert StopStringCriteria(ours, "stop")(batch).tolist() == [True, False]
     with pytest.raises(ValueError, match="stop_strings must be"):
