@@ -227,8 +227,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):
     processor(input_ids (N, T + n), scores (N, vocab)) -> scores, after the repetition penalty and
     the eos ban and before temperature / top-k / top-p; criterion(input_ids with the new token,
-    scores) -> (N,) bool (N = B * num_return_sequences), True for rows that are done (the scores argument is the tuple of scores
-    so far with return_dict_in_generate and output_scores, else None, as there). They run in
+    scores) -> (N,) bool (N = B * num_return_sequences), True for rows that are done (the scores
+    argument is the tuple of scores so far with return_dict_in_generate and output_scores, else
+    None, as there). They run in
     addition to generate()'s own: transformers instead lets a caller's object replace its own one
     of the same class (a RepetitionPenaltyLogitsProcessor, an EosTokenCriteria); pass the setting
     (repetition_penalty=, eos_token_id=) here instead.
@@ -260,13 +261,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the processor's output)")
     (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
-     return_dict_in_generate, output_scores, output_logits) = (
+     return_dict_in_generate, output_scores, output_logits, stop_strings) = (
         gen.value(name, given) for name, given in (
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
             ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
             ("min_length", min_length), ("num_return_sequences", num_return_sequences),
             ("return_dict_in_generate", return_dict_in_generate), ("output_scores", output_scores),
-            ("output_logits", output_logits)))
+            ("output_logits", output_logits), ("stop_strings", stop_strings)))
     cfg = model.config.text_config
     B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
@@ -290,7 +291,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                          f"`num_return_sequences` different than 1 (got {n_seq}).")
     N = B * n_seq  # rows decoded
     # scores and logits are kept only for the output object, as in transformers
-    keep_scores, keep_logits = bool(return_dict_in_generate and output_scores), bool(return_dict_in_generate and output_logits)
+    keep_scores = bool(return_dict_in_generate and output_scores)
+    keep_logits = bool(return_dict_in_generate and output_logits)
     # transformers' MinNewTokensLength / MinLength processors ban eos until then; as there, a
     # min_new_tokens wins over a min_length (which counts the prompt)
     min_new = min_new_tokens if min_new_tokens is not None else (min_length or 0) - T
@@ -301,7 +303,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     # list) or a criterion has one (its EosTokenCriteria); rows that only another criterion
     # finished go on generating otherwise
     pad_finished = eos is not None or any(hasattr(c, "eos_token_id") for c in criteria)
-    stop_strings = stop_strings if stop_strings is not None else gen.stop_strings
     if stop_strings is not None:
         if tokenizer is None:  # transformers' rule
             raise ValueError("stop_strings (given or in model.generation_config) need the tokenizer: "

@@ -37,10 +37,10 @@ NO_EFFECT = {"transformers_version", "_from_model_config", "decoder_start_token_
              "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
              "assistant_lookbehind", "target_lookbehind", "early_stopping", "length_penalty", "renormalize_logits"}
 # Other names transformers' GenerationConfig has (all None until set): read as None here too.
-OTHER_NAMES = {"max_time", "output_attentions", "output_hidden_states", "min_p", "top_h",
-               "bad_words_ids", "force_words_ids", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
-               "begin_suppress_tokens", "sequence_bias", "token_healing", "guidance_scale", "watermarking_config",
-               "penalty_alpha", "dola_layers", "constraints"}
+OTHER_NAMES = {"max_time", "output_attentions", "output_hidden_states", "min_p", "top_h", "bad_words_ids",
+               "force_words_ids", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+               "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "token_healing", "guidance_scale",
+               "watermarking_config", "penalty_alpha", "dola_layers", "constraints"}
 KNOWN = set(SETTINGS) | set(HF_DEFAULTS) | NO_EFFECT | OTHER_NAMES
 
 
