@@ -67,6 +67,26 @@ class GenerateDecoderOnlyOutput(ModelOutput):
     cache: object = None
 
 
+@dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """generate(..., num_beams > 1, return_dict_in_generate=True)'s output, transformers' fields:
+    sequences (B * n, T + new), with output_scores their length-penalised scores (B * n,) as
+    sequences_scores and one (B * num_beams, vocab) tensor of processed log-probabilities per step
+    as scores, with output_logits the raw logits per step, beam_indices (B * n, new) int32: the
+    row (b * num_beams + beam) each new token was chosen from, -1 after a beam's end; and the
+    KVCache decoded into."""
+    FIELDS = ("sequences", "sequences_scores", "scores", "logits", "beam_indices", "attentions", "hidden_states",
+              "cache")
+    sequences: torch.Tensor
+    sequences_scores: torch.Tensor | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    beam_indices: torch.Tensor | None = None
+    attentions: None = None
+    hidden_states: None = None
+    cache: object = None
+
+
 def output_requires_grad(module, inputs, output):  # a forward hook (module-level: the model pickles)
     output.requires_grad_(True)
 

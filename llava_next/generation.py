@@ -19,7 +19,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .compat import GenerateDecoderOnlyOutput
+from .beam_search import beam_search
+from .compat import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .kv_cache import KVCache
 from .language import runs_python_per_call
 
@@ -40,14 +41,16 @@ def decode_one_token(model, token, cache, cache_pos):
 
 
 def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty, unseen=None,
-                   banned=None, processors=()):
+                   banned=None, processors=(), min_tokens_to_keep: int = 1, renormalize: bool = False):
     """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do.
     `unseen` (B, seen length) bool marks positions of seen_ids the repetition penalty skips: a
     row's left padding, as transformers skips it (prompt_ignore_length). `banned`: a 1-d id
     tensor whose scores become -inf (the eos ids before min_new_tokens / min_length).
     `processors`: a caller's callables (seen_ids, scores) -> scores, run where transformers runs
     a custom logits_processor: after the penalty and the eos ban, before the sampling warpers.
-    `logits` itself is never written to."""
+    `min_tokens_to_keep`: top-k and top-p keep at least this many (beam sampling keeps one more
+    than there are eos ids, as transformers does). `renormalize`: a log-softmax last
+    (transformers' renormalize_logits). `logits` itself is never written to."""
     ids = seen_ids
     if repetition_penalty != 1.0:
         V = logits.shape[-1]
@@ -62,18 +65,23 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
         logits = logits.index_fill(1, banned, float("-inf")) if banned.numel() else logits
     for i, processor in enumerate(processors):
         logits = processor(ids, logits.clone() if i == 0 else logits)  # the clone: it may write in place
-    if not do_sample:
-        return logits
+    if do_sample:
+        logits = _warp(logits, temperature, top_k, top_p, min_tokens_to_keep)
+    return logits.log_softmax(-1) if renormalize else logits
+
+
+def _warp(logits, temperature, top_k, top_p, min_tokens_to_keep):
+    """Sampling's temperature, top-k and top-p, in transformers' order."""
     if temperature != 1.0:
         logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        kth = torch.topk(logits, min(max(top_k, min_tokens_to_keep), logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         remove = cum <= 1 - top_p
-        remove[:, -1] = False  # always keep the most likely token
+        remove[:, -min_tokens_to_keep:] = False  # always keep the most likely token(s)
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     return logits
 
@@ -199,6 +207,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              num_return_sequences: int | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
              generator=None, use_cache: bool = True, num_beams: int | None = None,
+             length_penalty: float | None = None, early_stopping=None, renormalize_logits: bool | None = None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
              output_logits: bool | None = None, logits_processor=None, stopping_criteria=None,
              stop_strings=None, tokenizer=None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
@@ -254,20 +263,23 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     """
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
-    if num_beams not in (None, 1) or not use_cache:
-        raise ValueError("llava-next generates with num_beams=1 and a KV cache (use_cache=True) only")
+    if not use_cache:
+        raise ValueError("llava-next generates with a KV cache (use_cache=True) only")
     gen = model.generation_config
     gen.warn_unimplemented(stacklevel=_user_stacklevel())
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the processor's output)")
     (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
-     return_dict_in_generate, output_scores, output_logits, stop_strings) = (
+     return_dict_in_generate, output_scores, output_logits, stop_strings, num_beams, length_penalty,
+     early_stopping, renormalize_logits) = (
         gen.value(name, given) for name, given in (
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
             ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
             ("min_length", min_length), ("num_return_sequences", num_return_sequences),
             ("return_dict_in_generate", return_dict_in_generate), ("output_scores", output_scores),
-            ("output_logits", output_logits), ("stop_strings", stop_strings)))
+            ("output_logits", output_logits), ("stop_strings", stop_strings), ("num_beams", num_beams),
+            ("length_penalty", length_penalty), ("early_stopping", early_stopping),
+            ("renormalize_logits", renormalize_logits)))
     cfg = model.config.text_config
     B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
@@ -286,10 +298,21 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     n_seq = num_return_sequences
     if not isinstance(n_seq, numbers.Integral) or n_seq < 1:
         raise ValueError(f"num_return_sequences must be an int >= 1, got {n_seq!r}")
-    if n_seq > 1 and not do_sample:  # transformers' rule, word for word
+    if not isinstance(num_beams, numbers.Integral) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    beams = num_beams > 1
+    # transformers' rules, word for word
+    if n_seq > 1 and not do_sample and not beams:
         raise ValueError("Greedy methods (do_sample != True) without beam search do not support "
                          f"`num_return_sequences` different than 1 (got {n_seq}).")
-    N = B * n_seq  # rows decoded
+    if beams and n_seq > num_beams:
+        raise ValueError(f"`num_return_sequences` ({n_seq}) has to be smaller or equal to `num_beams` ({num_beams}).")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"`early_stopping` must be a boolean or 'never', but is {early_stopping}.")
+    if beams and streamer is not None:
+        raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set to 1.")
+    copies = num_beams if beams else n_seq  # rows per prompt: its beams, or its sampled continuations
+    N = B * copies  # rows decoded
     # scores and logits are kept only for the output object, as in transformers
     keep_scores = bool(return_dict_in_generate and output_scores)
     keep_logits = bool(return_dict_in_generate and output_logits)
@@ -308,6 +331,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             raise ValueError("stop_strings (given or in model.generation_config) need the tokenizer: "
                              "generate(..., stop_strings=..., tokenizer=processor.tokenizer)")
         criteria.append(StopStringCriteria(tokenizer, stop_strings))
+    eos_unset = eos is None
     if torch.is_tensor(eos):
         eos = eos.reshape(-1).tolist()
     eos = [int(eos)] if isinstance(eos, numbers.Integral) else [int(e) for e in (eos or [])]
@@ -317,6 +341,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     pad_is_set = pad is not None  # only a configured pad id marks padding in a prompt without a mask
     if pad is None:
         pad = eos[0] if eos else 0
+    # transformers' filler after a finished beam: the pad id unless it is 0, then eos; -1 without eos ids
+    beam_fill = -1 if eos_unset else (pad or (eos[0] if eos else pad))
 
     device = model.device
     input_ids = input_ids.to(device)
@@ -336,7 +362,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) runs past the model's context ({context}): "
                       "positions beyond it were never trained, so expect the text to degrade there",
                       stacklevel=_user_stacklevel())
-    if streamer is not None and B * n_seq != 1:
+    if streamer is not None and N != 1:
         raise ValueError("a streamer needs a batch of one prompt and num_return_sequences=1")
     required = cuda_graph is not None  # asked for explicitly: a failed capture raises
     if cuda_graph is None:
@@ -370,26 +396,50 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             else:
                 step = eager_step(model, cache)
         out = torch.full((N, T + max_new_tokens), pad, dtype=torch.long, device=device)
-        out[:, :T] = input_ids.repeat_interleave(n_seq, 0)
+        out[:, :T] = input_ids.repeat_interleave(copies, 0)
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         unfinished = torch.ones(N, dtype=torch.bool, device=device)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty)
+                        repetition_penalty=repetition_penalty, renormalize=bool(renormalize_logits))
         # each row's left padding, which the repetition penalty skips (transformers: the positions
         # before the mask's first 1)
-        first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(n_seq)  # (N,)
+        first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(copies)  # (N,)
         padding = torch.arange(out.shape[1], device=device)[None, :] < first_real[:, None]  # (N, T + max_new)
         all_scores, all_logits = [], []
 
-        if n_seq == 1:
+        if copies == 1:
             logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
-        else:  # the prompts (and their images) once, then each row's keys and values n_seq times
+        else:  # the prompts (and their images) once, then each row's keys and values `copies` times
             prompt_cache = KVCache.for_model(model, B, T)
             logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, prompt_cache)
-            logits = logits.repeat_interleave(n_seq, 0)
-            cache.fill_repeated(prompt_cache, n_seq)
+            logits = logits.repeat_interleave(copies, 0)
+            cache.fill_repeated(prompt_cache, copies)
             del prompt_cache
         cache_pos = torch.tensor(T, device=device)
+
+        def advance(token):  # (N,) -> the logits after it: one decode step of every row
+            nonlocal step
+            if step is None:
+                step = graphed_or_eager(model, N, T + max_new_tokens, fuse_projections, cache, required)
+            next_logits = step(token[:, None], cache_pos)
+            cache_pos.add_(1)
+            return next_logits
+
+        if beams:
+            def process(ids, log_probs):  # the same processors as below, on log-probabilities
+                return process_logits(log_probs, ids, unseen=padding[:, :ids.shape[1]],
+                                      banned=eos_t if ids.shape[1] - T < min_new else None, processors=processors,
+                                      min_tokens_to_keep=2 if eos_unset else len(eos) + 1, **sampling)
+            sequences, sequences_scores, kept_scores, kept_logits, beam_indices = beam_search(
+                logits, advance, cache, out[:, :T], num_beams=num_beams, max_new_tokens=max_new_tokens,
+                process=process, do_sample=do_sample, generator=generator, eos=eos, fill=beam_fill,
+                length_penalty=length_penalty, early_stopping=early_stopping, criteria=criteria,
+                keep_scores=keep_scores, keep_logits=keep_logits, num_return_sequences=n_seq)
+            if return_dict_in_generate:
+                return GenerateBeamDecoderOnlyOutput(
+                    sequences=sequences, sequences_scores=sequences_scores if output_scores else None,
+                    scores=kept_scores, logits=kept_logits, beam_indices=beam_indices, cache=cache)
+            return sequences
         n = 0
         while n < max_new_tokens:
             scores = process_logits(logits, out[:, :T + n], unseen=padding[:, :T + n],
@@ -416,10 +466,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 break
             if n == max_new_tokens:
                 break
-            if step is None:
-                step = graphed_or_eager(model, N, T + max_new_tokens, fuse_projections, cache, required)
-            logits = step(token[:, None], cache_pos)
-            cache_pos += 1
+            logits = advance(token)
     except BaseException as e:
         if streamer is not None:  # a consumer reading it in another thread must not wait forever
             if hasattr(streamer, "error"):

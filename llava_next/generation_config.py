@@ -3,8 +3,7 @@
 Every setting is an attribute, None when unset: `model.generation_config.pad_token_id = 0`.
 generate() takes the settings it implements (SETTINGS) as the defaults of the arguments a call
 leaves out, then transformers' own defaults. A setting it does not implement is warned about
-when it would change the output (num_beams > 1 included: it decodes greedily), never dropped in
-silence.
+when it would change the output, never dropped in silence.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from .hub import read_json
 # What generate() reads from here (eos/pad ids, lengths, logits processing, copies per prompt, outputs).
 SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
             "top_p", "repetition_penalty", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
-            "return_dict_in_generate", "output_scores", "output_logits", "stop_strings")
+            "return_dict_in_generate", "output_scores", "output_logits", "stop_strings", "num_beams", "length_penalty",
+            "early_stopping", "renormalize_logits")
 # transformers' values for settings nobody set (GenerationConfig._get_default_generation_params,
 # 5.24); an unimplemented setting holding its default changes nothing.
 HF_DEFAULTS = dict(
@@ -28,14 +28,14 @@ HF_DEFAULTS = dict(
     return_dict_in_generate=False, remove_invalid_values=False, epsilon_cutoff=0.0, eta_cutoff=0.0,
     encoder_repetition_penalty=1.0, num_beam_groups=1, diversity_penalty=0.0,
 )
-# Settings that never change the tokens of a greedy or sampled (one-beam) generate(), whatever
-# their value: bookkeeping, caching, beam-search-only settings. (output_attentions and
+# Settings that never change the tokens generate() returns, whatever their value: bookkeeping,
+# caching. (output_attentions and
 # output_hidden_states are not here: set, they are warned about, since generate() cannot return them.)
 NO_EFFECT = {"transformers_version", "_from_model_config", "decoder_start_token_id", "use_cache",
              "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
              "low_memory", "prefill_chunk_size", "output_logits",
              "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-             "assistant_lookbehind", "target_lookbehind", "early_stopping", "length_penalty", "renormalize_logits"}
+             "assistant_lookbehind", "target_lookbehind"}
 # Other names transformers' GenerationConfig has (all None until set): read as None here too.
 OTHER_NAMES = {"max_time", "output_attentions", "output_hidden_states", "min_p", "top_h", "bad_words_ids",
                "force_words_ids", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
@@ -120,5 +120,4 @@ class GenerationConfig:
         ignored = self.unimplemented()
         if ignored:
             warnings.warn(f"the generation config sets {ignored}, which llava-next's generate() does not implement: "
-                          "generating without them (greedy or sampled, no beam search; remove them from "
-                          "model.generation_config to silence this)", stacklevel=stacklevel + 1)
+                          "generating without them (remove them from model.generation_config to silence this)", stacklevel=stacklevel + 1)

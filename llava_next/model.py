@@ -492,16 +492,22 @@ class LlavaNextForConditionalGeneration(nn.Module):
         return generate(self, input_ids, attention_mask, pixel_values, image_sizes, **kwargs)
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
-        """transformers' method for a greedy or sampled generate(): the score of each new token
-        (N, new tokens) from generate(..., return_dict_in_generate=True, output_scores=True)'s
-        .sequences and .scores; normalize_logits=True gives log-probabilities (a log-softmax of
-        each step's scores first)."""
-        if beam_indices is not None:
-            raise ValueError("llava-next generates without beam search: beam_indices must be None")
-        steps = torch.stack(tuple(scores), 1)  # (N, new tokens, vocab)
+        """transformers' method: the score of each new token (N, new tokens) from generate(...,
+        return_dict_in_generate=True, output_scores=True)'s .sequences and .scores, and for beam
+        search its .beam_indices (which row's scores each token was chosen from; 0 after a beam's
+        end, as there). normalize_logits=True gives log-probabilities (a log-softmax of each
+        step's scores first)."""
+        steps = torch.stack(tuple(scores), 1)  # (rows, steps, vocab)
         if normalize_logits:
             steps = steps.log_softmax(-1)
-        return steps.gather(2, sequences[:, -steps.shape[1]:, None].to(steps.device)).squeeze(2)
+        if beam_indices is None:  # greedy or sampled: row i's token came from row i's scores
+            beam_indices = torch.arange(steps.shape[0], device=sequences.device)[:, None].expand(-1, steps.shape[1])
+        ended = beam_indices < 0  # (N, steps)
+        new = int((~ended).sum(-1).max())
+        ended, rows = ended[:, :new], beam_indices[:, :new].clamp(min=0).long()
+        picked = steps[rows.to(steps.device), torch.arange(new, device=steps.device)]  # (N, new, vocab)
+        out = picked.gather(2, sequences[:, sequences.shape[-1] - new:, None].to(steps.device)).squeeze(2)
+        return out.masked_fill(ended.to(out.device), 0.0)
 
     # ---- loading and saving ----------------------------------------------------------------
 
