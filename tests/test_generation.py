@@ -93,18 +93,24 @@ def test_sampling_is_reproducible_with_a_seed(pair):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_sampling_warpers_match_transformers():
+@pytest.mark.parametrize("top_k, top_p, keep", [(10, 0.8, 1), (1, 1.0, 3), (0, 0.05, 3)])
+def test_sampling_warpers_match_transformers(top_k, top_p, keep):
+    """`keep`: min_tokens_to_keep, which beam sampling raises to one more than the eos ids."""
     from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
     seen = torch.randint(0, 50, (3, 7))
     want = logits.clone()
-    for proc in [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(10),
-                 TopPLogitsWarper(0.8)]:
+    procs = [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7)]
+    procs += [TopKLogitsWarper(top_k, min_tokens_to_keep=keep)] if top_k else []
+    procs += [TopPLogitsWarper(top_p, min_tokens_to_keep=keep)] if top_p < 1 else []
+    for proc in procs:
         want = proc(seen, want)
-    got = process_logits(logits, seen, do_sample=True, temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.2)
+    got = process_logits(logits, seen, do_sample=True, temperature=0.7, top_k=top_k, top_p=top_p,
+                         repetition_penalty=1.2, min_tokens_to_keep=keep)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert (~torch.isinf(got)).sum(-1).min() >= keep
     torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 

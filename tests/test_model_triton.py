@@ -321,6 +321,21 @@ def test_cuda_graph_generate_keeps_every_steps_logits(models):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_beam_search_reorders_the_graphs_cache(models):
+    """Beam search reorders the KV cache rows in place between replays: the graph reads the
+    reordered buffers, so its beams equal eager decoding's."""
+    config, _, triton = models
+    triton = copy.deepcopy(triton)
+    kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, eos_token_id=[],
+              return_dict_in_generate=True, output_scores=True)
+    want = triton.generate(**batch(config), **kw, cuda_graph=False)
+    got = triton.generate(**batch(config), **kw, cuda_graph=True)
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.beam_indices, want.beam_indices)
+    assert (got.beam_indices[:, 1:] != got.beam_indices[:, :1]).any()  # beams were reordered
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="generate() captures a CUDA graph by default on CUDA only")
 def test_generate_decodes_eagerly_when_its_default_capture_fails(models, monkeypatch):
     from llava_next import generation

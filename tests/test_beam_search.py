@@ -1,0 +1,190 @@
+"""Beam search (generate(num_beams > 1)) against transformers' generate, token for token, and the
+KV cache reordering it rests on."""
+
+import pytest
+import torch
+
+from llava_next import KVCache, LlavaNextForConditionalGeneration
+from tiny import hf_checkpoint, image_inputs, prompt_ids
+
+SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+
+
+@pytest.fixture(scope="module", params=["mistral", "vicuna"])
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = hf_checkpoint(folder, request.param, **SMALL)
+    return hf, LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
+def batch(config):
+    """A left-padded batch of two prompts, one image each."""
+    ids, mask = prompt_ids(config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(config, [(45, 80), (150, 40)])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+
+
+def eos_ids(ours, inputs):
+    """Two ids the model picks early when it runs free (row 0's 3rd and row 1's 5th new token),
+    so that beams end on them."""
+    free = ours.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    T = inputs["input_ids"].shape[1]
+    return [int(free[0, T + 2]), int(free[1, T + 4])]
+
+
+class EndsOnMultipleOf7:  # a stopping criterion of the caller's, as transformers calls one
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] % 7 == 0
+
+
+CASES = {
+    "plain": dict(num_beams=3),
+    "eos_return_3_of_4": dict(num_beams=4, eos=True, num_return_sequences=3),
+    "early_stopping_negative_penalty": dict(num_beams=3, eos=True, early_stopping=True, length_penalty=-0.5),
+    # one prompt's finished list fills before the other's: what may join a full one
+    "early_stopping_penalty_2": dict(num_beams=2, eos=True, early_stopping=True, length_penalty=2.0),
+    "never_stop_early_penalty_2_repetition": dict(num_beams=3, eos=True, early_stopping="never", length_penalty=2.0,
+                                                  repetition_penalty=1.3),
+    "beam_sampling": dict(num_beams=2, eos=True, do_sample=True, top_k=5, temperature=0.8, top_p=0.9),
+    "min_new_tokens_renormalized": dict(num_beams=3, eos=True, min_new_tokens=6, renormalize_logits=True),
+    "callers_criterion": dict(num_beams=3, criterion=True),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_beam_search_matches_transformers(pair, case):
+    """Sequences equal transformers' (eos and filler ids included), sequences_scores, per-step
+    scores and logits to 1e-5, beam_indices equal, and compute_transition_scores with them; on a
+    left-padded batch of two images. Beam sampling draws with the same torch.multinomial call on
+    the same global generator as transformers, so its tokens agree too."""
+    hf, ours = pair
+    inputs = batch(hf.config)
+    kw = {k: v for k, v in case.items() if k not in ("eos", "criterion")}
+    kw.update(max_new_tokens=9, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    if case.get("eos"):
+        kw["eos_token_id"] = eos_ids(ours, inputs)
+    if case.get("criterion"):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        kw["stopping_criteria"] = StoppingCriteriaList([type("Ends", (StoppingCriteria,),
+                                                             {"__call__": EndsOnMultipleOf7.__call__})()])
+    kw.setdefault("do_sample", False)
+    torch.manual_seed(3)
+    want = hf.generate(**inputs, **kw)
+    torch.manual_seed(3)
+    got = ours.generate(**inputs, **kw)
+    n = kw.get("num_return_sequences", 1)
+    assert got.sequences.shape[0] == 2 * n
+    assert torch.equal(got.sequences, want.sequences)
+    assert got.beam_indices.dtype == want.beam_indices.dtype and torch.equal(got.beam_indices, want.beam_indices)
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-5, atol=1e-5)
+    assert len(got.scores) == len(want.scores) and got.scores[0].shape == (2 * kw["num_beams"], want.scores[0].shape[1])
+    for name in ("scores", "logits"):
+        for g, w in zip(getattr(got, name), getattr(want, name)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.compute_transition_scores(got.sequences, got.scores, got.beam_indices),
+                               hf.compute_transition_scores(want.sequences, want.scores, want.beam_indices),
+                               rtol=1e-5, atol=1e-5)
+    if case.get("num_return_sequences"):  # this case returns beams that ended (on eos) before others
+        assert (got.beam_indices == -1).any()
+    plain = ours.generate(**inputs, **{**kw, "return_dict_in_generate": False})
+    if not kw["do_sample"]:
+        assert torch.equal(plain, got.sequences)
+
+
+def test_beams_without_eos_ids_fill_with_minus_one_as_transformers(pair):
+    """transformers fills after a finished beam with the pad id (eos when the pad id is 0) and,
+    when no eos id is set at all, with -1. A caller's criterion ends every candidate of the first
+    prompt (the first half of the rows it is shown) at 3 new tokens; the second prompt goes on."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    hf, ours = pair
+    inputs = batch(hf.config)
+    T = inputs["input_ids"].shape[1]
+
+    class FirstPromptEndsAt3(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            first = torch.arange(input_ids.shape[0]) < input_ids.shape[0] // 2
+            return first & (input_ids.shape[1] == T + 3)
+
+    saved = hf.generation_config.eos_token_id, ours.generation_config.eos_token_id
+    hf.generation_config.eos_token_id = ours.generation_config.eos_token_id = None
+    try:
+        kw = dict(num_beams=3, max_new_tokens=8, do_sample=False)
+        want = hf.generate(**inputs, **kw, stopping_criteria=StoppingCriteriaList([FirstPromptEndsAt3()]))
+        got = ours.generate(**inputs, **kw, stopping_criteria=[FirstPromptEndsAt3()])
+    finally:
+        hf.generation_config.eos_token_id, ours.generation_config.eos_token_id = saved
+    assert torch.equal(got, want)
+    assert got.shape[1] == T + 8 and (got[0, T + 3:] == -1).all() and (got[1, T:] >= 0).all()
+
+
+def test_beam_settings_from_the_generation_config(pair, recwarn):
+    """num_beams, length_penalty and early_stopping in model.generation_config are used (and not
+    warned about); a call's value wins over them."""
+    hf, ours = pair
+    inputs = batch(hf.config)
+    call = ours.generate(**inputs, max_new_tokens=5, num_beams=3, length_penalty=0.5)
+    saved = ours.generation_config.to_dict()
+    ours.generation_config.update(num_beams=3, length_penalty=0.5)
+    try:
+        from_config = ours.generate(**inputs, max_new_tokens=5)
+        greedy = ours.generate(**inputs, max_new_tokens=5, num_beams=1)
+    finally:
+        ours.generation_config = type(ours.generation_config)(**saved)
+    assert torch.equal(from_config, call)
+    assert torch.equal(greedy, ours.generate(**inputs, max_new_tokens=5))
+    assert not [w for w in recwarn if "does not implement" in str(w.message)]
+
+
+def test_beam_search_errors(pair):
+    hf, ours = pair
+    inputs = batch(hf.config)
+    with pytest.raises(ValueError, match=r"`num_return_sequences` \(4\) has to be smaller or equal to `num_beams` \(3\)"):
+        ours.generate(**inputs, max_new_tokens=3, num_beams=3, num_return_sequences=4)
+    with pytest.raises(ValueError, match="`early_stopping` must be a boolean or 'never'"):
+        ours.generate(**inputs, max_new_tokens=3, num_beams=3, early_stopping="always")
+    with pytest.raises(ValueError, match="num_beams must be an int >= 1"):
+        ours.generate(**inputs, max_new_tokens=3, num_beams=0)
+    with pytest.raises(ValueError, match="`streamer` cannot be used with beam search"):
+        ours.generate(**{k: v[:1] for k, v in inputs.items()}, max_new_tokens=3, num_beams=2,
+                      streamer=lambda *a: None)
+
+
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+@pytest.mark.parametrize("length_penalty", [-1.0, 0.0, 1.0, 2.0])
+def test_can_improve_is_transformers_heuristic(early_stopping, length_penalty):
+    """When a prompt's search may stop, on random scores, as transformers' _check_early_stop_heuristic."""
+    from transformers.generation.utils import GenerationMixin
+
+    from llava_next.beam_search import _can_improve
+
+    g = torch.Generator().manual_seed(0)
+    outcomes = []
+    for new in (1, 4, 9):
+        scores = -torch.rand(8, 3, generator=g).sort(dim=1).values * 30  # running beams, best first
+        done_scores = -torch.rand(8, 3, generator=g) * 3
+        done = torch.rand(8, 3, generator=g) < 0.8
+        improvable = torch.rand(8, 1, generator=g) < 0.9
+        want = GenerationMixin._check_early_stop_heuristic(
+            improvable, scores, done_scores, done, cur_len=20 + new, max_length=30, decoder_prompt_len=20,
+            early_stopping=early_stopping, length_penalty=length_penalty)
+        got = _can_improve(improvable, scores, done_scores, done, new, 10, early_stopping, length_penalty)
+        assert torch.equal(got, want)
+        outcomes += want.flatten().tolist()
+    assert len(set(outcomes)) == 2  # both occur
+
+
+def test_kv_cache_reorder():
+    """Row i takes row rows[i]'s keys, values and mask up to `length`; rows may repeat; later
+    positions (unwritten, or a graph's scratch slot) stay as they were."""
+    cache = KVCache(num_layers=2, batch_size=3, max_length=6, num_kv_heads=2, head_dim=4)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.kv_mask[:, :4] = True
+    cache.kv_mask[1, 0] = False  # row 1 is left-padded
+    k, v, mask = cache.k.clone(), cache.v.clone(), cache.kv_mask.clone()
+    rows = torch.tensor([1, 1, 0])
+    cache.reorder(rows, 4)
+    assert torch.equal(cache.k[:, :, :, :4], k[:, rows, :, :4]) and torch.equal(cache.v[:, :, :, :4], v[:, rows, :, :4])
+    assert torch.equal(cache.k[:, :, :, 4:], k[:, :, :, 4:]) and torch.equal(cache.v[:, :, :, 4:], v[:, :, :, 4:])
+    assert torch.equal(cache.kv_mask, mask[rows])
