@@ -224,9 +224,15 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens. Before min_new_tokens new
     tokens (else a min_length, counting the prompt) the eos ids score -inf.
-    num_return_sequences=n (sampling only, as in transformers) returns n continuations of each
-    prompt, rows b * n ... b * n + n - 1 for prompt b; the prompt and its images are prefilled
-    once and the KV cache copied n times.
+    num_return_sequences=n (sampling or beam search, as in transformers) returns n continuations
+    of each prompt, rows b * n ... b * n + n - 1 for prompt b; the prompt and its images are
+    prefilled once and the KV cache copied n times (num_beams times with beams).
+    num_beams=k > 1: beam search as transformers runs it (llava_next.beam_search), with
+    length_penalty and early_stopping; do_sample=True samples the beams' candidates. A beam that
+    ends early is followed by the pad id (eos when the pad id is 0), or -1 without eos ids, as
+    there. With return_dict_in_generate it returns a GenerateBeamDecoderOnlyOutput
+    (.sequences_scores, .beam_indices, per-beam .scores). renormalize_logits=True ends the logits
+    processing with a log-softmax, as in transformers.
     return_dict_in_generate=True returns a GenerateDecoderOnlyOutput (llava_next.compat):
     .sequences, and with output_scores / output_logits a tuple of one (B * n, vocab) fp32 tensor
     per new token: the scores tokens were chosen from (after penalty, temperature, top-k, top-p)
