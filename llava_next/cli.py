@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--top-k", type=int, default=None, help=f"sample from the k likeliest tokens, 0: all ({ckpt} 50)")
     common.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass ({ckpt} 1.0: off)")
     common.add_argument("--repetition-penalty", type=float, default=None, help=f"({ckpt} 1.0: off)")
+    common.add_argument("--num-beams", type=int, default=None,
+                        help=f"beam search over this many beams; the answer is printed when complete ({ckpt} 1)")
     common.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     common.add_argument("--prompt-format", default=None, choices=["mistral", "vicuna", "chatml"],
                         help="prompt template (default: the checkpoint's)")
@@ -91,6 +93,8 @@ def check_args(args) -> None:
         raise UsageError(f"--top-k must be >= 0 (0: no top-k), got {args.top_k}")
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.num_beams is not None and args.num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
     for image in args.image:
         if not image.startswith(("http://", "https://")) and not os.path.isfile(image):
             raise UsageError(f"image file not found: {image}")
@@ -189,18 +193,24 @@ def prepare(processor, config, conversation, images):
 
 
 def answer(processor, model, inputs, args) -> str:
-    """Stream the reply to stdout and return it."""
+    """Stream the reply to stdout (beam search: print it once complete) and return it."""
     from .generation import TextStreamer
 
     n, context = inputs["input_ids"].shape[1], model.config.text_config.max_position_embeddings
-    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    beams = model.generation_config.value("num_beams", args.num_beams)
+    # a beam's text is not final until the search ends, so beam search cannot stream
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if beams == 1 else None
     graph = False if args.no_cuda_graph else None  # None: generate()'s default, the graph on CUDA with Triton
     out = _user_error(model.generate, **inputs.to(model.device), max_new_tokens=min(args.max_new_tokens, context - n),
                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      repetition_penalty=args.repetition_penalty, streamer=streamer, cuda_graph=graph,
-                      num_return_sequences=1, return_dict_in_generate=False,  # whatever the checkpoint's config says
+                      repetition_penalty=args.repetition_penalty, num_beams=beams, streamer=streamer,
+                      cuda_graph=graph, num_return_sequences=1,
+                      return_dict_in_generate=False,  # whatever the checkpoint's config says
                       tokenizer=processor.tokenizer)  # for stop_strings in that config
-    return processor.decode(out[0, n:], skip_special_tokens=True).strip()
+    reply = processor.decode(out[0, n:], skip_special_tokens=True).strip()
+    if streamer is None:
+        print(reply, flush=True)
+    return reply
 
 
 def user_turn(text: str, n_images: int) -> dict:

@@ -119,6 +119,12 @@ def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path):
     run = cli(*common, "--no-do-sample")
     assert run.returncode == 0 and run.stdout.strip() == answers[0].strip(), run.stderr
 
+    # beam search: not streamed, printed once complete; the file's repetition penalty applies to it too
+    beams = processor.decode(model.generate(**inputs, max_new_tokens=8, num_beams=3)[0, n:], skip_special_tokens=True)
+    run = cli(*common, "--no-do-sample", "--num-beams", "3")
+    assert run.returncode == 0 and run.stdout.strip() == beams.strip(), run.stderr
+    assert beams != answers[0]  # the flag reached generate()
+
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--image", "no/such/image.png", "--prompt", "x"], "image file not found: no/such/image.png"),
@@ -126,6 +132,7 @@ def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path):
     (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["generate", "--image"], "expected one argument"),
     (["generate", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["generate", "--prompt", "x", "--num-beams", "0"], "--num-beams must be >= 1"),
     (["generate", "--prompt", "x", "--do-sample", "--top-k", "-3"], "--top-k must be >= 0"),
     (["generate", "--prompt", "x", "--device", "meta"], "the CLI runs on cpu or cuda"),
     (["generate", "--prompt", "<image>\nx"], "leave <image> out of --prompt"),
