@@ -94,7 +94,7 @@ def beam_search(first_logits, advance, cache, prompt, *, num_beams: int, max_new
         seen = tuple(all_scores) if keep_scores else None
         for criterion in criteria:
             hit = criterion(cand_seqs.view(B * K, L)[:, :t + 1], seen)
-            ends = ends | torch.as_tensor(hit, dtype=torch.bool, device=device).view(B, K)
+            ends = ends | torch.as_tensor(hit, dtype=torch.bool, device=device).expand(B * K).view(B, K)
 
         # The running beams for the next step: the best nb candidates that do not end.
         alive = cand_scores + ends.to(torch.float32) * NOT  # (B, K)

@@ -41,16 +41,18 @@ def decode_one_token(model, token, cache, cache_pos):
 
 
 def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty, unseen=None,
-                   banned=None, processors=(), min_tokens_to_keep: int = 1, renormalize: bool = False):
-    """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do.
+                   banned=None, processors=(), min_tokens_to_keep: int = 1, renormalize: bool = False,
+                   no_repeat_ngram_size: int = 0, min_p=None):
+    """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do, in
+    its order: repetition penalty, no_repeat_ngram_size, the eos ban, a caller's processors, then
+    (sampling only) temperature, top-k, top-p, min-p; a log-softmax last with `renormalize`.
     `unseen` (B, seen length) bool marks positions of seen_ids the repetition penalty skips: a
     row's left padding, as transformers skips it (prompt_ignore_length). `banned`: a 1-d id
     tensor whose scores become -inf (the eos ids before min_new_tokens / min_length).
     `processors`: a caller's callables (seen_ids, scores) -> scores, run where transformers runs
     a custom logits_processor: after the penalty and the eos ban, before the sampling warpers.
-    `min_tokens_to_keep`: top-k and top-p keep at least this many (beam sampling keeps one more
-    than there are eos ids, as transformers does). `renormalize`: a log-softmax last
-    (transformers' renormalize_logits). `logits` itself is never written to."""
+    `min_tokens_to_keep`: top-k, top-p and min-p keep at least this many (beam sampling keeps one
+    more than there are eos ids, as transformers does). `logits` itself is never written to."""
     ids = seen_ids
     if repetition_penalty != 1.0:
         V = logits.shape[-1]
@@ -60,18 +62,34 @@ def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, re
         score = logits.gather(1, seen_ids)
         score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
         logits = logits.scatter(1, seen_ids, score)[:, :V]
+    if no_repeat_ngram_size:
+        logits = _ban_repeated_ngrams(ids, logits, no_repeat_ngram_size)
     if banned is not None:  # ids outside the vocabulary are left out, as transformers' isin mask does
         banned = banned[(banned >= 0) & (banned < logits.shape[-1])]
         logits = logits.index_fill(1, banned, float("-inf")) if banned.numel() else logits
     for i, processor in enumerate(processors):
         logits = processor(ids, logits.clone() if i == 0 else logits)  # the clone: it may write in place
     if do_sample:
-        logits = _warp(logits, temperature, top_k, top_p, min_tokens_to_keep)
+        logits = _warp(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep)
     return logits.log_softmax(-1) if renormalize else logits
 
 
-def _warp(logits, temperature, top_k, top_p, min_tokens_to_keep):
-    """Sampling's temperature, top-k and top-p, in transformers' order."""
+def _ban_repeated_ngrams(ids, logits, n: int):
+    """no_repeat_ngram_size=n, as transformers: a token that would complete an n-gram the row
+    already holds (prompt and padding included) scores -inf. ids (B, t), logits (B, V)."""
+    t, V = ids.shape[1], logits.shape[-1]
+    if t < n:
+        return logits
+    windows = ids.unfold(1, n, 1)  # (B, t - n + 1, n) every n-gram so far
+    follows = (windows[..., :-1] == ids[:, None, t - n + 1:]).all(-1)  # (B, t - n + 1) starts with the row's last n - 1
+    # each matching n-gram bans its last token; the others (and ids past the scores) go to a spare column
+    columns = torch.where(follows, windows[..., -1].clamp(max=V), V)
+    ban = torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=logits.device).scatter_(1, columns, True)
+    return logits.masked_fill(ban[:, :V], float("-inf"))
+
+
+def _warp(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep):
+    """Sampling's temperature, top-k, top-p and min-p, in transformers' order."""
     if temperature != 1.0:
         logits = logits / temperature
     if top_k:
@@ -83,6 +101,11 @@ def _warp(logits, temperature, top_k, top_p, min_tokens_to_keep):
         remove = cum <= 1 - top_p
         remove[:, -min_tokens_to_keep:] = False  # always keep the most likely token(s)
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    if min_p is not None:  # drop tokens less likely than min_p times the likeliest
+        probs = logits.softmax(-1)
+        remove = probs < min_p * probs.amax(-1, keepdim=True)
+        remove.scatter_(1, probs.topk(min(min_tokens_to_keep, probs.shape[-1])).indices, False)
+        logits = logits.masked_fill(remove, float("-inf"))
     return logits
 
 
@@ -208,6 +231,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              num_return_sequences: int | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
              generator=None, use_cache: bool = True, num_beams: int | None = None,
              length_penalty: float | None = None, early_stopping=None, renormalize_logits: bool | None = None,
+             no_repeat_ngram_size: int | None = None, min_p: float | None = None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
              output_logits: bool | None = None, logits_processor=None, stopping_criteria=None,
              stop_strings=None, tokenizer=None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
@@ -277,7 +301,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError("generate() needs input_ids (the processor's output)")
     (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
      return_dict_in_generate, output_scores, output_logits, stop_strings, num_beams, length_penalty,
-     early_stopping, renormalize_logits) = (
+     early_stopping, renormalize_logits, no_repeat_ngram_size, min_p) = (
         gen.value(name, given) for name, given in (
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
             ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
@@ -285,7 +309,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             ("return_dict_in_generate", return_dict_in_generate), ("output_scores", output_scores),
             ("output_logits", output_logits), ("stop_strings", stop_strings), ("num_beams", num_beams),
             ("length_penalty", length_penalty), ("early_stopping", early_stopping),
-            ("renormalize_logits", renormalize_logits)))
+            ("renormalize_logits", renormalize_logits), ("no_repeat_ngram_size", no_repeat_ngram_size),
+            ("min_p", min_p)))
     cfg = model.config.text_config
     B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
@@ -299,6 +324,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError(f"top_p must be in [0, 1] (0: the most likely token only), got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if not isinstance(no_repeat_ngram_size, numbers.Integral) or no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     if (min_new_tokens or 0) < 0 or (min_length or 0) < 0:
         raise ValueError(f"min_new_tokens and min_length must be >= 0, got {min_new_tokens} and {min_length}")
     n_seq = num_return_sequences
@@ -406,7 +435,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         unfinished = torch.ones(N, dtype=torch.bool, device=device)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, renormalize=bool(renormalize_logits))
+                        repetition_penalty=repetition_penalty, renormalize=bool(renormalize_logits),
+                        no_repeat_ngram_size=no_repeat_ngram_size, min_p=min_p)
         # each row's left padding, which the repetition penalty skips (transformers: the positions
         # before the mask's first 1)
         first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(copies)  # (N,)

@@ -18,7 +18,7 @@ from .hub import read_json
 SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
             "top_p", "repetition_penalty", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
             "return_dict_in_generate", "output_scores", "output_logits", "stop_strings", "num_beams", "length_penalty",
-            "early_stopping", "renormalize_logits")
+            "early_stopping", "renormalize_logits", "no_repeat_ngram_size", "min_p")
 # transformers' values for settings nobody set (GenerationConfig._get_default_generation_params,
 # 5.24); an unimplemented setting holding its default changes nothing.
 HF_DEFAULTS = dict(

@@ -114,6 +114,50 @@ def test_sampling_warpers_match_transformers(top_k, top_p, keep):
     torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 
+def test_no_repeat_ngram_and_min_p_match_transformers_processors():
+    """Against transformers' NoRepeatNGramLogitsProcessor and MinPLogitsWarper on rows with
+    repeats, for n = 1, 2, 3 and a row shorter than n; min_p with min_tokens_to_keep."""
+    from transformers.generation.logits_process import MinPLogitsWarper, NoRepeatNGramLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 12, generator=g) * 3
+    seen = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5], [0, 4, 9, 4, 9, 11, 4, 9]])
+    off = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    for n in (1, 2, 3):
+        for ids in (seen, seen[:, :2]):
+            want = NoRepeatNGramLogitsProcessor(n)(ids, logits.clone())
+            got = process_logits(logits, ids, no_repeat_ngram_size=n, **off)
+            assert torch.equal(got, want), (n, ids.shape)
+    assert torch.isinf(process_logits(logits, seen, no_repeat_ngram_size=2, **off)).sum() == 4  # 3 after 2, 5 after 5, 4 and 11 after 9
+    for min_p, keep in ((0.1, 1), (0.5, 1), (0.99, 3)):
+        want = MinPLogitsWarper(min_p, min_tokens_to_keep=keep)(seen, logits.clone())
+        got = process_logits(logits, seen, **{**off, "do_sample": True}, min_p=min_p, min_tokens_to_keep=keep)
+        assert torch.equal(got, want)
+        assert (~torch.isinf(got)).sum(-1).min() >= keep
+
+
+@pytest.mark.parametrize("kw", [dict(no_repeat_ngram_size=2, do_sample=False),
+                                dict(no_repeat_ngram_size=1, num_beams=3, do_sample=False),
+                                dict(min_p=0.2, do_sample=True, top_k=0)], ids=["ngram", "ngram_beams", "min_p"])
+def test_no_repeat_ngram_and_min_p_generate_as_transformers(pair, kw):
+    """As transformers, n-grams count the prompt and its left padding too: row 0's padding is made
+    to hold (its last prompt token, the first token of its answer without the setting), an n-gram
+    (n <= 2) the setting then forbids to repeat; padding is masked, so nothing else changes."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    T, pad = ids.shape[1], int((mask[0] == 0).sum())
+    free = {**kw, "no_repeat_ngram_size": 0}
+    ids[0, pad - 2:pad] = torch.stack([ids[0, -1], ours.generate(input_ids=ids, attention_mask=mask,
+                                                                  max_new_tokens=12, **free)[0, T]])
+    torch.manual_seed(4)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, **kw)
+    torch.manual_seed(4)
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, **kw)
+    assert torch.equal(got, want)
+    if "no_repeat_ngram_size" in kw:  # the setting acted
+        assert not torch.equal(got, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, **free))
+
+
 def test_repetition_penalty_skips_left_padding_as_transformers(pair):
     """transformers skips each row's left padding when it penalises repeats (prompt_ignore_length):
     with pad id == eos id (the tokenizer.pad_token = eos idiom) a padded row would otherwise have
@@ -572,14 +616,14 @@ def test_generation_config_json_settings_as_transformers(tmp_path):
     with pytest.raises(ValueError, match="within max_length"):
         ours.generate(input_ids=ids, attention_mask=mask, max_length=ids.shape[1])
 
-    ours.generation_config.update(no_repeat_ngram_size=2, num_beams=3)
-    with pytest.warns(UserWarning, match="no_repeat_ngram_size.*num_beams") as caught:
-        assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask), got)  # greedy, as warned
+    ours.generation_config.update(typical_p=0.5, num_beam_groups=2)
+    with pytest.warns(UserWarning, match="typical_p.*num_beam_groups") as caught:
+        assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask), got)  # without them, as warned
     assert caught[0].filename == __file__  # the warning names the caller's line
-    with pytest.raises(ValueError, match="num_beams=1"):  # asked for by the call itself: refused
-        ours.generate(input_ids=ids, attention_mask=mask, num_beams=3)
+    with pytest.raises(TypeError, match="typical_p"):  # asked for by the call itself: refused
+        ours.generate(input_ids=ids, attention_mask=mask, typical_p=0.5)
     # transformers' defaults, beam-only settings and empty values change nothing: no warning
-    ours.generation_config.update(no_repeat_ngram_size=0, num_beams=1, early_stopping=True, generation_kwargs={})
+    ours.generation_config.update(typical_p=1.0, num_beam_groups=1, early_stopping=True, generation_kwargs={})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours.generate(input_ids=ids, attention_mask=mask)
