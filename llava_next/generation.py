@@ -235,17 +235,19 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
              output_logits: bool | None = None, logits_processor=None, stopping_criteria=None,
              stop_strings=None, tokenizer=None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
-    """Greedy or sampled continuation of a (left-padded) batch; returns prompt + new ids
-    (B * num_return_sequences, T + n), or with return_dict_in_generate an output object holding them.
+    """Greedy, sampled or beam-searched continuation of a (left-padded) batch; returns prompt + new
+    ids (B * num_return_sequences, T + n), or with return_dict_in_generate an output object holding
+    them.
 
     Settings left out or None come from `model.generation_config` (a checkpoint's
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length, the call's or there, caps
-    prompt + new tokens; max_new_tokens wins over it); min_p and no_repeat_ngram_size (whose
-    n-grams include the prompt and its padding) as transformers' processors. (transformers 5.24 lets an explicit None
-    override its config: top_k=None is no top-k there, do_sample=None greedy, max_new_tokens=None
-    its default length; here None is the same as leaving the setting out.) Generation may run past the model's context, as in
-    transformers, which does not warn; llava-next does.
+    prompt + new tokens; max_new_tokens wins over it). min_p and no_repeat_ngram_size (whose
+    n-grams include the prompt and its padding) act as transformers' processors. (transformers 5.24
+    lets an explicit None override its config: top_k=None is no top-k there, do_sample=None greedy,
+    max_new_tokens=None its default length; here None is the same as leaving the setting out.)
+    Generation may run past the model's context, as in transformers, which does not warn;
+    llava-next does.
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
     Generation ends when every row is finished or after max_new_tokens. Before min_new_tokens new
     tokens (else a min_length, counting the prompt) the eos ids score -inf.
