@@ -68,13 +68,15 @@ class KVCache:
         self.kv_mask[:, :T] = prompt.kv_mask[:, :T].repeat_interleave(repeats, 0)
         self.length = T
 
-    def reorder(self, rows, length: int) -> None:
-        """Row i takes what row rows[i] held in positions [0, length) (beam search: each beam
-        continues the one it was chosen from). `rows` (B,) long on the cache's device; positions
-        past `length` (not yet written, and the graph's scratch slot) are left alone."""
-        for buf in (self.k, self.v):  # (L, B, Hkv, Tmax, D); the right side is a copy, so rows may repeat
-            buf[:, :, :, :length] = buf[:, rows, :, :length]
-        self.kv_mask.copy_(self.kv_mask[rows])
+    def reorder(self, rows, length: int, start: int = 0) -> None:
+        """Row i takes what row rows[i] held in positions [start, length) (beam search: each beam
+        continues the one it was chosen from; its positions before `start`, the prompt, are the
+        same in every beam of a prompt, so they need no copy). `rows` (B,) long on the cache's
+        device. Positions past `length` (not yet written, and a graph's scratch slot) are left alone.
+        The right side is a copy (rows may repeat), as large as the part copied."""
+        for buf in (self.k, self.v):  # (L, B, Hkv, Tmax, D)
+            buf[:, :, :, start:length] = buf[:, rows, :, start:length]
+        self.kv_mask[:, start:length] = self.kv_mask[rows, start:length]
 
     def check(self, model, batch_size: int, T: int, cache_pos) -> None:
         """That this cache fits the model and the call (host-side facts only: no device sync)."""

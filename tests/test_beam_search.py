@@ -174,17 +174,20 @@ def test_can_improve_is_transformers_heuristic(early_stopping, length_penalty):
     assert len(set(outcomes)) == 2  # both occur
 
 
-def test_kv_cache_reorder():
-    """Row i takes row rows[i]'s keys, values and mask up to `length`; rows may repeat; later
-    positions (unwritten, or a graph's scratch slot) stay as they were."""
+@pytest.mark.parametrize("start", [0, 2])
+def test_kv_cache_reorder(start):
+    """Row i takes row rows[i]'s keys, values and mask in [start, length); rows may repeat; other
+    positions (the prompt before start, unwritten ones, a graph's scratch slot) stay as they were."""
     cache = KVCache(num_layers=2, batch_size=3, max_length=6, num_kv_heads=2, head_dim=4)
     cache.k.normal_()
     cache.v.normal_()
     cache.kv_mask[:, :4] = True
-    cache.kv_mask[1, 0] = False  # row 1 is left-padded
+    cache.kv_mask[1, 2] = False
     k, v, mask = cache.k.clone(), cache.v.clone(), cache.kv_mask.clone()
     rows = torch.tensor([1, 1, 0])
-    cache.reorder(rows, 4)
-    assert torch.equal(cache.k[:, :, :, :4], k[:, rows, :, :4]) and torch.equal(cache.v[:, :, :, :4], v[:, rows, :, :4])
-    assert torch.equal(cache.k[:, :, :, 4:], k[:, :, :, 4:]) and torch.equal(cache.v[:, :, :, 4:], v[:, :, :, 4:])
-    assert torch.equal(cache.kv_mask, mask[rows])
+    cache.reorder(rows, 4, start=start)
+    for got, was in ((cache.k, k), (cache.v, v)):
+        assert torch.equal(got[:, :, :, start:4], was[:, rows, :, start:4])
+        assert torch.equal(got[:, :, :, :start], was[:, :, :, :start]) and torch.equal(got[:, :, :, 4:], was[:, :, :, 4:])
+    assert torch.equal(cache.kv_mask[:, start:4], mask[rows, start:4])
+    assert torch.equal(cache.kv_mask[:, :start], mask[:, :start]) and torch.equal(cache.kv_mask[:, 4:], mask[:, 4:])

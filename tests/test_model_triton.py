@@ -334,6 +334,13 @@ def test_cuda_graph_beam_search_reorders_the_graphs_cache(models):
     assert torch.equal(got.sequences, want.sequences) and torch.equal(got.beam_indices, want.beam_indices)
     assert (got.beam_indices[:, 1:] != got.beam_indices[:, :1]).any()  # beams were reordered
     torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-4, atol=1e-4)
+    from llava_next.generation import GraphedDecode
+
+    inputs = batch(config)
+    graph = GraphedDecode(triton, 2 * 3, inputs["input_ids"].shape[1] + 8)  # the caller's: batch * num_beams rows
+    for _ in range(2):  # reused: its cache is reset and reordered again
+        again = triton.generate(**inputs, **kw, cuda_graph=graph)
+        assert torch.equal(again.sequences, want.sequences)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="generate() captures a CUDA graph by default on CUDA only")
