@@ -525,7 +525,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
         to the one config.json names. generation_config.json, when the folder has one, becomes
         `model.generation_config` (else config.json's generation settings, as in transformers).
         `config`: a LlavaNextConfig to build the model from instead of the folder's config.json
-        (e.g. that config with another vision_feature_layer); the weights must still fit it.
+        (e.g. that config with another vision_feature_layer); the weights must still fit it. With
+        it the folder needs no config.json: a folder of weights alone (transformers' Trainer saves
+        only a state dict for a model that is not its own class) loads as
+        `from_pretrained(folder, config=LlavaNextConfig.from_pretrained(base))`.
         """
         from .hub import resolve_folder
 
@@ -536,10 +539,14 @@ class LlavaNextForConditionalGeneration(nn.Module):
                              "transformers' older name for dtype)")
         folder = resolve_folder(name_or_path, ["config.json", "generation_config.json", "*.safetensors",
                                               "*.safetensors.index.json"],
-                                revision=revision, required=["config.json", "*.safetensors"])
+                                revision=revision,
+                                required=["*.safetensors"] + ([] if config is not None else ["config.json"]))
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
-            raise CheckpointError(f"no config.json in {folder}")
+            if config is None:
+                raise CheckpointError(f"no config.json in {folder} (for a folder of weights alone, pass the config "
+                                      "they were trained with: config=LlavaNextConfig.from_pretrained(base))")
+            config_path = None
         if config is None:
             config = LlavaNextConfig.from_json_file(config_path)
         elif not isinstance(config, LlavaNextConfig):
@@ -636,7 +643,10 @@ def _positions(kv_mask, B: int, T: int, device):
 
 
 def _resolve_dtype(dtype, config_path, ckpt):
+    """The dtype asked for; for None / "auto", the one config.json names, else the file's."""
     if dtype is None or dtype == "auto":
+        if config_path is None:
+            return ckpt.float_dtype()
         with open(config_path, encoding="utf-8") as f:
             raw = json.load(f)
         named = raw.get("dtype") or raw.get("torch_dtype")

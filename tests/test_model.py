@@ -152,6 +152,30 @@ def test_config_edits_after_building_raise_and_config_argument_builds_them(tmp_p
         LlavaNextForConditionalGeneration.from_pretrained(tmp_path, config=hf.config)
 
 
+def test_a_folder_of_weights_alone_loads_with_a_config(tmp_path):
+    """transformers' Trainer saves only `model.state_dict()` (safetensors, no config.json) for a
+    model that is not its PreTrainedModel: from_pretrained(folder, config=) loads that, in the
+    file's dtype; without config= the error says what to pass."""
+    from safetensors.torch import save_file
+
+    from llava_next import LlavaNextConfig
+    from llava_next.loading import CheckpointError
+
+    hf_checkpoint(tmp_path / "base", "mistral", **SMALL)
+    trained = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "base").to(torch.bfloat16)
+    with torch.no_grad():
+        trained.multi_modal_projector.linear_1.weight.add_(1.0)  # "fine-tuned"
+    (tmp_path / "checkpoint-500").mkdir()
+    save_file(trained.state_dict(), tmp_path / "checkpoint-500" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="no config.json .* config=LlavaNextConfig.from_pretrained"):
+        LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "checkpoint-500")
+    loaded = LlavaNextForConditionalGeneration.from_pretrained(
+        tmp_path / "checkpoint-500", config=LlavaNextConfig.from_pretrained(tmp_path / "base"))
+    assert loaded.dtype == torch.bfloat16
+    want, got = trained.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_left_padded_batch_two_image_sizes(tmp_path, attn):
     hf = hf_checkpoint(tmp_path, "mistral", **SMALL)
