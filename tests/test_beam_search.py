@@ -4,17 +4,13 @@ KV cache reordering it rests on."""
 import pytest
 import torch
 
-from llava_next import KVCache, LlavaNextForConditionalGeneration
-from tiny import hf_checkpoint, image_inputs, prompt_ids
-
-SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+from llava_next import KVCache
+from tiny import hf_and_ours, image_inputs, prompt_ids
 
 
 @pytest.fixture(scope="module", params=["mistral", "vicuna"])
 def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = hf_checkpoint(folder, request.param, **SMALL)
-    return hf, LlavaNextForConditionalGeneration.from_pretrained(folder)
+    return hf_and_ours(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def batch(config):

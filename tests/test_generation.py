@@ -7,9 +7,7 @@ import torch
 
 from llava_next import KVCache, LlavaNextForConditionalGeneration
 from llava_next.generation import process_logits
-from tiny import hf_checkpoint, hf_config, image_inputs, prompt_ids
-
-SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+from tiny import SMALL, hf_and_ours, hf_checkpoint, hf_config, image_inputs, prompt_ids
 
 
 def both_generate(hf, ours, image_sizes_per_row, text_lens, **kw):
@@ -26,9 +24,7 @@ def both_generate(hf, ours, image_sizes_per_row, text_lens, **kw):
 
 @pytest.fixture(scope="module", params=["mistral", "vicuna"])
 def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = hf_checkpoint(folder, request.param, **SMALL)
-    return hf, LlavaNextForConditionalGeneration.from_pretrained(folder)
+    return hf_and_ours(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def test_greedy_single_prompt(pair):
@@ -655,7 +651,6 @@ def test_generation_settings_from_config_json_without_a_generation_config(tmp_pa
     want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False)
     got = ours.generate(input_ids=ids, attention_mask=mask)
     assert torch.equal(got, want) and got.shape[1] == ids.shape[1] + 3  # stopped at the top-level eos
-
 
 
 def test_manual_decode_rewind_and_cache_checks(pair):

@@ -10,11 +10,9 @@ from safetensors.torch import save_file
 
 from llava_next import LlavaNextForConditionalGeneration
 from llava_next.loading import CheckpointError
-from tiny import hf_checkpoint, image_inputs, prompt_ids
+from tiny import SMALL, hf_checkpoint, image_inputs, prompt_ids
 
-# A small geometry (56 px tiles of 14 px patches: 4x4 patches a tile) keeps most tests fast;
-# the real 336/14 geometry and a 224/16 one have tests of their own.
-SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+# SMALL (tiny.py) keeps most tests fast; the real 336/14 geometry and a 224/16 one have tests of their own.
 ATOL = 1e-4
 
 
@@ -319,7 +317,6 @@ def test_dtype_and_device_arguments(tmp_path):
     assert m.dtype == torch.bfloat16 and m.device.type == "cpu" and not m.training
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert LlavaNextForConditionalGeneration.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
-
 
 
 def test_save_pretrained_replaces_only_its_own_files(tmp_path):

@@ -9,10 +9,9 @@ import torch
 pytest.importorskip("triton")
 
 from llava_next import KVCache, LlavaNextForConditionalGeneration  # noqa: E402
-from tiny import hf_checkpoint, image_inputs, prompt_ids  # noqa: E402
+from tiny import SMALL, hf_checkpoint, image_inputs, prompt_ids  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
 
 
 @pytest.fixture(scope="module", params=["mistral", "yi"])

@@ -20,9 +20,8 @@ from llava_next.loading import legacy_key
 from llava_next.training import (IGNORE_INDEX, PROJECTOR, assistant_spans, build_labels, freeze_language_model,
                                  freeze_vision_tower, never_trained, parameter_groups, projector_only,
                                  set_trainable)
-from tiny import hf_checkpoint, image_inputs, prompt_ids
+from tiny import SMALL, hf_checkpoint, image_inputs, prompt_ids
 
-SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Gradients whose true value is 0 come out as rounding noise (~1e-11) on both sides: the key
 # projection's bias adds the same q.b to every logit of a query, and softmax ignores that.

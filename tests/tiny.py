@@ -67,6 +67,19 @@ def hf_checkpoint(folder, family="mistral", seed=0, max_shard_size=None, **confi
     return model
 
 
+# A small vision geometry (56 px tiles of 14 px patches: 4x4 patches a tile) for fast tests.
+SMALL = dict(image_size=56, patch_size=14, pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+
+
+def hf_and_ours(folder, family):
+    """transformers' tiny model of `family` at the SMALL vision geometry, saved to `folder`, and
+    ours loaded from there: the pair the generation tests compare."""
+    from llava_next import LlavaNextForConditionalGeneration
+
+    hf = hf_checkpoint(folder, family, **SMALL)
+    return hf, LlavaNextForConditionalGeneration.from_pretrained(folder)
+
+
 def image_inputs(config, image_sizes, seed=0):
     """Random pixel_values (N, max_tiles, 3, S, S) with zeroed padding tiles, as a processor makes."""
     g = torch.Generator().manual_seed(seed)
