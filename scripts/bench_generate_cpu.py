@@ -1,10 +1,11 @@
-"""Greedy decode speed, ours vs transformers' generate, on the same small random model.
+"""Greedy (or beam search) decode speed, ours vs transformers' generate, on the same small random model.
 
-Both generate from the same prompt (one image at the real 336/14 geometry) with eos disabled.
-Decode tokens/s = (N - 1) / (time for N new tokens - time for 1 new token), so the prefill and
-vision tower cancel out; medians of several runs. Prints a table and the ratio.
+Both generate from the same prompt (one image at the real 336/14 geometry) with the same
+settings; min_new_tokens keeps eos from ending either early. Decode tokens/s = (N - 1) / (time
+for N new tokens - time for 1 new token), so the prefill and vision tower cancel out; medians of
+several runs. Prints a table and the ratio.
 
-    python scripts/bench_generate_cpu.py [--new-tokens 64] [--runs 5] [--hidden 256] [--layers 4]
+    python scripts/bench_generate_cpu.py [--new-tokens 64] [--runs 5] [--hidden 256] [--layers 4] [--num-beams 1]
 """
 
 import argparse
@@ -35,6 +36,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--image", default="640x480", help="image size WxH (only its size matters)")
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search over this many beams (1: greedy)")
     args = ap.parse_args()
 
     from tiny import hf_checkpoint, image_inputs, prompt_ids
@@ -50,24 +52,21 @@ def main():
     pv, sizes = image_inputs(hf.config, [(h, w)])
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
 
-    def run(model, n, **kw):
-        if kw:  # transformers: min_new_tokens keeps it from stopping at an eos early
-            kw = dict(kw, min_new_tokens=n)
-        return lambda: model.generate(**inputs, max_new_tokens=n, eos_token_id=None if kw else [], **kw)
+    def run(model, n):
+        return lambda: model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      num_beams=args.num_beams)
 
-    hf_kw = dict(do_sample=False)
-    check_hf = hf.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **hf_kw)
-    check_ours = ours.generate(**inputs, max_new_tokens=args.new_tokens, eos_token_id=[])
-    same = torch.equal(check_hf, check_ours)
+    same = torch.equal(run(hf, args.new_tokens)(), run(ours, args.new_tokens)())
 
     rows = []
-    for name, model, kw in [("transformers", hf, hf_kw), ("llava-next", ours, {})]:
-        run(model, 2, **kw)()  # warm-up
-        t1 = timed(run(model, 1, **kw), args.runs)
-        tn = timed(run(model, args.new_tokens, **kw), args.runs)
+    for name, model in [("transformers", hf), ("llava-next", ours)]:
+        run(model, 2)()  # warm-up
+        t1 = timed(run(model, 1), args.runs)
+        tn = timed(run(model, args.new_tokens), args.runs)
         rows.append((name, t1, tn, (args.new_tokens - 1) / (tn - t1)))
 
-    print(f"greedy decode, CPU ({torch.get_num_threads()} threads), text hidden {args.hidden}, {args.layers} layers, "
+    mode = "greedy" if args.num_beams == 1 else f"beam search ({args.num_beams} beams)"
+    print(f"{mode} decode, CPU ({torch.get_num_threads()} threads), text hidden {args.hidden}, {args.layers} layers, "
           f"vocab 32064, one {w}x{h} image, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"median of {args.runs}")
     print(f"{'':14}{'prefill+1 tok (s)':>18}{'total (s)':>11}{'decode tok/s':>14}")
