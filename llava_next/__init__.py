@@ -20,7 +20,9 @@ _EXPORTS = {
     "TextStreamer": "llava_next.generation",
     "TextIteratorStreamer": "llava_next.generation",
     "StopStringCriteria": "llava_next.generation",
+    "MaxTimeCriteria": "llava_next.generation",
     "GenerateDecoderOnlyOutput": "llava_next.compat",
+    "GenerateBeamDecoderOnlyOutput": "llava_next.compat",
 }
 
 __all__ = list(_EXPORTS)

@@ -18,7 +18,7 @@ from .hub import read_json
 SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
             "top_p", "repetition_penalty", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
             "return_dict_in_generate", "output_scores", "output_logits", "stop_strings", "num_beams", "length_penalty",
-            "early_stopping", "renormalize_logits", "no_repeat_ngram_size", "min_p")
+            "early_stopping", "renormalize_logits", "no_repeat_ngram_size", "min_p", "max_time")
 # transformers' values for settings nobody set (GenerationConfig._get_default_generation_params,
 # 5.24); an unimplemented setting holding its default changes nothing.
 HF_DEFAULTS = dict(
@@ -37,7 +37,7 @@ NO_EFFECT = {"transformers_version", "_from_model_config", "decoder_start_token_
              "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
              "assistant_lookbehind", "target_lookbehind"}
 # Other names transformers' GenerationConfig has (all None until set): read as None here too.
-OTHER_NAMES = {"max_time", "output_attentions", "output_hidden_states", "min_p", "top_h", "bad_words_ids",
+OTHER_NAMES = {"output_attentions", "output_hidden_states", "min_p", "top_h", "bad_words_ids",
                "force_words_ids", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
                "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "token_healing", "guidance_scale",
                "watermarking_config", "penalty_alpha", "dola_layers", "constraints"}

@@ -114,6 +114,19 @@ def test_beams_without_eos_ids_fill_with_minus_one_as_transformers(pair):
     assert got.shape[1] == T + 8 and (got[0, T + 3:] == -1).all() and (got[1, T:] >= 0).all()
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_max_time_as_transformers(pair, num_beams):
+    """max_time=0 ends every row after the first new token (greedy) or step (beams: the best
+    beams so far finish), as transformers' MaxTimeCriteria; a long one changes nothing."""
+    hf, ours = pair
+    inputs = batch(hf.config)
+    T = inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams)
+    got = ours.generate(**inputs, **kw, max_time=0.0)
+    assert got.shape[1] == T + 1 and torch.equal(got, hf.generate(**inputs, **kw, max_time=0.0))
+    assert torch.equal(ours.generate(**inputs, **kw, max_time=600.0), ours.generate(**inputs, **kw))
+
+
 def test_beam_settings_from_the_generation_config(pair, recwarn):
     """num_beams, length_penalty and early_stopping in model.generation_config are used (and not
     warned about); a call's value wins over them."""

@@ -484,8 +484,8 @@ def test_generating_past_the_context_as_transformers(pair):
 
 def test_unknown_generate_argument(pair):
     _, ours = pair
-    with pytest.raises(TypeError, match="max_time"):
-        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_time=5.0)
+    with pytest.raises(TypeError, match="typical_p"):
+        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), typical_p=0.5)
 
 
 def test_cuda_graph_true_on_cpu_decodes_eagerly(pair):
