@@ -2,9 +2,10 @@
 
 `prefill` and `decode_one_token` are plain functions so each can be compiled or captured on its
 own; the decode step has static shapes (the cache position is a device tensor), so it can be
-replayed as a CUDA graph. Logits processing follows transformers' order: repetition penalty,
-the eos ban (min_new_tokens), a caller's logits_processor, then (sampling only) temperature,
-top-k, top-p.
+replayed as a CUDA graph. Logits processing follows transformers' order (`process_logits`):
+repetition penalty, no_repeat_ngram_size, the eos ban (min_new_tokens), a caller's
+logits_processor, then (sampling only) temperature, top-k, top-p, min-p, and last a log-softmax
+with renormalize_logits. Beam search is in beam_search.py.
 """
 
 from __future__ import annotations
@@ -454,7 +455,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         unfinished = torch.ones(N, dtype=torch.bool, device=device)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, renormalize=bool(renormalize_logits),
+                        repetition_penalty=repetition_penalty, renormalize=renormalize_logits is True,  # as there
                         no_repeat_ngram_size=no_repeat_ngram_size, min_p=min_p)
         # each row's left padding, which the repetition penalty skips (transformers: the positions
         # before the mask's first 1)

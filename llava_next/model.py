@@ -10,6 +10,7 @@ Attribute names equal the legacy hub keys, so `state_dict()` is the checkpoint l
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import sys
@@ -544,13 +545,16 @@ class LlavaNextForConditionalGeneration(nn.Module):
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
             if config is None:
-                raise CheckpointError(f"no config.json in {folder} (for a folder of weights alone, pass the config "
-                                      "they were trained with: config=LlavaNextConfig.from_pretrained(base))")
+                weights_alone = glob.glob(os.path.join(folder, "*.safetensors"))
+                hint = (" (for a folder of weights alone, pass the config they were trained with: "
+                        "config=LlavaNextConfig.from_pretrained(base))") if weights_alone else ""
+                raise CheckpointError(f"no config.json in {folder}{hint}")
             config_path = None
         if config is None:
             config = LlavaNextConfig.from_json_file(config_path)
         elif not isinstance(config, LlavaNextConfig):
-            raise TypeError(f"config must be a LlavaNextConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be llava_next's LlavaNextConfig (llava_next.LlavaNextConfig.from_pretrained"
+                            f"(folder)), got {type(config).__module__}.{type(config).__name__}")
         else:
             config = copy.deepcopy(config)  # the model's own: loading may untie its embeddings
         ckpt = LazyCheckpoint(weight_files(folder))

@@ -69,7 +69,8 @@ def main():
     print(f"{mode} decode, CPU ({torch.get_num_threads()} threads), text hidden {args.hidden}, {args.layers} layers, "
           f"vocab 32064, one {w}x{h} image, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"median of {args.runs}")
-    print(f"{'':14}{'prefill+1 tok (s)':>18}{'total (s)':>11}{'decode tok/s':>14}")
+    rate = "decode tok/s" if args.num_beams == 1 else "steps/s"  # a beam step decodes num_beams rows
+    print(f"{'':14}{'prefill+1 tok (s)':>18}{'total (s)':>11}{rate:>14}")
     for name, t1, tn, tps in rows:
         print(f"{name:14}{t1:18.3f}{tn:11.3f}{tps:14.1f}")
     print(f"decode speed ratio llava-next / transformers: {rows[1][3] / rows[0][3]:.2f}x "
