@@ -183,6 +183,110 @@ def test_can_improve_is_transformers_heuristic(early_stopping, length_penalty):
     assert len(set(outcomes)) == 2  # both occur
 
 
+def toy_logits(rows, V):
+    """A stand-in model: each row's next-token logits are a function of its whole sequence so far
+    (random, from a seed made of it), so any implementation that tracks the sequences right sees
+    the same ones. Small vocabularies make ties in the sums, eos hits and early ends frequent."""
+    out = []
+    for row in rows.tolist():
+        g = torch.Generator().manual_seed(hash(tuple(row)) % (2 ** 31))
+        out.append(torch.randn(V, generator=g) * 2)
+    return torch.stack(out)
+
+
+def transformers_beam_search(prompt, V, nb, max_new, eos, length_penalty, early_stopping):
+    """transformers 5.24's _beam_search loop, step for step, assembled from its own helpers, over
+    toy_logits instead of a model (no logits processors, no cache). Also returns how many steps ran."""
+    from transformers.generation.utils import GenerationMixin
+
+    h = type("Helpers", (GenerationMixin,), {})()
+    B, T = prompt.shape[0] // nb, prompt.shape[1]
+    L, cur_len = T + max_new, T
+    K = max(2, 1 + len(eos)) * nb
+    top_nb = torch.arange(K) < nb
+    eos_t = torch.tensor(eos, dtype=torch.long)
+    running = torch.full((B, nb, L), -1, dtype=torch.long)
+    running[:, :, :T] = prompt.view(B, nb, T)
+    sequences = running.clone()
+    running_scores = torch.zeros(B, nb)
+    running_scores[:, 1:] = -1e9
+    beam_scores = torch.full((B, nb), -1e9)
+    finished = torch.zeros(B, nb, dtype=torch.bool)
+    unsatisfied = torch.ones(B, 1, dtype=torch.bool)
+    running_idx = torch.full((B, nb, max_new), -1, dtype=torch.int32)
+    beam_idx = running_idx.clone()
+    steps = 0
+    while True:
+        steps += 1
+        log_probs = torch.log_softmax(toy_logits(running[:, :, :cur_len].reshape(B * nb, cur_len), V), -1)
+        log_probs = (log_probs.view(B, nb, V) + running_scores[:, :, None]).reshape(B, -1)
+        topk_lp, topk_seq, topk_idx = h._get_top_k_continuations(
+            log_probs, running, running_idx, cur_len, T, False, K, nb, B)
+        hits = torch.isin(topk_seq[:, :, cur_len], eos_t) | (cur_len + 1 >= L)
+        running, running_scores, running_idx = h._get_running_beams_for_next_iteration(
+            topk_lp, topk_seq, topk_idx, hits, nb)
+        sequences, beam_scores, beam_idx, finished = h._update_finished_beams(
+            sequences, topk_seq, beam_scores, topk_lp, beam_idx, topk_idx, unsatisfied, finished, hits, top_nb,
+            nb, cur_len, T, length_penalty, early_stopping)
+        cur_len += 1
+        unsatisfied = h._check_early_stop_heuristic(unsatisfied, running_scores, beam_scores, finished, cur_len, L, T,
+                                                    early_stopping, length_penalty)
+        if not h._beam_search_has_unfinished_sequences(unsatisfied, finished, hits, early_stopping):
+            break
+    return sequences.reshape(B * nb, L), beam_scores.reshape(-1), beam_idx.reshape(B * nb, max_new), steps
+
+
+class ToyCache:
+    """What beam_search asks of a KVCache, over the rows' token histories: reorder copies rows'
+    histories in [start, length), as KVCache.reorder copies their keys and values."""
+
+    def __init__(self, prompt):
+        self.rows = prompt.clone()
+
+    def reorder(self, rows, length, start=0):
+        assert length == self.rows.shape[1]  # every written position, no more
+        self.rows[:, start:length] = self.rows[rows, start:length]
+
+
+def test_beam_search_steps_as_transformers_on_a_toy_model():
+    """Our beam_search against transformers' loop (its own helper functions) on a stand-in model
+    whose logits depend on each row's history, over 300 random settings: batch 1-3, 2-4 beams,
+    vocabularies of 4-9 tokens with 0-2 eos ids, every early_stopping value, length penalties
+    -1..2. The stand-in reads the histories our KV cache rows would hold (ToyCache), so a wrong
+    reorder shows too."""
+    from llava_next.beam_search import beam_search
+
+    rng = torch.Generator().manual_seed(0)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=rng))]
+    for case in range(300):
+        B, nb, V, T, max_new = pick([1, 2, 3]), pick([2, 3, 4]), pick(list(range(4, 10))), pick([1, 3]), pick([1, 2, 4, 7])
+        eos = torch.randperm(V, generator=rng)[:pick([0, 1, 1, 2])].tolist()
+        length_penalty, early_stopping = pick([-1.0, 0.0, 1.0, 2.0]), pick([False, True, "never"])
+        prompt = torch.randint(V, (B, T), generator=rng).repeat_interleave(nb, 0)
+        cache = ToyCache(prompt)
+
+        def advance(tokens):
+            cache.rows = torch.cat([cache.rows, tokens[:, None]], 1)
+            return toy_logits(cache.rows, V)
+
+        def process(ids, log_probs):
+            assert torch.equal(ids, cache.rows)  # the cache holds each running beam's own history
+            return log_probs
+
+        got = beam_search(toy_logits(prompt, V), advance, cache, prompt, num_beams=nb, max_new_tokens=max_new,
+                          process=process, do_sample=False, generator=None, eos=eos, fill=-1,
+                          length_penalty=length_penalty, early_stopping=early_stopping, criteria=[],
+                          keep_scores=False, keep_logits=False, num_return_sequences=nb)
+        seqs, scores, indices, steps = transformers_beam_search(prompt, V, nb, max_new, eos, length_penalty,
+                                                                early_stopping)
+        new = got[4].shape[1]
+        where = f"case {case}: B={B} nb={nb} V={V} eos={eos} lp={length_penalty} es={early_stopping}"
+        assert torch.equal(got[0], seqs[:, :T + new]), where
+        assert torch.equal(got[1], scores), where
+        assert torch.equal(got[4], indices[:, :new]) and (indices[:, new:] == -1).all(), where
+        assert cache.rows.shape[1] == T + steps - 1, where  # stopped at the same step (one decode fewer)
+
+
 @pytest.mark.parametrize("start", [0, 2])
 def test_kv_cache_reorder(start):
     """Row i takes row rows[i]'s keys, values and mask in [start, length); rows may repeat; other
