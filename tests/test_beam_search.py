@@ -194,7 +194,7 @@ def toy_logits(rows, V):
     return torch.stack(out)
 
 
-def transformers_beam_search(prompt, V, nb, max_new, eos, length_penalty, early_stopping):
+def transformers_beam_search(prompt, V, nb, max_new, eos, length_penalty, early_stopping, do_sample):
     """transformers 5.24's _beam_search loop, step for step, assembled from its own helpers, over
     toy_logits instead of a model (no logits processors, no cache). Also returns how many steps ran."""
     from transformers.generation.utils import GenerationMixin
@@ -221,7 +221,7 @@ def transformers_beam_search(prompt, V, nb, max_new, eos, length_penalty, early_
         log_probs = torch.log_softmax(toy_logits(running[:, :, :cur_len].reshape(B * nb, cur_len), V), -1)
         log_probs = (log_probs.view(B, nb, V) + running_scores[:, :, None]).reshape(B, -1)
         topk_lp, topk_seq, topk_idx = h._get_top_k_continuations(
-            log_probs, running, running_idx, cur_len, T, False, K, nb, B)
+            log_probs, running, running_idx, cur_len, T, do_sample, K, nb, B)
         hits = torch.isin(topk_seq[:, :, cur_len], eos_t) | (cur_len + 1 >= L)
         running, running_scores, running_idx = h._get_running_beams_for_next_iteration(
             topk_lp, topk_seq, topk_idx, hits, nb)
@@ -252,7 +252,7 @@ def test_beam_search_steps_as_transformers_on_a_toy_model():
     """Our beam_search against transformers' loop (its own helper functions) on a stand-in model
     whose logits depend on each row's history, over 300 random settings: batch 1-3, 2-4 beams,
     vocabularies of 4-9 tokens with 0-2 eos ids, every early_stopping value, length penalties
-    -1..2. The stand-in reads the histories our KV cache rows would hold (ToyCache), so a wrong
+    -1..2, a third of them sampled. The stand-in reads the histories our KV cache rows would hold (ToyCache), so a wrong
     reorder shows too."""
     from llava_next.beam_search import beam_search
 
@@ -262,6 +262,7 @@ def test_beam_search_steps_as_transformers_on_a_toy_model():
         B, nb, V, T, max_new = pick([1, 2, 3]), pick([2, 3, 4]), pick(list(range(4, 10))), pick([1, 3]), pick([1, 2, 4, 7])
         eos = torch.randperm(V, generator=rng)[:pick([0, 1, 1, 2])].tolist()
         length_penalty, early_stopping = pick([-1.0, 0.0, 1.0, 2.0]), pick([False, True, "never"])
+        do_sample = pick([False, False, True])  # beam sampling: both draw from the global generator
         prompt = torch.randint(V, (B, T), generator=rng).repeat_interleave(nb, 0)
         cache = ToyCache(prompt)
 
@@ -273,14 +274,16 @@ def test_beam_search_steps_as_transformers_on_a_toy_model():
             assert torch.equal(ids, cache.rows)  # the cache holds each running beam's own history
             return log_probs
 
+        torch.manual_seed(case)
         got = beam_search(toy_logits(prompt, V), advance, cache, prompt, num_beams=nb, max_new_tokens=max_new,
-                          process=process, do_sample=False, generator=None, eos=eos, fill=-1,
+                          process=process, do_sample=do_sample, generator=None, eos=eos, fill=-1,
                           length_penalty=length_penalty, early_stopping=early_stopping, criteria=[],
                           keep_scores=False, keep_logits=False, num_return_sequences=nb)
+        torch.manual_seed(case)
         seqs, scores, indices, steps = transformers_beam_search(prompt, V, nb, max_new, eos, length_penalty,
-                                                                early_stopping)
+                                                                early_stopping, do_sample)
         new = got[4].shape[1]
-        where = f"case {case}: B={B} nb={nb} V={V} eos={eos} lp={length_penalty} es={early_stopping}"
+        where = f"case {case}: B={B} nb={nb} V={V} eos={eos} lp={length_penalty} es={early_stopping} {do_sample=}"
         assert torch.equal(got[0], seqs[:, :T + new]), where
         assert torch.equal(got[1], scores), where
         assert torch.equal(got[4], indices[:, :new]) and (indices[:, new:] == -1).all(), where
