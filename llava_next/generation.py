@@ -2,10 +2,8 @@
 
 `prefill` and `decode_one_token` are plain functions so each can be compiled or captured on its
 own; the decode step has static shapes (the cache position is a device tensor), so it can be
-replayed as a CUDA graph. Logits processing follows transformers' order (`process_logits`):
-repetition penalty, no_repeat_ngram_size, the eos ban (min_new_tokens), a caller's
-logits_processor, then (sampling only) temperature, top-k, top-p, min-p, and last a log-softmax
-with renormalize_logits. Beam search is in beam_search.py.
+replayed as a CUDA graph. The logits settings are applied in transformers' order by
+logits_process.py; beam search is in beam_search.py.
 """
 
 from __future__ import annotations
@@ -19,11 +17,11 @@ import unicodedata
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from .beam_search import beam_search
 from .compat import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .kv_cache import KVCache
+from .logits_process import LogitsProcessing
 from .language import runs_python_per_call
 
 
@@ -40,75 +38,6 @@ def decode_one_token(model, token, cache, cache_pos):
     """token (B, 1), cache_pos 0-d long tensor -> logits (B, vocab) in fp32. Static shapes."""
     out = model(input_ids=token, cache=cache, cache_pos=cache_pos, output_hidden_states=False)
     return out.logits[:, -1].float()
-
-
-def process_logits(logits, seen_ids, *, do_sample, temperature, top_k, top_p, repetition_penalty, unseen=None,
-                   banned=None, processors=(), min_tokens_to_keep: int = 1, renormalize: bool = False,
-                   no_repeat_ngram_size: int = 0, min_p=None):
-    """logits (B, vocab) fp32 -> processed scores, as transformers' processors and warpers do, in
-    its order: repetition penalty, no_repeat_ngram_size, the eos ban, a caller's processors, then
-    (sampling only) temperature, top-k, top-p, min-p; a log-softmax last with `renormalize`.
-    `unseen` (B, seen length) bool marks positions of seen_ids the repetition penalty skips: a
-    row's left padding, as transformers skips it (prompt_ignore_length). `banned`: a 1-d id
-    tensor whose scores become -inf (the eos ids before min_new_tokens / min_length).
-    `processors`: a caller's callables (seen_ids, scores) -> scores, run where transformers runs
-    a custom logits_processor: after the penalty and the eos ban, before the sampling warpers.
-    `min_tokens_to_keep`: top-k, top-p and min-p keep at least this many (beam sampling keeps one
-    more than there are eos ids, as transformers does). `logits` itself is never written to."""
-    ids = seen_ids
-    if repetition_penalty != 1.0:
-        V = logits.shape[-1]
-        if unseen is not None:  # skipped ids point at a scratch column past the vocabulary
-            seen_ids = seen_ids.masked_fill(unseen, V)
-            logits = F.pad(logits, (0, 1))
-        score = logits.gather(1, seen_ids)
-        score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
-        logits = logits.scatter(1, seen_ids, score)[:, :V]
-    if no_repeat_ngram_size:
-        logits = _ban_repeated_ngrams(ids, logits, no_repeat_ngram_size)
-    if banned is not None:  # ids outside the vocabulary are left out, as transformers' isin mask does
-        banned = banned[(banned >= 0) & (banned < logits.shape[-1])]
-        logits = logits.index_fill(1, banned, float("-inf")) if banned.numel() else logits
-    for i, processor in enumerate(processors):
-        logits = processor(ids, logits.clone() if i == 0 else logits)  # the clone: it may write in place
-    if do_sample:
-        logits = _warp(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep)
-    return logits.log_softmax(-1) if renormalize else logits
-
-
-def _ban_repeated_ngrams(ids, logits, n: int):
-    """no_repeat_ngram_size=n, as transformers: a token that would complete an n-gram the row
-    already holds (prompt and padding included) scores -inf. ids (B, t), logits (B, V)."""
-    t, V = ids.shape[1], logits.shape[-1]
-    if t < n:
-        return logits
-    windows = ids.unfold(1, n, 1)  # (B, t - n + 1, n) every n-gram so far
-    follows = (windows[..., :-1] == ids[:, None, t - n + 1:]).all(-1)  # (B, t - n + 1) starts with the row's last n - 1
-    # each matching n-gram bans its last token; the others (and ids past the scores) go to a spare column
-    columns = torch.where(follows, windows[..., -1].clamp(max=V), V)
-    ban = torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=logits.device).scatter_(1, columns, True)
-    return logits.masked_fill(ban[:, :V], float("-inf"))
-
-
-def _warp(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep):
-    """Sampling's temperature, top-k, top-p and min-p, in transformers' order."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(max(top_k, min_tokens_to_keep), logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= 1 - top_p
-        remove[:, -min_tokens_to_keep:] = False  # always keep the most likely token(s)
-        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    if min_p is not None:  # drop tokens less likely than min_p times the likeliest
-        probs = logits.softmax(-1)
-        remove = probs < min_p * probs.amax(-1, keepdim=True)
-        remove.scatter_(1, probs.topk(min(min_tokens_to_keep, probs.shape[-1])).indices, False)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
 
 
 class StopStringCriteria:
@@ -247,6 +176,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              generator=None, use_cache: bool = True, num_beams: int | None = None,
              length_penalty: float | None = None, early_stopping=None, renormalize_logits: bool | None = None,
              no_repeat_ngram_size: int | None = None, min_p: float | None = None, max_time: float | None = None,
+             typical_p: float | None = None, epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
+             sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+             forced_eos_token_id=None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
              output_logits: bool | None = None, logits_processor=None, stopping_criteria=None,
              stop_strings=None, tokenizer=None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
@@ -319,7 +251,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError("generate() needs input_ids (the processor's output)")
     (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
      return_dict_in_generate, output_scores, output_logits, stop_strings, num_beams, length_penalty,
-     early_stopping, renormalize_logits, no_repeat_ngram_size, min_p, max_time) = (
+     early_stopping, renormalize_logits, no_repeat_ngram_size, min_p, max_time, typical_p, epsilon_cutoff, eta_cutoff,
+     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_eos_token_id) = (
         gen.value(name, given) for name, given in (
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
             ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
@@ -328,7 +261,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             ("output_logits", output_logits), ("stop_strings", stop_strings), ("num_beams", num_beams),
             ("length_penalty", length_penalty), ("early_stopping", early_stopping),
             ("renormalize_logits", renormalize_logits), ("no_repeat_ngram_size", no_repeat_ngram_size),
-            ("min_p", min_p), ("max_time", max_time)))
+            ("min_p", min_p), ("max_time", max_time), ("typical_p", typical_p), ("epsilon_cutoff", epsilon_cutoff),
+            ("eta_cutoff", eta_cutoff), ("sequence_bias", sequence_bias), ("bad_words_ids", bad_words_ids),
+            ("suppress_tokens", suppress_tokens), ("begin_suppress_tokens", begin_suppress_tokens),
+            ("forced_eos_token_id", forced_eos_token_id)))
     cfg = model.config.text_config
     B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
@@ -417,6 +353,20 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         warnings.warn(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) runs past the model's context ({context}): "
                       "positions beyond it were never trained, so expect the text to degrade there",
                       stacklevel=_user_stacklevel())
+    # each row's left padding, which the repetition penalty skips (transformers: the positions
+    # before the mask's first 1)
+    first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(copies)  # (N,)
+    padding = torch.arange(T + max_new_tokens, device=device)[None, :] < first_real[:, None]  # (N, T + max_new)
+    process = LogitsProcessing(
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
+        suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
+        forced_eos_token_id=forced_eos_token_id, eos_token_id=eos, prompt_length=T, max_length=T + max_new_tokens,
+        min_new_tokens=min_new, padding=padding, processors=processors,
+        # beam sampling keeps one more token than there are eos ids (2 without any), as transformers
+        min_tokens_to_keep=(2 if eos_unset else len(eos) + 1) if beams else 1,
+        renormalize=renormalize_logits is True)  # as there: only True
     if streamer is not None and N != 1:
         raise ValueError("a streamer needs a batch of one prompt and num_return_sequences=1")
     required = cuda_graph is not None  # asked for explicitly: a failed capture raises
@@ -454,13 +404,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         out[:, :T] = input_ids.repeat_interleave(copies, 0)
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         unfinished = torch.ones(N, dtype=torch.bool, device=device)
-        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, renormalize=renormalize_logits is True,  # as there
-                        no_repeat_ngram_size=no_repeat_ngram_size, min_p=min_p)
-        # each row's left padding, which the repetition penalty skips (transformers: the positions
-        # before the mask's first 1)
-        first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(copies)  # (N,)
-        padding = torch.arange(out.shape[1], device=device)[None, :] < first_real[:, None]  # (N, T + max_new)
         all_scores, all_logits = [], []
 
         if copies == 1:
@@ -481,11 +424,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             cache_pos.add_(1)
             return next_logits
 
-        if beams:
-            def process(ids, log_probs):  # the same processors as below, on log-probabilities
-                return process_logits(log_probs, ids, unseen=padding[:, :ids.shape[1]],
-                                      banned=eos_t if ids.shape[1] - T < min_new else None, processors=processors,
-                                      min_tokens_to_keep=2 if eos_unset else len(eos) + 1, **sampling)
+        if beams:  # the same logits processing, on log-probabilities
             sequences, sequences_scores, kept_scores, kept_logits, beam_indices = beam_search(
                 logits, advance, cache, out[:, :T], num_beams=num_beams, max_new_tokens=max_new_tokens,
                 process=process, do_sample=do_sample, generator=generator, eos=eos, fill=beam_fill,
@@ -498,8 +437,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             return sequences
         n = 0
         while n < max_new_tokens:
-            scores = process_logits(logits, out[:, :T + n], unseen=padding[:, :T + n],
-                                    banned=eos_t if n < min_new else None, processors=processors, **sampling)
+            scores = process(out[:, :T + n], logits)
             if keep_logits:  # copies: a graph replay overwrites its logits in place
                 all_logits.append(logits.clone())
             if keep_scores:

@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from llava_next import KVCache, LlavaNextForConditionalGeneration
-from llava_next.generation import process_logits
+from llava_next.logits_process import LogitsProcessing
 from tiny import SMALL, hf_and_ours, hf_checkpoint, hf_config, image_inputs, prompt_ids
+
+
+def process_logits(logits, ids, unseen=None, **settings):
+    """One step of generate()'s logits processing; `unseen`: the left padding in ids' columns."""
+    return LogitsProcessing(padding=unseen, **settings)(ids, logits)
 
 
 def both_generate(hf, ours, image_sizes_per_row, text_lens, **kw):
@@ -486,8 +491,8 @@ def test_generating_past_the_context_as_transformers(pair):
 
 def test_unknown_generate_argument(pair):
     _, ours = pair
-    with pytest.raises(TypeError, match="typical_p"):
-        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), typical_p=0.5)
+    with pytest.raises(TypeError, match="guidance_scale"):
+        ours.generate(input_ids=torch.ones(1, 3, dtype=torch.long), guidance_scale=2.0)
 
 
 def test_cuda_graph_true_on_cpu_decodes_eagerly(pair):
@@ -614,14 +619,14 @@ def test_generation_config_json_settings_as_transformers(tmp_path):
     with pytest.raises(ValueError, match="within max_length"):
         ours.generate(input_ids=ids, attention_mask=mask, max_length=ids.shape[1])
 
-    ours.generation_config.update(typical_p=0.5, num_beam_groups=2)
-    with pytest.warns(UserWarning, match="typical_p.*num_beam_groups") as caught:
+    ours.generation_config.update(diversity_penalty=0.5, num_beam_groups=2)
+    with pytest.warns(UserWarning, match="diversity_penalty.*num_beam_groups") as caught:
         assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask), got)  # without them, as warned
     assert caught[0].filename == __file__  # the warning names the caller's line
-    with pytest.raises(TypeError, match="typical_p"):  # asked for by the call itself: refused
-        ours.generate(input_ids=ids, attention_mask=mask, typical_p=0.5)
+    with pytest.raises(TypeError, match="diversity_penalty"):  # asked for by the call itself: refused
+        ours.generate(input_ids=ids, attention_mask=mask, diversity_penalty=0.5)
     # transformers' defaults, beam-only settings and empty values change nothing: no warning
-    ours.generation_config.update(typical_p=1.0, num_beam_groups=1, early_stopping=True, generation_kwargs={})
+    ours.generation_config.update(diversity_penalty=0.0, num_beam_groups=1, early_stopping=True, generation_kwargs={})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours.generate(input_ids=ids, attention_mask=mask)

@@ -1,0 +1,234 @@
+"""generate()'s logits settings, computed as transformers' logits processors and warpers compute them.
+
+`LogitsProcessing(...)` is built once per generate() call from the settings and called at each
+step as transformers calls its LogitsProcessorList: (ids (N, t), logits (N, V) fp32) -> scores.
+The steps run in transformers' order (its `_get_logits_processor`), each off at its default:
+
+    sequence_bias, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+    the eos ban before min_new_tokens / min_length, forced_eos_token_id, suppress_tokens,
+    begin_suppress_tokens, a caller's logits_processor,
+    with sampling only: temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
+    and last renormalize_logits (a log-softmax).
+
+Beam search calls the same object on log-probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INF = float("inf")
+
+
+class LogitsProcessing:
+    """The settings above as one callable (see the module docstring). Besides the settings:
+    `eos_token_id`: the eos ids (a list), banned before `min_new_tokens` new tokens and the
+    bad word that is an eos id alone is dropped, as transformers does; `prompt_length` T: where
+    new tokens begin; `max_length`: T + max_new_tokens (forced_eos_token_id acts at its last
+    step); `padding` (N, >= t) bool: each row's left padding, which the repetition penalty skips
+    (transformers' prompt_ignore_length); `processors`: a caller's callables (ids, scores) ->
+    scores; `min_tokens_to_keep`: what top-k, top-p, min-p, typical-p and the cutoffs keep at
+    least (beam sampling keeps one more than there are eos ids, as transformers does).
+    The logits passed in are never written to."""
+
+    def __init__(self, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float | None = None, typical_p: float = 1.0, epsilon_cutoff: float = 0.0,
+                 eta_cutoff: float = 0.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                 sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+                 forced_eos_token_id=None, eos_token_id=(), prompt_length: int = 0, max_length: int | None = None,
+                 min_new_tokens: int = 0, padding=None, processors=(), min_tokens_to_keep: int = 1,
+                 renormalize: bool = False):
+        if not 0 < typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1] (1: off), got {typical_p}")
+        for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1) (0: off), got {value}")
+        self.do_sample, self.temperature, self.top_k, self.top_p, self.min_p = do_sample, temperature, top_k, top_p, min_p
+        self.typical_p, self.epsilon_cutoff, self.eta_cutoff = typical_p, epsilon_cutoff, eta_cutoff
+        self.repetition_penalty, self.no_repeat_ngram_size = repetition_penalty, no_repeat_ngram_size
+        self.eos = list(eos_token_id)
+        self.sequence_bias = SequenceBias(sequence_bias, "sequence_bias") if sequence_bias is not None else None
+        self.bad_words = None
+        if bad_words_ids is not None:
+            _check_id_lists(bad_words_ids, "bad_words_ids")
+            words = [w for w in bad_words_ids if not (len(w) == 1 and w[0] in self.eos)]  # eos alone stays allowed
+            self.bad_words = SequenceBias({tuple(w): -INF for w in words}, "bad_words_ids") if words else None
+        self.suppress = _id_tensor(suppress_tokens, "suppress_tokens")
+        self.begin_suppress = _id_tensor(begin_suppress_tokens, "begin_suppress_tokens")
+        self.forced_eos = _id_tensor(forced_eos_token_id, "forced_eos_token_id")
+        self.T, self.max_length, self.min_new_tokens = prompt_length, max_length, min_new_tokens
+        self.padding, self.processors = padding, list(processors)
+        self.min_tokens_to_keep, self.renormalize = min_tokens_to_keep, renormalize
+
+    def __call__(self, ids, logits):
+        t, V = ids.shape[1], logits.shape[-1]
+        scores = logits
+        if self.sequence_bias is not None:
+            scores = self.sequence_bias(ids, scores)
+        if self.repetition_penalty != 1.0:
+            scores = _repetition_penalty(ids, scores, self.repetition_penalty,
+                                         self.padding[:, :t] if self.padding is not None else None)
+        if self.no_repeat_ngram_size:
+            scores = _ban_repeated_ngrams(ids, scores, self.no_repeat_ngram_size)
+        if self.bad_words is not None:
+            scores = self.bad_words(ids, scores)
+        if t - self.T < self.min_new_tokens:  # ids outside the vocabulary are left out, as transformers' isin mask does
+            banned = torch.tensor([e for e in self.eos if 0 <= e < V], dtype=torch.long, device=scores.device)
+            scores = scores.index_fill(1, banned, -INF) if banned.numel() else scores
+        if self.forced_eos is not None and self.max_length is not None and t == self.max_length - 1:
+            scores = torch.full_like(scores, -INF)
+            scores[:, self.forced_eos.to(scores.device)] = 0
+        if self.suppress is not None:
+            scores = _suppress(scores, self.suppress)
+        if self.begin_suppress is not None and t == self.T:
+            scores = _suppress(scores, self.begin_suppress)
+        for i, processor in enumerate(self.processors):
+            scores = processor(ids, scores.clone() if i == 0 and scores is logits else scores)  # it may write in place
+        if self.do_sample:
+            scores = self._warp(scores)
+        return scores.log_softmax(-1) if self.renormalize else scores
+
+    def _warp(self, scores):
+        """Sampling's warpers, in transformers' order."""
+        keep = self.min_tokens_to_keep
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k:
+            kth = torch.topk(scores, min(max(self.top_k, keep), scores.shape[-1])).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -INF)
+        if self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            remove[:, -keep:] = False  # always keep the most likely token(s)
+            scores = scores.masked_fill(remove.scatter(1, order, remove), -INF)
+        if self.min_p is not None:  # drop tokens less likely than min_p times the likeliest
+            probs = scores.softmax(-1)
+            remove = probs < self.min_p * probs.amax(-1, keepdim=True)
+            remove.scatter_(1, probs.topk(min(keep, probs.shape[-1])).indices, False)
+            scores = scores.masked_fill(remove, -INF)
+        if self.typical_p < 1.0:
+            scores = _typical(scores, self.typical_p, keep)
+        if self.epsilon_cutoff > 0:  # drop tokens below a fixed probability
+            scores = _cut_below(scores, scores.softmax(-1) < self.epsilon_cutoff, keep)
+        if self.eta_cutoff > 0:  # ... below one that falls as the distribution's entropy rises
+            entropy = torch.distributions.Categorical(logits=scores).entropy()
+            eta = torch.tensor(self.eta_cutoff, device=scores.device)
+            eta = torch.min(eta, torch.sqrt(eta) * torch.exp(-entropy))[..., None]
+            scores = _cut_below(scores, scores.softmax(-1) < eta, keep)
+        return scores
+
+
+class SequenceBias:
+    """transformers' sequence_bias: {tuple of ids: bias} (or [[ids, bias], ...]) adds the bias to
+    a sequence's last id's score where the row ends in the rest of it. bad_words_ids is the same
+    with -inf biases."""
+
+    def __init__(self, biases, name: str):
+        if isinstance(biases, list):  # transformers' list form
+            if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in biases):
+                raise ValueError(f"{name} must be a dict {{tuple of ids: bias}} or a list of [ids, bias], got {biases}")
+            biases = {tuple(ids): bias for ids, bias in biases}
+        if not isinstance(biases, dict) or not biases:
+            raise ValueError(f"{name} must be a non-empty dict {{tuple of ids: bias}}, got {biases!r}")
+        _check_id_lists([list(k) for k in biases], name)
+        self.name, self.biases = name, {tuple(int(i) for i in k): float(v) for k, v in biases.items()}
+        self.prepared = None
+
+    def _prepare(self, V: int, device):
+        """The biases as tensors, once the vocabulary size is known: one (V,) row for single ids,
+        and (prefixes, last ids, biases) per prefix length."""
+        past = sorted({i for ids in self.biases for i in ids if i >= V})
+        if past:
+            raise ValueError(f"{self.name}: the model's vocabulary has {V} ids, so these cannot occur: {past}")
+        single = torch.zeros(V, device=device)
+        groups = {}
+        for ids, bias in self.biases.items():
+            if len(ids) == 1:
+                single[ids[0]] = bias
+            else:
+                groups.setdefault(len(ids) - 1, []).append((ids, bias))
+        self.prepared = single, [(torch.tensor([ids[:-1] for ids, _ in g], device=device),
+                                  torch.tensor([ids[-1] for ids, _ in g], device=device),
+                                  torch.tensor([bias for _, bias in g], device=device)) for g in groups.values()]
+
+    def __call__(self, ids, scores):
+        if self.prepared is None:
+            self._prepare(scores.shape[-1], scores.device)
+        single, groups = self.prepared
+        bias = torch.zeros_like(scores) + single
+        for prefixes, last, values in groups:  # prefixes (S, n), last (S,), values (S,)
+            n = prefixes.shape[1]
+            if n > ids.shape[1]:
+                continue
+            follows = (ids[:, None, -n:] == prefixes).all(-1)  # (N, S) the row ends in the prefix
+            bias.index_add_(1, last, torch.where(follows, values, 0.0).to(bias.dtype))
+        return scores + bias
+
+
+def _repetition_penalty(ids, scores, penalty: float, unseen=None):
+    """Seen ids' scores divided by the penalty (multiplied, where negative); `unseen` (N, t)
+    marks positions skipped (a row's left padding): they point at a scratch column past V."""
+    V = scores.shape[-1]
+    if unseen is not None:
+        ids = ids.masked_fill(unseen, V)
+        scores = F.pad(scores, (0, 1))
+    score = scores.gather(1, ids)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return scores.scatter(1, ids, score)[:, :V]
+
+
+def _ban_repeated_ngrams(ids, scores, n: int):
+    """no_repeat_ngram_size=n, as transformers: a token that would complete an n-gram the row
+    already holds (prompt and padding included) scores -inf. ids (N, t), scores (N, V)."""
+    t, V = ids.shape[1], scores.shape[-1]
+    if t < n:
+        return scores
+    windows = ids.unfold(1, n, 1)  # (N, t - n + 1, n) every n-gram so far
+    follows = (windows[..., :-1] == ids[:, None, t - n + 1:]).all(-1)  # (N, t - n + 1) starts with the row's last n - 1
+    # each matching n-gram bans its last token; the others (and ids past the scores) go to a spare column
+    columns = torch.where(follows, windows[..., -1].clamp(max=V), V)
+    ban = torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=scores.device).scatter_(1, columns, True)
+    return scores.masked_fill(ban[:, :V], -INF)
+
+
+def _suppress(scores, ids):
+    return torch.where(torch.isin(torch.arange(scores.shape[-1], device=scores.device), ids.to(scores.device)),
+                       -INF, scores)
+
+
+def _typical(scores, mass: float, keep: int):
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to
+    `mass` of probability (transformers' TypicalLogitsWarper)."""
+    log_p = scores.log_softmax(-1)
+    entropy = -(log_p * log_p.exp()).nansum(-1, keepdim=True)
+    distance, order = torch.sort((-log_p - entropy).abs(), descending=False)
+    cum = scores.gather(-1, order).softmax(-1).cumsum(-1)
+    last = (cum < mass).sum(1).clamp_(max=distance.shape[-1] - 1)
+    remove = distance > distance.gather(1, last.view(-1, 1))
+    remove[..., :keep] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -INF)
+
+
+def _cut_below(scores, low, keep: int):
+    """Drop the tokens `low` marks, except the `keep` likeliest."""
+    kth = torch.topk(scores, min(keep, scores.shape[-1])).values[..., -1, None]
+    return scores.masked_fill(low & (scores < kth), -INF)
+
+
+def _check_id_lists(lists, name: str):
+    if not isinstance(lists, list) or not lists or not all(
+            isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            for ids in lists):
+        raise ValueError(f"{name} must be a non-empty list of non-empty lists of token ids (ints >= 0), got {lists!r}")
+
+
+def _id_tensor(ids, name: str):
+    """An id or a list of ids as a 1-d long tensor; None stays None."""
+    if ids is None:
+        return None
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    if not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"{name} must be a token id or a list of them (ints >= 0), got {ids!r}")
+    return torch.tensor(ids, dtype=torch.long)
+
