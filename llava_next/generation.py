@@ -189,8 +189,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     Settings left out or None come from `model.generation_config` (a checkpoint's
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length, the call's or there, caps
-    prompt + new tokens; max_new_tokens wins over it). min_p and no_repeat_ngram_size (whose
-    n-grams include the prompt and its padding) act as transformers' processors. (transformers 5.24
+    prompt + new tokens; max_new_tokens wins over it). The other logits settings (min_p,
+    typical_p, epsilon_cutoff, eta_cutoff, no_repeat_ngram_size, sequence_bias, bad_words_ids,
+    suppress_tokens, begin_suppress_tokens, forced_eos_token_id, renormalize_logits) act as
+    transformers' processors of those names, in its order (llava_next.logits_process). (transformers 5.24
     lets an explicit None override its config: top_k=None is no top-k there, do_sample=None greedy,
     max_new_tokens=None its default length; here None is the same as leaving the setting out.)
     Generation may run past the model's context, as in transformers, which does not warn;

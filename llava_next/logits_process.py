@@ -73,7 +73,8 @@ class LogitsProcessing:
             scores = _ban_repeated_ngrams(ids, scores, self.no_repeat_ngram_size)
         if self.bad_words is not None:
             scores = self.bad_words(ids, scores)
-        if t - self.T < self.min_new_tokens:  # ids outside the vocabulary are left out, as transformers' isin mask does
+        if self.min_new_tokens > 0 and t - self.T < self.min_new_tokens:
+            # the eos ban; ids outside the vocabulary are left out, as transformers' isin mask does
             banned = torch.tensor([e for e in self.eos if 0 <= e < V], dtype=torch.long, device=scores.device)
             scores = scores.index_fill(1, banned, -INF) if banned.numel() else scores
         if self.forced_eos is not None and self.max_length is not None and t == self.max_length - 1:

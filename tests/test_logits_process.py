@@ -1,0 +1,98 @@
+"""generate()'s logits settings (llava_next/logits_process.py) against transformers' own processor
+and warper classes, one setting at a time on random logits, then together through generate()."""
+
+import pytest
+import torch
+
+from llava_next.logits_process import LogitsProcessing
+from tiny import hf_and_ours, prompt_ids
+
+V = 12
+# rows with repeats, so that multi-token sequences match somewhere; the last row is shortest-lived
+IDS = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5], [0, 4, 9, 4, 9, 11, 4, 9]])
+
+
+def transformers_processor(name, value, keep):
+    from transformers.generation import logits_process as lp
+
+    return {
+        "sequence_bias": lambda: lp.SequenceBiasLogitsProcessor(value),
+        "bad_words_ids": lambda: lp.NoBadWordsLogitsProcessor(value, eos_token_id=[2]),
+        "suppress_tokens": lambda: lp.SuppressTokensLogitsProcessor(value),
+        "begin_suppress_tokens": lambda: lp.SuppressTokensAtBeginLogitsProcessor(value, begin_index=8),
+        "forced_eos_token_id": lambda: lp.ForcedEOSTokenLogitsProcessor(9, value),
+        "typical_p": lambda: lp.TypicalLogitsWarper(value, min_tokens_to_keep=keep),
+        "epsilon_cutoff": lambda: lp.EpsilonLogitsWarper(value, min_tokens_to_keep=keep),
+        "eta_cutoff": lambda: lp.EtaLogitsWarper(value, min_tokens_to_keep=keep),
+    }[name]()
+
+
+WARPERS = [("typical_p", 0.5), ("typical_p", 0.95), ("epsilon_cutoff", 0.05), ("eta_cutoff", 0.02)]
+CASES = [
+    ("sequence_bias", {(3,): -2.0, (2, 3): 4.0, (5, 5, 7): 1.5, (9, 4): -1.0, (4, 9, 11): 0.5}, 1),
+    ("sequence_bias", [[[2, 1], 3.0], [[7], 10.0]], 1),  # transformers' list form
+    ("bad_words_ids", [[2], [3], [2, 3, 1], [5, 5, 6], [4, 9, 8], [10, 11]], 1),  # [2] is the eos: stays allowed
+    ("suppress_tokens", [0, 7, 11], 1),
+    ("begin_suppress_tokens", [1, 4], 1),
+    ("forced_eos_token_id", [6, 8], 1),
+] + [(name, value, keep) for name, value in WARPERS for keep in (1, 3)]  # 3: beam sampling's min_tokens_to_keep
+
+
+@pytest.mark.parametrize("name, value, keep", CASES, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)])
+def test_each_setting_as_transformers(name, value, keep):
+    """Bit for bit, on logits spread wide enough that the cutoffs remove some tokens and keep
+    others; the sampling warpers also with min_tokens_to_keep 3."""
+    warper = (name, value) in WARPERS
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=g) * 3
+    ours = LogitsProcessing(do_sample=warper, eos_token_id=[2], prompt_length=8, max_length=9,
+                            min_tokens_to_keep=keep, **{name: value})
+    want = transformers_processor(name, value, keep)(IDS, logits.clone())
+    got = ours(IDS, logits)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, logits)  # the setting acted on these inputs
+    if name in ("sequence_bias", "bad_words_ids"):  # rows shorter than some sequences' prefixes
+        assert torch.equal(ours(IDS[:, :1], logits), transformers_processor(name, value, keep)(IDS[:, :1], logits))
+    if name in ("begin_suppress_tokens", "forced_eos_token_id"):  # only at their step: not one token later
+        longer = torch.cat([IDS, IDS[:, :1]], 1)
+        assert torch.equal(ours(longer, logits), logits)
+
+
+def test_sequence_bias_ids_past_the_vocabulary_and_bad_arguments():
+    with pytest.raises(ValueError, match="vocabulary has 12 ids, so these cannot occur: \\[12\\]"):
+        LogitsProcessing(sequence_bias={(3, 12): 1.0})(IDS, torch.zeros(3, V))
+    with pytest.raises(ValueError, match="bad_words_ids must be a non-empty list of non-empty lists"):
+        LogitsProcessing(bad_words_ids=[3, 4])
+    with pytest.raises(ValueError, match="typical_p must be in"):
+        LogitsProcessing(typical_p=0.0)
+    with pytest.raises(ValueError, match="eta_cutoff must be in"):
+        LogitsProcessing(eta_cutoff=1.0)
+    with pytest.raises(ValueError, match="suppress_tokens must be a token id or a list"):
+        LogitsProcessing(suppress_tokens=[-1])
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return hf_and_ours(tmp_path_factory.mktemp("mistral"), "mistral")
+
+
+def test_settings_together_in_generate_as_transformers(pair):
+    """All of them at once through generate(), greedy and sampled and with beams, on a left-padded
+    batch: each sits at transformers' place in the order. The ids come from the model's own free
+    run, so that the settings meet tokens it would produce."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    T = ids.shape[1]
+    free = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])[:, T:].tolist()
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[free[1][5]],
+                  sequence_bias={(free[0][2],): -3.0, (free[0][0], free[0][1]): -5.0},
+                  bad_words_ids=[[free[1][1]], [free[0][3], free[0][4]]], suppress_tokens=[free[1][3]],
+                  begin_suppress_tokens=[free[0][0]], forced_eos_token_id=free[1][0])
+    for kw in (dict(do_sample=False), dict(num_beams=3, do_sample=False),
+               dict(do_sample=True, temperature=0.3, top_k=0, typical_p=0.9, epsilon_cutoff=3e-5, eta_cutoff=3e-4)):
+        torch.manual_seed(1)
+        want = hf.generate(**common, **kw)
+        torch.manual_seed(1)
+        got = ours.generate(**common, **kw)
+        assert torch.equal(got, want), kw
+        assert got[0, T] != free[0][0] and got[0, -1] == free[1][0], kw  # begin-suppressed; forced eos last
