@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, decode without replaying each step as a CUDA graph (the graph is "
                              "used with the Triton kernels by default)")
-    g = sub.add_parser("generate", parents=[common], help="answer one prompt about an image (streams the answer, unless beam search)")
+    g = sub.add_parser("generate", parents=[common],
+                       help="answer one prompt about an image (streams the answer, unless beam search)")
     g.add_argument("--image", action="append", default=[], help="image path or http(s) URL; repeatable")
     g.add_argument("--prompt", required=True, help="the question; the CLI places one <image> per --image itself")
     c = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat; /image PATH attaches an image")

@@ -211,13 +211,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     processing with a log-softmax, as in transformers.
     return_dict_in_generate=True returns a GenerateDecoderOnlyOutput (llava_next.compat):
     .sequences, and with output_scores / output_logits a tuple of one (B * n, vocab) fp32 tensor
-    per new token: the scores tokens were chosen from (after penalty, temperature, top-k, top-p)
-    / the model's logits; .cache is the KVCache decoded into (a GraphedDecode's own, which its
+    per new token: the scores tokens were chosen from (after every logits setting) / the model's
+    logits; .cache is the KVCache decoded into (a GraphedDecode's own, which its
     next use resets, when one was passed).
     logits_processor / stopping_criteria: a callable or a list of callables, called as
     transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):
-    processor(input_ids (N, T + n), scores (N, vocab)) -> scores, after the repetition penalty and
-    the eos ban and before temperature / top-k / top-p; criterion(input_ids with the new token,
+    processor(input_ids (N, T + n), scores (N, vocab)) -> scores, where transformers runs it: after
+    the built-in processors, before the sampling warpers; criterion(input_ids with the new token,
     scores) -> (N,) bool (N = B * num_return_sequences), True for rows that are done (the scores
     argument is the tuple of scores so far with return_dict_in_generate and output_scores, else
     None, as there). They run in

@@ -121,4 +121,5 @@ class GenerationConfig:
         ignored = self.unimplemented()
         if ignored:
             warnings.warn(f"the generation config sets {ignored}, which llava-next's generate() does not implement: "
-                          "generating without them (remove them from model.generation_config to silence this)", stacklevel=stacklevel + 1)
+                          "generating without them (remove them from model.generation_config to silence this)",
+                          stacklevel=stacklevel + 1)

@@ -15,6 +15,8 @@ Beam search calls the same object on log-probabilities.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,8 @@ class LogitsProcessing:
         for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1) (0: off), got {value}")
-        self.do_sample, self.temperature, self.top_k, self.top_p, self.min_p = do_sample, temperature, top_k, top_p, min_p
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        self.min_p = min_p
         self.typical_p, self.epsilon_cutoff, self.eta_cutoff = typical_p, epsilon_cutoff, eta_cutoff
         self.repetition_penalty, self.no_repeat_ngram_size = repetition_penalty, no_repeat_ngram_size
         self.eos = list(eos_token_id)
@@ -57,6 +60,14 @@ class LogitsProcessing:
         self.suppress = _id_tensor(suppress_tokens, "suppress_tokens")
         self.begin_suppress = _id_tensor(begin_suppress_tokens, "begin_suppress_tokens")
         self.forced_eos = _id_tensor(forced_eos_token_id, "forced_eos_token_id")
+        if self.forced_eos is not None and not self.forced_eos.numel():
+            raise ValueError("forced_eos_token_id must be a token id or a non-empty list of them, got []")
+        if (self.forced_eos is not None and self.suppress is not None
+                and set(self.forced_eos.tolist()) <= set(self.suppress.tolist())):  # transformers' rule
+            raise ValueError(f"Every token in `forced_eos_token_id` ({sorted(self.forced_eos.tolist())}) is also in "
+                             "`suppress_tokens`: forcing a token while suppressing it leaves no token at the last "
+                             "step. Remove the overlapping token(s) from either (to prevent an early eos, use "
+                             "min_new_tokens instead).")
         self.T, self.max_length, self.min_new_tokens = prompt_length, max_length, min_new_tokens
         self.padding, self.processors = padding, list(processors)
         self.min_tokens_to_keep, self.renormalize = min_tokens_to_keep, renormalize
@@ -84,8 +95,8 @@ class LogitsProcessing:
             scores = _suppress(scores, self.suppress)
         if self.begin_suppress is not None and t == self.T:
             scores = _suppress(scores, self.begin_suppress)
-        for i, processor in enumerate(self.processors):
-            scores = processor(ids, scores.clone() if i == 0 and scores is logits else scores)  # it may write in place
+        for processor in self.processors:
+            scores = processor(ids, scores.clone() if scores is logits else scores)  # it may write in place
         if self.do_sample:
             scores = self._warp(scores)
         return scores.log_softmax(-1) if self.renormalize else scores
@@ -169,11 +180,13 @@ class SequenceBias:
 
 def _repetition_penalty(ids, scores, penalty: float, unseen=None):
     """Seen ids' scores divided by the penalty (multiplied, where negative); `unseen` (N, t)
-    marks positions skipped (a row's left padding): they point at a scratch column past V."""
+    marks positions skipped (a row's left padding): they, and ids past the scores (an embedding
+    larger than the head), point at a scratch column past V, as in transformers."""
     V = scores.shape[-1]
+    ids = ids.clamp(max=V)
     if unseen is not None:
         ids = ids.masked_fill(unseen, V)
-        scores = F.pad(scores, (0, 1))
+    scores = F.pad(scores, (0, 1))
     score = scores.gather(1, ids)
     score = torch.where(score < 0, score * penalty, score / penalty)
     return scores.scatter(1, ids, score)[:, :V]
@@ -217,9 +230,14 @@ def _cut_below(scores, low, keep: int):
     return scores.masked_fill(low & (scores < kth), -INF)
 
 
+def _is_id(i) -> bool:
+    """An int >= 0 (numpy's too), not a bool."""
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0
+
+
 def _check_id_lists(lists, name: str):
     if not isinstance(lists, list) or not lists or not all(
-            isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            isinstance(ids, list) and ids and all(_is_id(i) for i in ids)
             for ids in lists):
         raise ValueError(f"{name} must be a non-empty list of non-empty lists of token ids (ints >= 0), got {lists!r}")
 
@@ -228,8 +246,8 @@ def _id_tensor(ids, name: str):
     """An id or a list of ids as a 1-d long tensor; None stays None."""
     if ids is None:
         return None
-    ids = [ids] if isinstance(ids, int) else list(ids)
-    if not all(isinstance(i, int) and i >= 0 for i in ids):
+    ids = [ids] if _is_id(ids) else list(ids)
+    if not all(_is_id(i) for i in ids):
         raise ValueError(f"{name} must be a token id or a list of them (ints >= 0), got {ids!r}")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor([int(i) for i in ids], dtype=torch.long)
 

@@ -69,6 +69,13 @@ def test_sequence_bias_ids_past_the_vocabulary_and_bad_arguments():
         LogitsProcessing(eta_cutoff=1.0)
     with pytest.raises(ValueError, match="suppress_tokens must be a token id or a list"):
         LogitsProcessing(suppress_tokens=[-1])
+    with pytest.raises(ValueError, match=r"`forced_eos_token_id` \(\[7\]\) is also in `suppress_tokens`"):
+        LogitsProcessing(forced_eos_token_id=7, suppress_tokens=[7, 8])
+    import numpy as np  # numpy ids are ids
+
+    process = LogitsProcessing(bad_words_ids=[[np.int64(3)]], forced_eos_token_id=np.int64(4), max_length=10)
+    assert torch.isinf(process(IDS, torch.zeros(3, V))[:, 3]).all()  # the bad word
+    assert (process(torch.cat([IDS, IDS[:, :1]], 1), torch.zeros(3, V)).argmax(-1) == 4).all()  # the forced eos
 
 
 @pytest.fixture(scope="module")
