@@ -71,9 +71,22 @@ class LogitsProcessing:
         self.T, self.max_length, self.min_new_tokens = prompt_length, max_length, min_new_tokens
         self.padding, self.processors = padding, list(processors)
         self.min_tokens_to_keep, self.renormalize = min_tokens_to_keep, renormalize
+        self.device = None  # where the id tensors are: moved once, at the first call
+
+    def _move_to(self, device, V: int):
+        """The id tensors on the logits' device, once (not a host-to-device copy every step)."""
+        for name in ("suppress", "begin_suppress", "forced_eos"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        # the eos ban's ids; those outside the vocabulary are left out, as transformers' isin mask does
+        self.eos_ban = torch.tensor([e for e in self.eos if 0 <= e < V], dtype=torch.long, device=device)
+        self.eta = torch.tensor(self.eta_cutoff, device=device)
+        self.device = device
 
     def __call__(self, ids, logits):
         t, V = ids.shape[1], logits.shape[-1]
+        if self.device != logits.device:
+            self._move_to(logits.device, V)
         scores = logits
         if self.sequence_bias is not None:
             scores = self.sequence_bias(ids, scores)
@@ -84,13 +97,11 @@ class LogitsProcessing:
             scores = _ban_repeated_ngrams(ids, scores, self.no_repeat_ngram_size)
         if self.bad_words is not None:
             scores = self.bad_words(ids, scores)
-        if self.min_new_tokens > 0 and t - self.T < self.min_new_tokens:
-            # the eos ban; ids outside the vocabulary are left out, as transformers' isin mask does
-            banned = torch.tensor([e for e in self.eos if 0 <= e < V], dtype=torch.long, device=scores.device)
-            scores = scores.index_fill(1, banned, -INF) if banned.numel() else scores
+        if self.min_new_tokens > 0 and t - self.T < self.min_new_tokens and self.eos_ban.numel():
+            scores = scores.index_fill(1, self.eos_ban, -INF)
         if self.forced_eos is not None and self.max_length is not None and t == self.max_length - 1:
             scores = torch.full_like(scores, -INF)
-            scores[:, self.forced_eos.to(scores.device)] = 0
+            scores[:, self.forced_eos] = 0
         if self.suppress is not None:
             scores = _suppress(scores, self.suppress)
         if self.begin_suppress is not None and t == self.T:
@@ -125,8 +136,7 @@ class LogitsProcessing:
             scores = _cut_below(scores, scores.softmax(-1) < self.epsilon_cutoff, keep)
         if self.eta_cutoff > 0:  # ... below one that falls as the distribution's entropy rises
             entropy = torch.distributions.Categorical(logits=scores).entropy()
-            eta = torch.tensor(self.eta_cutoff, device=scores.device)
-            eta = torch.min(eta, torch.sqrt(eta) * torch.exp(-entropy))[..., None]
+            eta = torch.min(self.eta, torch.sqrt(self.eta) * torch.exp(-entropy))[..., None]
             scores = _cut_below(scores, scores.softmax(-1) < eta, keep)
         return scores
 
@@ -207,8 +217,7 @@ def _ban_repeated_ngrams(ids, scores, n: int):
 
 
 def _suppress(scores, ids):
-    return torch.where(torch.isin(torch.arange(scores.shape[-1], device=scores.device), ids.to(scores.device)),
-                       -INF, scores)
+    return torch.where(torch.isin(torch.arange(scores.shape[-1], device=scores.device), ids), -INF, scores)
 
 
 def _typical(scores, mass: float, keep: int):
