@@ -178,7 +178,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              no_repeat_ngram_size: int | None = None, min_p: float | None = None, max_time: float | None = None,
              typical_p: float | None = None, epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
              sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
-             forced_eos_token_id=None,
+             forced_eos_token_id=None, prefix_allowed_tokens_fn=None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
              output_logits: bool | None = None, logits_processor=None, stopping_criteria=None,
              stop_strings=None, tokenizer=None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
@@ -191,7 +191,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length, the call's or there, caps
     prompt + new tokens; max_new_tokens wins over it). The other logits settings (min_p,
     typical_p, epsilon_cutoff, eta_cutoff, no_repeat_ngram_size, sequence_bias, bad_words_ids,
-    suppress_tokens, begin_suppress_tokens, forced_eos_token_id, renormalize_logits) act as
+    suppress_tokens, begin_suppress_tokens, forced_eos_token_id, renormalize_logits; the argument
+    prefix_allowed_tokens_fn) act as
     transformers' processors of those names, in its order (llava_next.logits_process). (transformers 5.24
     lets an explicit None override its config: top_k=None is no top-k there, do_sample=None greedy,
     max_new_tokens=None its default length; here None is the same as leaving the setting out.)
@@ -364,7 +365,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
         suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
-        forced_eos_token_id=forced_eos_token_id, eos_token_id=eos, prompt_length=T, max_length=T + max_new_tokens,
+        forced_eos_token_id=forced_eos_token_id, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        rows_per_prompt=copies, eos_token_id=eos, prompt_length=T, max_length=T + max_new_tokens,
         min_new_tokens=min_new, padding=padding, processors=processors,
         # beam sampling keeps one more token than there are eos ids (2 without any), as transformers
         min_tokens_to_keep=(2 if eos_unset else len(eos) + 1) if beams else 1,

@@ -5,8 +5,8 @@ step as transformers calls its LogitsProcessorList: (ids (N, t), logits (N, V) f
 The steps run in transformers' order (its `_get_logits_processor`), each off at its default:
 
     sequence_bias, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
-    the eos ban before min_new_tokens / min_length, forced_eos_token_id, suppress_tokens,
-    begin_suppress_tokens, a caller's logits_processor,
+    the eos ban before min_new_tokens / min_length, prefix_allowed_tokens_fn, forced_eos_token_id,
+    suppress_tokens, begin_suppress_tokens, a caller's logits_processor,
     with sampling only: temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
     and last renormalize_logits (a log-softmax).
 
@@ -30,7 +30,8 @@ class LogitsProcessing:
     new tokens begin; `max_length`: T + max_new_tokens (forced_eos_token_id acts at its last
     step); `padding` (N, >= t) bool: each row's left padding, which the repetition penalty skips
     (transformers' prompt_ignore_length); `processors`: a caller's callables (ids, scores) ->
-    scores; `min_tokens_to_keep`: what top-k, top-p, min-p, typical-p and the cutoffs keep at
+    scores; `prefix_allowed_tokens_fn(prompt index, row's ids) -> allowed ids`, with
+    `rows_per_prompt` (its beams or copies), leaves only those ids; `min_tokens_to_keep`: what top-k, top-p, min-p, typical-p and the cutoffs keep at
     least (beam sampling keeps one more than there are eos ids, as transformers does).
     The logits passed in are never written to."""
 
@@ -38,7 +39,8 @@ class LogitsProcessing:
                  min_p: float | None = None, typical_p: float = 1.0, epsilon_cutoff: float = 0.0,
                  eta_cutoff: float = 0.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                  sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
-                 forced_eos_token_id=None, eos_token_id=(), prompt_length: int = 0, max_length: int | None = None,
+                 forced_eos_token_id=None, prefix_allowed_tokens_fn=None, rows_per_prompt: int = 1,
+                 eos_token_id=(), prompt_length: int = 0, max_length: int | None = None,
                  min_new_tokens: int = 0, padding=None, processors=(), min_tokens_to_keep: int = 1,
                  renormalize: bool = False):
         if not 0 < typical_p <= 1:
@@ -68,6 +70,9 @@ class LogitsProcessing:
                              "`suppress_tokens`: forcing a token while suppressing it leaves no token at the last "
                              "step. Remove the overlapping token(s) from either (to prevent an early eos, use "
                              "min_new_tokens instead).")
+        if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
+            raise TypeError(f"prefix_allowed_tokens_fn must be a callable, got {prefix_allowed_tokens_fn!r}")
+        self.prefix_allowed_tokens_fn, self.rows_per_prompt = prefix_allowed_tokens_fn, rows_per_prompt
         self.T, self.max_length, self.min_new_tokens = prompt_length, max_length, min_new_tokens
         self.padding, self.processors = padding, list(processors)
         self.min_tokens_to_keep, self.renormalize = min_tokens_to_keep, renormalize
@@ -99,6 +104,8 @@ class LogitsProcessing:
             scores = self.bad_words(ids, scores)
         if self.min_new_tokens > 0 and t - self.T < self.min_new_tokens and self.eos_ban.numel():
             scores = scores.index_fill(1, self.eos_ban, -INF)
+        if self.prefix_allowed_tokens_fn is not None:
+            scores = self._allowed_only(ids, scores)
         if self.forced_eos is not None and self.max_length is not None and t == self.max_length - 1:
             scores = torch.full_like(scores, -INF)
             scores[:, self.forced_eos] = 0
@@ -111,6 +118,22 @@ class LogitsProcessing:
         if self.do_sample:
             scores = self._warp(scores)
         return scores.log_softmax(-1) if self.renormalize else scores
+
+    def _allowed_only(self, ids, scores):
+        """prefix_allowed_tokens_fn: each row keeps only the ids the function allows it; a prompt
+        whose rows all have nothing left gets the allowed ids at score 0, so the constraint holds
+        (transformers' PrefixConstrainedLogitsProcessor)."""
+        mask = torch.full_like(scores, -INF)
+        n = self.rows_per_prompt
+        for row in range(ids.shape[0]):
+            allowed = self.prefix_allowed_tokens_fn(row // n, ids[row])
+            if len(allowed) == 0:
+                raise ValueError(f"prefix_allowed_tokens_fn returned no ids for prompt {row // n}: the constraint "
+                                 "cannot be met")
+            mask[row, allowed] = 0
+        scores = scores + mask
+        stuck = scores.amax(-1).isneginf().view(-1, n).all(-1, keepdim=True)  # (prompts, 1)
+        return torch.where(stuck.repeat_interleave(n, 0), mask, scores)
 
     def _warp(self, scores):
         """Sampling's warpers, in transformers' order."""

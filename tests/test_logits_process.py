@@ -103,3 +103,45 @@ def test_settings_together_in_generate_as_transformers(pair):
         got = ours.generate(**common, **kw)
         assert torch.equal(got, want), kw
         assert got[0, T] != free[0][0] and got[0, -1] == free[1][0], kw  # begin-suppressed; forced eos last
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False),
+                                dict(do_sample=True, num_return_sequences=2)], ids=["greedy", "beams", "sampled"])
+def test_prefix_allowed_tokens_fn_as_transformers(pair, kw):
+    """Each row may only continue with the ids a function of (prompt index, row's ids) allows; the
+    prompt index counts prompts, not rows (beams and copies share theirs), as transformers."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    T = ids.shape[1]
+    calls = []
+
+    def allowed(prompt, row):  # a growing menu of ids, different per prompt
+        calls.append(prompt)
+        return [100 + prompt, 200 + len(row) % 3, 300, 7 * len(row)]
+
+    torch.manual_seed(2)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, prefix_allowed_tokens_fn=allowed, **kw)
+    seen_by_hf, calls[:] = list(calls), []
+    torch.manual_seed(2)
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, prefix_allowed_tokens_fn=allowed, **kw)
+    assert torch.equal(got, want) and calls == seen_by_hf
+    for r, row in enumerate(got[:, T:].tolist()):
+        prompt = r // kw.get("num_return_sequences", 1)
+        assert all(tok in (100 + prompt, 200 + (T + i) % 3, 300, 7 * (T + i)) for i, tok in enumerate(row))
+    with pytest.raises(ValueError, match="returned no ids for prompt 0"):
+        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, prefix_allowed_tokens_fn=lambda b, r: [])
+
+
+def test_prefix_allowed_tokens_fn_forces_its_ids_when_all_are_banned():
+    """transformers: when every row of a prompt has nothing allowed left (here the allowed id is a
+    bad word), the allowed ids come back at score 0 so that the constraint holds."""
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor, PrefixConstrainedLogitsProcessor
+
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([IDS, IDS[:1]])
+    fn = lambda prompt, row: [3] if prompt == 0 else [3, 4]  # noqa: E731
+    want = NoBadWordsLogitsProcessor([[3]])(ids, logits.clone())
+    want = PrefixConstrainedLogitsProcessor(fn, num_beams=2)(ids, want)
+    got = LogitsProcessing(bad_words_ids=[[3]], prefix_allowed_tokens_fn=fn, rows_per_prompt=2)(ids, logits)
+    assert torch.equal(got, want)
+    assert (got[:2, 3] == 0).all() and torch.isinf(got[2:, 3]).all() and (got[2:, 4] == logits[2:, 4]).all()
