@@ -192,10 +192,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     prompt + new tokens; max_new_tokens wins over it). The other logits settings (min_p,
     typical_p, epsilon_cutoff, eta_cutoff, no_repeat_ngram_size, sequence_bias, bad_words_ids,
     suppress_tokens, begin_suppress_tokens, forced_eos_token_id, renormalize_logits; the argument
-    prefix_allowed_tokens_fn) act as
-    transformers' processors of those names, in its order (llava_next.logits_process). (transformers 5.24
-    lets an explicit None override its config: top_k=None is no top-k there, do_sample=None greedy,
-    max_new_tokens=None its default length; here None is the same as leaving the setting out.)
+    prefix_allowed_tokens_fn) act as transformers' processors of those names, in its order
+    (llava_next.logits_process). (transformers 5.24 lets an explicit None override its config:
+    top_k=None is no top-k there, do_sample=None greedy, max_new_tokens=None its default length;
+    here None is the same as leaving the setting out.)
     Generation may run past the model's context, as in transformers, which does not warn;
     llava-next does.
     Each row stops at its eos; a finished row is filled with pad_token_id while others go on.
