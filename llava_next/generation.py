@@ -273,18 +273,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be a positive int (or 0: no top-k), got {top_k}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1] (0: the most likely token only), got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if not isinstance(no_repeat_ngram_size, numbers.Integral) or no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     if (min_new_tokens or 0) < 0 or (min_length or 0) < 0:
         raise ValueError(f"min_new_tokens and min_length must be >= 0, got {min_new_tokens} and {min_length}")
     n_seq = num_return_sequences

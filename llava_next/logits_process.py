@@ -43,6 +43,18 @@ class LogitsProcessing:
                  eos_token_id=(), prompt_length: int = 0, max_length: int | None = None,
                  min_new_tokens: int = 0, padding=None, processors=(), min_tokens_to_keep: int = 1,
                  renormalize: bool = False):
+        if top_k < 0:
+            raise ValueError(f"top_k must be a positive int (or 0: no top-k), got {top_k}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not 0 <= top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (0: the most likely token only), got {top_p}")
+        if min_p is not None and not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        if not isinstance(no_repeat_ngram_size, numbers.Integral) or no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
         if not 0 < typical_p <= 1:
             raise ValueError(f"typical_p must be in (0, 1] (1: off), got {typical_p}")
         for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):

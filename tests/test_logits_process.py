@@ -63,8 +63,13 @@ def test_sequence_bias_ids_past_the_vocabulary_and_bad_arguments():
         LogitsProcessing(sequence_bias={(3, 12): 1.0})(IDS, torch.zeros(3, V))
     with pytest.raises(ValueError, match="bad_words_ids must be a non-empty list of non-empty lists"):
         LogitsProcessing(bad_words_ids=[3, 4])
-    with pytest.raises(ValueError, match="typical_p must be in"):
-        LogitsProcessing(typical_p=0.0)
+    for bad, message in ((dict(top_k=-1), "top_k must be"), (dict(do_sample=True, temperature=0.0), "temperature"),
+                         (dict(top_p=1.5), "top_p must be in"), (dict(min_p=2.0), "min_p must be in"),
+                         (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+                         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be"),
+                         (dict(typical_p=0.0), "typical_p must be in")):
+        with pytest.raises(ValueError, match=message):
+            LogitsProcessing(**bad)
     with pytest.raises(ValueError, match="eta_cutoff must be in"):
         LogitsProcessing(eta_cutoff=1.0)
     with pytest.raises(ValueError, match="suppress_tokens must be a token id or a list"):
@@ -81,6 +86,14 @@ def test_sequence_bias_ids_past_the_vocabulary_and_bad_arguments():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return hf_and_ours(tmp_path_factory.mktemp("mistral"), "mistral")
+
+
+def test_a_bad_setting_fails_before_the_model_runs(pair, monkeypatch):
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[]], [5])
+    monkeypatch.setattr(ours, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        ours.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_p=2.0)
 
 
 def test_settings_together_in_generate_as_transformers(pair):
