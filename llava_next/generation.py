@@ -221,10 +221,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     the built-in processors, before the sampling warpers; criterion(input_ids with the new token,
     scores) -> (N,) bool (N = B * num_return_sequences), True for rows that are done (the scores
     argument is the tuple of scores so far with return_dict_in_generate and output_scores, else
-    None, as there). They run in
-    addition to generate()'s own: transformers instead lets a caller's object replace its own one
-    of the same class (a RepetitionPenaltyLogitsProcessor, an EosTokenCriteria); pass the setting
-    (repetition_penalty=, eos_token_id=) here instead.
+    None, as there). They run in addition to generate()'s own: transformers instead lets a
+    caller's object replace its own one of the same class (a RepetitionPenaltyLogitsProcessor, an
+    EosTokenCriteria); pass the setting (repetition_penalty=, eos_token_id=) here instead.
     stop_strings (with tokenizer=, as in transformers): a row stops once its text ends in one of
     them (StopStringCriteria); the stop string stays in the output. Without an
     attention_mask, the pad id marks padding where it occurs in the prompt and is no eos id (as in
@@ -675,4 +674,5 @@ class TextIteratorStreamer(TextStreamer):
         return value
 
 
-__all__ = ["generate", "prefill", "decode_one_token", "StopStringCriteria", "MaxTimeCriteria", "TextStreamer", "TextIteratorStreamer"]
+__all__ = ["generate", "prefill", "decode_one_token", "StopStringCriteria", "MaxTimeCriteria", "TextStreamer",
+           "TextIteratorStreamer"]

@@ -31,8 +31,9 @@ class LogitsProcessing:
     step); `padding` (N, >= t) bool: each row's left padding, which the repetition penalty skips
     (transformers' prompt_ignore_length); `processors`: a caller's callables (ids, scores) ->
     scores; `prefix_allowed_tokens_fn(prompt index, row's ids) -> allowed ids`, with
-    `rows_per_prompt` (its beams or copies), leaves only those ids; `min_tokens_to_keep`: what top-k, top-p, min-p, typical-p and the cutoffs keep at
-    least (beam sampling keeps one more than there are eos ids, as transformers does).
+    `rows_per_prompt` (its beams or copies), leaves only those ids; `min_tokens_to_keep`: what
+    top-k, top-p, min-p, typical-p and the cutoffs keep at least (beam sampling keeps one more
+    than there are eos ids, as transformers does).
     The logits passed in are never written to."""
 
     def __init__(self, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

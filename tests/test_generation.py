@@ -129,7 +129,8 @@ def test_no_repeat_ngram_and_min_p_match_transformers_processors():
             want = NoRepeatNGramLogitsProcessor(n)(ids, logits.clone())
             got = process_logits(logits, ids, no_repeat_ngram_size=n, **off)
             assert torch.equal(got, want), (n, ids.shape)
-    assert torch.isinf(process_logits(logits, seen, no_repeat_ngram_size=2, **off)).sum() == 4  # 3 after 2, 5 after 5, 4 and 11 after 9
+    # banned: 3 after 2, 5 after 5, 4 and 11 after 9
+    assert torch.isinf(process_logits(logits, seen, no_repeat_ngram_size=2, **off)).sum() == 4
     for min_p, keep in ((0.1, 1), (0.5, 1), (0.99, 3)):
         want = MinPLogitsWarper(min_p, min_tokens_to_keep=keep)(seen, logits.clone())
         got = process_logits(logits, seen, **{**off, "do_sample": True}, min_p=min_p, min_tokens_to_keep=keep)
