@@ -41,7 +41,7 @@ def visibility_mask(Tq: int, Tk: int, *, causal: bool, q_offset=None, kv_mask=No
 
 
 def _model_mask(Tq, Tk, device, **rules):
-    """visibility_mask for eager/sdpa, None when nothing is masked. A query that sees no key
+    """visibility_mask for sdpa, None when nothing is masked. A query that sees no key
     attends to everything instead: finite garbage, not NaN."""
     if not rules["causal"] and rules.get("kv_mask") is None and rules.get("sliding_window") is None:
         return None
@@ -56,18 +56,28 @@ def _repeat_kv(x, n_rep: int):
     return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)  # (B, H*n_rep, T, D)
 
 
-def eager_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
-    """Plain PyTorch attention, written out: the reference the others are checked against."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+def attention_weights(q, k, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):
+    """The attention probabilities (B, Hq, Tq, Tk), as transformers' eager attention returns them
+    with output_attentions: softmax in fp32, cast to q's dtype; a hidden key gets exactly 0, and
+    a query that sees no key (a left-pad position) spreads evenly over all Tk keys."""
+    k = _repeat_kv(k, q.shape[1] // k.shape[1])
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
-    mask = _model_mask(q.shape[2], k.shape[2], q.device, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
-                       sliding_window=sliding_window)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
+    if causal or kv_mask is not None or sliding_window is not None:
+        visible = visibility_mask(q.shape[2], k.shape[2], causal=causal, q_offset=q_offset, kv_mask=kv_mask,
+                                  sliding_window=sliding_window, device=q.device)
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def eager_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None,
+                    return_weights=False):
+    """Plain PyTorch attention, written out: the reference the others are checked against.
+    return_weights=True returns (output, attention_weights) (output_attentions uses it)."""
+    probs = attention_weights(q, k, causal=causal, q_offset=q_offset, kv_mask=kv_mask,
+                              sliding_window=sliding_window, scale=scale)  # (B, Hq, Tq, Tk)
+    y = torch.matmul(probs, _repeat_kv(v, q.shape[1] // v.shape[1]))  # (B, Hq, Tq, D)
+    return (y, probs) if return_weights else y
 
 
 def sdpa_attention(q, k, v, *, causal, q_offset=None, kv_mask=None, sliding_window=None, scale=None):

@@ -45,25 +45,26 @@ class ModelOutput:
 
 @dataclass
 class CausalLMOutput(ModelOutput):
-    """forward()'s output: loss, logits, hidden_states."""
-    FIELDS = ("loss", "logits", "hidden_states")
+    """forward()'s output: loss, logits, hidden_states, attentions."""
+    FIELDS = ("loss", "logits", "hidden_states", "attentions")
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     hidden_states: tuple | None = None  # with output_hidden_states: num_layers + 1 tensors (B, T, C)
+    attentions: tuple | None = None  # with output_attentions: num_layers tensors (B, num_heads, T, Tk)
 
 
 @dataclass
 class GenerateDecoderOnlyOutput(ModelOutput):
     """generate(..., return_dict_in_generate=True)'s output, transformers' fields: sequences (B * n,
     T + new), with output_scores / output_logits one (B * n, vocab) fp32 tensor per new token
-    (processed / raw), and the KVCache decoded into. attentions and hidden_states stay None
-    (asking for them is an error)."""
+    (processed / raw), with output_attentions / output_hidden_states one tuple over layers per
+    new token (generate's docstring), and the KVCache decoded into."""
     FIELDS = ("sequences", "scores", "logits", "attentions", "hidden_states", "cache")
     sequences: torch.Tensor
     scores: tuple | None = None
     logits: tuple | None = None
-    attentions: None = None
-    hidden_states: None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
     cache: object = None
 
 
@@ -73,8 +74,8 @@ class GenerateBeamDecoderOnlyOutput(ModelOutput):
     sequences (B * n, T + new), with output_scores their length-penalised scores (B * n,) as
     sequences_scores and one (B * num_beams, vocab) tensor of processed log-probabilities per step
     as scores, with output_logits the raw logits per step, beam_indices (B * n, new) int32: the
-    row (b * num_beams + beam) each new token was chosen from, -1 after a beam's end; and the
-    KVCache decoded into."""
+    row (b * num_beams + beam) each new token was chosen from, -1 after a beam's end; attentions /
+    hidden_states per step of the B * num_beams rows as decoded; and the KVCache decoded into."""
     FIELDS = ("sequences", "sequences_scores", "scores", "logits", "beam_indices", "attentions", "hidden_states",
               "cache")
     sequences: torch.Tensor
@@ -82,8 +83,8 @@ class GenerateBeamDecoderOnlyOutput(ModelOutput):
     scores: tuple | None = None
     logits: tuple | None = None
     beam_indices: torch.Tensor | None = None
-    attentions: None = None
-    hidden_states: None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
     cache: object = None
 
 
@@ -103,8 +104,7 @@ def to_legacy_keys(state_dict, prefix, *args):
 
 
 # transformers' forward options that ask for what forward() does anyway, with the values that do.
-NO_OP_FORWARD = {"use_cache": (None, True, False), "output_attentions": (None, False),
-                 "past_key_values": (None,), "cache_position": (None,),
+NO_OP_FORWARD = {"use_cache": (None, True, False), "past_key_values": (None,), "cache_position": (None,),
                  "mm_encoder_outputs": (None,)}
 
 
@@ -120,6 +120,6 @@ def check_transformers_options(config, options: dict) -> None:
         if name in NO_OP_FORWARD and not any(value is v or (v is not None and value == v) for v in NO_OP_FORWARD[name]):
             asked.append(name)
     if asked:
-        raise TypeError(f"forward() does not support {sorted(asked)} as given (attentions and a "
-                        "returned cache are not implemented; a KVCache passed as cache= is filled in place; vision "
+        raise TypeError(f"forward() does not support {sorted(asked)} as given (a returned cache "
+                        "is not implemented; a KVCache passed as cache= is filled in place; vision "
                         "feature settings come from the config)")

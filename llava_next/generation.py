@@ -26,10 +26,14 @@ from .language import runs_python_per_call
 
 
 @torch.no_grad()
-def prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache):
-    """Run the whole prompt; returns the last position's logits (B, vocab) in fp32."""
+def prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache, keep=None, copies: int = 1):
+    """Run the whole prompt; returns the last position's logits (B, vocab) in fp32. `keep`: a
+    StepOutputs that keeps the forward's hidden states / attention weights, each row `copies` times."""
+    options = keep.forward_options() if keep is not None else dict(output_hidden_states=False)
     out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                image_sizes=image_sizes, cache=cache, cache_pos=0, logits_to_keep=1, output_hidden_states=False)
+                image_sizes=image_sizes, cache=cache, cache_pos=0, logits_to_keep=1, **options)
+    if keep is not None:
+        keep.add(out, copies)
     return out.logits[:, -1].float()
 
 
@@ -38,6 +42,36 @@ def decode_one_token(model, token, cache, cache_pos):
     """token (B, 1), cache_pos 0-d long tensor -> logits (B, vocab) in fp32. Static shapes."""
     out = model(input_ids=token, cache=cache, cache_pos=cache_pos, output_hidden_states=False)
     return out.logits[:, -1].float()
+
+
+class StepOutputs:
+    """generate()'s output_hidden_states / output_attentions (with return_dict_in_generate): the
+    hidden states and attention weights of each forward it runs, the prompt's first, as
+    transformers' generate returns them: per new token a tuple over layers."""
+
+    def __init__(self, hidden_states: bool, attentions: bool):
+        self.hidden_states = [] if hidden_states else None  # per forward: num_layers + 1 of (N, t, C)
+        self.attentions = [] if attentions else None  # per forward: num_layers of (N, heads, t, keys)
+
+    def forward_options(self) -> dict:
+        return dict(output_hidden_states=self.hidden_states is not None,
+                    output_attentions=self.attentions is not None)
+
+    def add(self, out, copies: int = 1) -> None:
+        """Keep one forward's outputs, each row `copies` times (a prompt prefilled once for several rows)."""
+        for kept, got in ((self.hidden_states, out.hidden_states), (self.attentions, out.attentions)):
+            if kept is not None:
+                kept.append(tuple(x.repeat_interleave(copies, 0) for x in got))
+
+    def decode_step(self, model, cache):
+        """A decode step (token (N, 1), pos) -> logits (N, vocab) that keeps its outputs. It writes at
+        an int position (one host sync a step), so the weights span the keys written so far, as
+        transformers' do, not the whole static cache."""
+        def step(token, pos):
+            out = model(input_ids=token, cache=cache, cache_pos=int(pos), **self.forward_options())
+            self.add(out)
+            return out.logits[:, -1].float()
+        return step
 
 
 class StopStringCriteria:
@@ -180,7 +214,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
              forced_eos_token_id=None, prefix_allowed_tokens_fn=None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
-             output_logits: bool | None = None, logits_processor=None, stopping_criteria=None,
+             output_logits: bool | None = None, output_hidden_states: bool | None = None,
+             output_attentions: bool | None = None, logits_processor=None, stopping_criteria=None,
              stop_strings=None, tokenizer=None, cuda_graph=None, fuse_projections: bool = True, **kwargs):
     """Greedy, sampled or beam-searched continuation of a (left-padded) batch; returns prompt + new
     ids (B * num_return_sequences, T + n), or with return_dict_in_generate an output object holding
@@ -214,7 +249,12 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     .sequences, and with output_scores / output_logits a tuple of one (B * n, vocab) fp32 tensor
     per new token: the scores tokens were chosen from (after every logits setting) / the model's
     logits; .cache is the KVCache decoded into (a GraphedDecode's own, which its
-    next use resets, when one was passed).
+    next use resets, when one was passed). With output_hidden_states / output_attentions,
+    .hidden_states / .attentions hold one tuple per new token, of the forward that chose it, as
+    transformers gives them: the prompt's forward first (num_layers + 1 hidden states (N, T, C);
+    num_layers attention weights (N, heads, T, T)), then each decode step's ((N, 1, C); (N, heads,
+    1, keys so far)). Keeping them decodes eagerly (no CUDA graph; the attention runs written out,
+    see forward), and a long prompt's weights are large: heads * T * T per layer and row.
     logits_processor / stopping_criteria: a callable or a list of callables, called as
     transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):
     processor(input_ids (N, T + n), scores (N, vocab)) -> scores, where transformers runs it: after
@@ -254,7 +294,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
      return_dict_in_generate, output_scores, output_logits, stop_strings, num_beams, length_penalty,
      early_stopping, renormalize_logits, no_repeat_ngram_size, min_p, max_time, typical_p, epsilon_cutoff, eta_cutoff,
-     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_eos_token_id) = (
+     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_eos_token_id,
+     output_hidden_states, output_attentions) = (
         gen.value(name, given) for name, given in (
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
             ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
@@ -266,7 +307,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             ("min_p", min_p), ("max_time", max_time), ("typical_p", typical_p), ("epsilon_cutoff", epsilon_cutoff),
             ("eta_cutoff", eta_cutoff), ("sequence_bias", sequence_bias), ("bad_words_ids", bad_words_ids),
             ("suppress_tokens", suppress_tokens), ("begin_suppress_tokens", begin_suppress_tokens),
-            ("forced_eos_token_id", forced_eos_token_id)))
+            ("forced_eos_token_id", forced_eos_token_id), ("output_hidden_states", output_hidden_states),
+            ("output_attentions", output_attentions)))
     cfg = model.config.text_config
     B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
@@ -295,6 +337,16 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     # scores and logits are kept only for the output object, as in transformers
     keep_scores = bool(return_dict_in_generate and output_scores)
     keep_logits = bool(return_dict_in_generate and output_logits)
+    for name, value in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    keep_steps = (StepOutputs(bool(output_hidden_states), bool(output_attentions))
+                  if return_dict_in_generate and (output_hidden_states or output_attentions) else None)
+    if keep_steps is not None:
+        if cuda_graph:  # True or a GraphedDecode
+            raise ValueError("output_hidden_states / output_attentions decode eagerly (a CUDA graph's replay "
+                             "returns the logits only): leave cuda_graph unset or pass False")
+        cuda_graph = False
     # transformers' MinNewTokensLength / MinLength processors ban eos until then; as there, a
     # min_new_tokens wins over a min_length (which counts the prompt)
     min_new = min_new_tokens if min_new_tokens is not None else (min_length or 0) - T
@@ -389,6 +441,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             cache = KVCache.for_model(model, N, T + max_new_tokens)
             if cuda_graph and device.type == "cuda":
                 step = None  # captured on this cache after the first token, once the prompt is in it
+            elif keep_steps is not None:
+                step = keep_steps.decode_step(model, cache)
             else:
                 step = eager_step(model, cache)
         out = torch.full((N, T + max_new_tokens), pad, dtype=torch.long, device=device)
@@ -398,10 +452,11 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         all_scores, all_logits = [], []
 
         if copies == 1:
-            logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache)
+            logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache, keep_steps)
         else:  # the prompts (and their images) once, then each row's keys and values `copies` times
             prompt_cache = KVCache.for_model(model, B, T)
-            logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, prompt_cache)
+            logits = prefill(model, input_ids, attention_mask, pixel_values, image_sizes, prompt_cache, keep_steps,
+                             copies)
             logits = logits.repeat_interleave(copies, 0)
             cache.fill_repeated(prompt_cache, copies)
             del prompt_cache
@@ -424,7 +479,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             if return_dict_in_generate:
                 return GenerateBeamDecoderOnlyOutput(
                     sequences=sequences, sequences_scores=sequences_scores if output_scores else None,
-                    scores=kept_scores, logits=kept_logits, beam_indices=beam_indices, cache=cache)
+                    scores=kept_scores, logits=kept_logits, beam_indices=beam_indices, cache=cache,
+                    **_kept_steps(keep_steps))
             return sequences
         n = 0
         while n < max_new_tokens:
@@ -463,8 +519,17 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         streamer.end()
     if return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=out[:, :T + n], scores=tuple(all_scores) if keep_scores else None,
-                                         logits=tuple(all_logits) if keep_logits else None, cache=cache)
+                                         logits=tuple(all_logits) if keep_logits else None, cache=cache,
+                                         **_kept_steps(keep_steps))
     return out[:, :T + n]
+
+
+def _kept_steps(keep) -> dict:
+    """The output object's hidden_states and attentions fields from a StepOutputs (or None)."""
+    if keep is None:
+        return {}
+    return {name: tuple(kept) for name, kept in (("hidden_states", keep.hidden_states),
+                                                 ("attentions", keep.attentions)) if kept is not None}
 
 
 def graphed_or_eager(model, batch_size: int, max_length: int, fuse_projections: bool, cache, required: bool):

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .attention import kernels_enabled, small_kernels_apply
+from .attention import eager_attention, kernels_enabled, small_kernels_apply
 from .compat import output_requires_grad
 from .config import TextConfig
 from .fused_linear import fused_weights, run_linears
@@ -97,15 +97,23 @@ class LlamaAttention(nn.Module):
         self.sliding_window = cfg.attention_window
         self.attn_fn = attn_fn
 
-    def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
+    def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None, output_attentions=False):
+        """x (B, T, C) -> (B, T, C); with output_attentions, (that, the attention weights (B, nh, T, Tk))."""
         q, k, v = run_linears(x, (self.q_proj, self.k_proj, self.v_proj))  # one product after fuse_projections()
+        if output_attentions:
+            y, weights = self.attend(q, k, v, rope, cache, cache_pos, kv_mask, output_attentions=True)
+            return self.o_proj(y), weights
         return self.o_proj(self.attend(q, k, v, rope, cache, cache_pos, kv_mask))
 
-    def attend(self, q, k, v, rope, cache=None, cache_pos=None, kv_mask=None, one_kernel_decode=False):
+    def attend(self, q, k, v, rope, cache=None, cache_pos=None, kv_mask=None, one_kernel_decode=False,
+               output_attentions=False):
         """The projections q (B, T, nh*hd), k, v (B, T, nkv*hd) -> attention output (B, T, nh*hd),
         the input of o_proj: rotary embedding, the KV cache, then the attention seam.
         one_kernel_decode (decode_forward): a decode step on the Triton path does all three in
-        one kernel, rope_decode_attention."""
+        one kernel, rope_decode_attention. output_attentions: the attention runs written out
+        (eager_attention) whatever the seam, since the fused kernels never form the weights, and
+        returns (output, weights (B, nh, T, Tk)); Tk is the keys attended to, the cache's
+        max_length for a tensor cache_pos (unwritten keys weigh 0)."""
         B, T, _ = q.shape
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
@@ -129,8 +137,11 @@ class LlamaAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v, cache_pos)  # (B, nkv, T_past + T, hd)
         q_offset = cache_pos if cache is not None else None
-        y = self.attn_fn(q, k, v, causal=True, q_offset=q_offset, kv_mask=kv_mask,
-                         sliding_window=self.sliding_window)  # (B, nh, T, hd)
+        rules = dict(causal=True, q_offset=q_offset, kv_mask=kv_mask, sliding_window=self.sliding_window)
+        if output_attentions:
+            y, weights = eager_attention(q, k, v, **rules, return_weights=True)  # (B, nh, T, hd), (B, nh, T, Tk)
+            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim), weights
+        y = self.attn_fn(q, k, v, **rules)  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
@@ -164,13 +175,17 @@ class LlamaDecoderLayer(nn.Module):
         # never. Set by LlavaNextForConditionalGeneration.enable_decode_kernels().
         self.decode_kernels = None
 
-    def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None):
-        if self.decode_kernels is not False:
+    def forward(self, x, rope, cache=None, cache_pos=None, kv_mask=None, output_attentions=False):
+        """x (B, T, C) -> (B, T, C); with output_attentions, (that, the attention weights (B, nh, T, Tk))."""
+        if self.decode_kernels is not False and not output_attentions:
             weights = self._decode_weights(x)
             if weights is not None:
                 return self.decode_forward(x, weights, rope, cache, cache_pos, kv_mask)
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, cache_pos, kv_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), rope, cache, cache_pos, kv_mask, output_attentions)
+        h, attn_weights = h if output_attentions else (h, None)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, attn_weights) if output_attentions else x
 
     def decode_forward(self, x, weights, rope, cache=None, cache_pos=None, kv_mask=None):
         """forward() for a few rows without gradients (a decode step): the four products run as
@@ -279,10 +294,12 @@ class LlamaModel(nn.Module):
             self._inv_freq[device] = rope_inv_freq(self.config, device=device)
         return self._inv_freq[device]
 
-    def forward(self, inputs_embeds, position_ids, cache=None, cache_pos=None, kv_mask=None, hidden_states=None):
+    def forward(self, inputs_embeds, position_ids, cache=None, cache_pos=None, kv_mask=None, hidden_states=None,
+                attentions=None):
         """inputs_embeds (B, T, C), position_ids (B, T) -> hidden states (B, T, C) after the final norm.
         `hidden_states`, a list: gets each layer's input and then the output, num_layers + 1
-        tensors (B, T, C) as transformers' output_hidden_states gives them (the last one normed)."""
+        tensors (B, T, C) as transformers' output_hidden_states gives them (the last one normed).
+        `attentions`, a list: gets each layer's attention weights (B, nh, T, Tk)."""
         x = inputs_embeds
         inv_freq = self.inv_freq(x.device)
         if kernels_enabled(self.kernels, x) and cache is not None and not torch.is_grad_enabled():
@@ -292,7 +309,11 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = run_layer(self, i, layer, x, rope, cache, cache_pos, kv_mask)
+            if attentions is None:
+                x = run_layer(self, i, layer, x, rope, cache, cache_pos, kv_mask)
+            else:  # returned, not appended by the layer: a checkpointed layer runs twice
+                x, weights = run_layer(self, i, layer, x, rope, cache, cache_pos, kv_mask, True)
+                attentions.append(weights)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)

@@ -254,7 +254,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None,
                 position_ids=None, cache=None, inputs_embeds=None, *, cache_pos=None, labels=None,
                 logits_to_keep: int | torch.Tensor = 0, num_items_in_batch=None, return_dict: bool = True,
-                output_hidden_states: bool | int | list[int] | None = None, **transformers_options):
+                output_hidden_states: bool | int | list[int] | None = None, output_attentions: bool | None = None,
+                **transformers_options):
         """Logits for every position (or those `logits_to_keep` picks), and the loss when labels are given.
 
         The positional order is transformers'. attention_mask (B, T) or, with a cache, (B, past + T):
@@ -271,9 +272,14 @@ class LlavaNextForConditionalGeneration(nn.Module):
         output, the last one after the final norm, all positions whatever logits_to_keep says; an
         int or a list of ints keeps those indices (negative ones count from the end) and puts None
         at the others, as transformers 5.24 does (which drops an index out of range, where this
-        raises). return_dict=False gives
-        the set fields as a tuple: (loss, logits, hidden_states) or fewer. transformers' options
-        that ask for nothing different are accepted; the others (attentions, a returned cache) raise.
+        raises). output_attentions=True (None: the config's, else False) adds `attentions`, one
+        (B, num_heads, T, Tk) tensor per layer: the softmax weights as transformers' eager attention
+        gives them (a left-pad query spreads evenly over every key), Tk the keys attended to
+        (past + T with an int cache_pos; the cache's max_length for a tensor one, unwritten keys 0).
+        To form them the layers run their attention written out, whatever attn_implementation
+        (transformers' sdpa returns none). return_dict=False gives the set fields as a tuple:
+        (loss, logits, hidden_states, attentions) or fewer. transformers' options that ask for
+        nothing different are accepted; the others (a returned cache) raise.
         """
         self.check_config_unchanged()
         check_transformers_options(self.config, transformers_options)
@@ -321,7 +327,13 @@ class LlavaNextForConditionalGeneration(nn.Module):
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         states = [] if output_hidden_states is not False and output_hidden_states is not None else None
-        hidden = self.language_model.model(inputs_embeds, position_ids, cache, cache_pos, kv_mask, states)  # (B, T, H)
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if not isinstance(output_attentions, bool):  # not an index, as output_hidden_states takes
+            raise ValueError(f"output_attentions must be True or False, got {output_attentions!r}")
+        attentions = [] if output_attentions else None
+        hidden = self.language_model.model(inputs_embeds, position_ids, cache, cache_pos, kv_mask, states,
+                                           attentions)  # (B, T, H)
         keep = logits_to_keep
         if torch.is_tensor(keep):
             if labels is not None:
@@ -354,7 +366,8 @@ class LlavaNextForConditionalGeneration(nn.Module):
                 loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
                                else num_items_in_batch)
         out = CausalLMOutput(logits=logits, loss=loss,
-                             hidden_states=_select_states(states, output_hidden_states) if states is not None else None)
+                             hidden_states=_select_states(states, output_hidden_states) if states is not None else None,
+                             attentions=tuple(attentions) if attentions is not None else None)
         return out if return_dict is None or return_dict else out.to_tuple()
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,

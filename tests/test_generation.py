@@ -422,6 +422,55 @@ def test_stop_strings_as_transformers(pair, tmp_path):
         ours.generate(**kw, stop_strings=stop)
 
 
+STEP_OUTPUT_MODES = {"greedy": dict(), "sampled_copies": dict(do_sample=True, top_k=1, num_return_sequences=2),
+                     # an eos id that is never chosen: transformers' beams fail on eos_token_id=[] with pad id 0
+                     "beams": dict(num_beams=2, eos_token_id=[32063])}
+
+
+@pytest.mark.parametrize("mode", STEP_OUTPUT_MODES.values(), ids=STEP_OUTPUT_MODES.keys())
+def test_generate_hidden_states_and_attentions_match_transformers(pair, mode):
+    """output_hidden_states / output_attentions with return_dict_in_generate: one tuple per new
+    token of every layer's hidden states / attention weights, the prompt's forward first, shapes
+    and values as transformers' eager generate on a left-padded batch of two images: greedy, two
+    sampled copies of each prompt (the prompt prefilled once, its outputs repeated) and beams."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    T, new = ids.shape[1], 4
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, max_new_tokens=new,
+              return_dict_in_generate=True, output_hidden_states=True, output_attentions=True, **mode)
+    kw.setdefault("do_sample", False)
+    kw.setdefault("eos_token_id", [])
+    want, got = hf.generate(**kw), ours.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    N = got.sequences.shape[0] * mode.get("num_beams", 1)
+    layers = hf.config.text_config.num_hidden_layers
+    assert len(got.hidden_states) == len(got.attentions) == len(want.attentions) == new
+    for step, (gh, wh, ga, wa) in enumerate(zip(got.hidden_states, want.hidden_states, got.attentions, want.attentions)):
+        t = T if step == 0 else 1
+        assert len(gh) == layers + 1 and len(ga) == layers
+        assert gh[0].shape == (N, t, hf.config.text_config.hidden_size) and ga[0].shape == (N, 4, t, T + step)
+        real = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)[:, T + step - t:T + step]
+        real = real.repeat_interleave(N // 2, 0).bool()
+        for g, w in zip(gh, wh):
+            torch.testing.assert_close(g[real], w[real], atol=1e-4, rtol=0)
+        for g, w in zip(ga, wa):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+    only = ours.generate(**{**kw, "output_attentions": False})
+    assert only.attentions is None and len(only.hidden_states) == new and "attentions" not in only
+    assert not hasattr(ours.generate(**{**kw, "return_dict_in_generate": False}), "hidden_states")  # as transformers
+
+
+def test_generate_step_outputs_errors(pair):
+    _, ours = pair
+    ids = torch.ones(1, 3, dtype=torch.long)
+    kw = dict(input_ids=ids, max_new_tokens=2, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="output_attentions must be True or False"):
+        ours.generate(**kw, output_attentions=[0])
+    with pytest.raises(ValueError, match="decode eagerly"):
+        ours.generate(**kw, output_hidden_states=True, cuda_graph=True)
+
+
 def test_generation_config_output_and_count_settings(pair, recwarn):
     """num_return_sequences, min_new_tokens and the output settings are read from
     model.generation_config like the others (and no longer warned about as unimplemented)."""
@@ -434,9 +483,11 @@ def test_generation_config_output_and_count_settings(pair, recwarn):
         out = ours.generate(input_ids=ids, max_new_tokens=3)
         assert out.sequences.shape == (2, 6) and len(out.logits) == 3 and out.scores is None
         assert not [w for w in recwarn if "does not implement" in str(w.message)]
-        ours.generation_config.update(output_hidden_states=True)  # cannot be returned: warned about
-        with pytest.warns(UserWarning, match="output_hidden_states.*does not implement"):
-            assert ours.generate(input_ids=ids, max_new_tokens=3).hidden_states is None
+        ours.generation_config.update(output_hidden_states=True)
+        assert len(ours.generate(input_ids=ids, max_new_tokens=3).hidden_states) == 3
+        ours.generation_config.update(exponential_decay_length_penalty=(2, 1.5))  # not implemented: warned about
+        with pytest.warns(UserWarning, match="exponential_decay_length_penalty.*does not implement"):
+            ours.generate(input_ids=ids, max_new_tokens=3)
     finally:
         ours.generation_config = type(ours.generation_config)(**saved)
 

@@ -86,6 +86,53 @@ def test_hidden_states_match_transformers(tmp_path, family):
             torch.testing.assert_close(a, b[:, -1:], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["mistral", "vicuna"])
+def test_attentions_match_transformers(tmp_path, family):
+    """output_attentions: one (B, heads, T, T) tensor of softmax weights per layer, equal to
+    transformers' eager attention on every row of a left-padded batch with images (pad rows
+    included: spread evenly, as there), whatever our attn_implementation; with a sliding window;
+    the config's default; and a cached step, whose weights are the full forward's last row."""
+    from llava_next import KVCache
+
+    hf = hf_checkpoint(tmp_path, family, **SMALL, sliding_window=20 if family == "mistral" else None)
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+    with torch.no_grad():
+        want = hf(**kw, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_attentions=True)
+        for attn in ("sdpa", "eager"):
+            ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=attn)
+            out = ours(**kw, output_attentions=True, output_hidden_states=True)
+            got = out.attentions
+            assert len(got) == len(want.attentions) == ours.config.text_config.num_hidden_layers
+            diffs = [(g - w).abs().max().item() for g, w in zip(got, want.attentions)]
+            print(f"attention weights max abs diff vs transformers ({attn}), per layer: {['%.1e' % d for d in diffs]}")
+            assert got[0].shape == (2, 4, ids.shape[1], ids.shape[1]) and max(diffs) <= 1e-5
+            assert (out.logits - want.logits)[mask.bool()].abs().max() <= ATOL  # the written-out path is the model
+            assert list(out.keys()) == ["logits", "hidden_states", "attentions"]
+            assert ours(**kw, return_dict=False, output_attentions=True)[1][0].shape == got[0].shape
+        assert "attentions" not in ours(**kw)
+        with pytest.raises(ValueError, match="True or False"):
+            ours(**kw, output_attentions=1)
+        ours.config.output_attentions = True  # transformers reads the config when the call leaves it out
+        assert len(ours(**kw).attentions) == len(got)
+        del ours.config.output_attentions
+        # a cached prompt, then one step with an int and one with a tensor cache_pos
+        T = ids.shape[1]
+        step = torch.tensor([[11], [12]])
+        full = ours(input_ids=torch.cat([ids, step], 1), attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                    pixel_values=pv, image_sizes=sizes, output_attentions=True).attentions
+        cache = KVCache.for_model(ours, 2, T + 3)
+        for pos in (T, torch.tensor(T)):
+            cache.reset()
+            ours(**kw, cache=cache)
+            one = ours(input_ids=step, cache=cache, cache_pos=pos, output_attentions=True).attentions
+            for a, b in zip(one, full):
+                assert a.shape == (2, 4, 1, T + 1 if isinstance(pos, int) else T + 3)
+                torch.testing.assert_close(a[..., :T + 1], b[:, :, -1:], atol=1e-5, rtol=0)
+                assert not a[..., T + 1:].any()
+
+
 @pytest.mark.parametrize("family", ["mistral", "vicuna", "yi"])
 def test_families_one_image(tmp_path, family):
     hf = hf_checkpoint(tmp_path, family, **SMALL)
@@ -862,7 +909,7 @@ def test_logits_to_keep_and_transformers_options(saved):
         assert torch.equal(same.logits, full)
         loss, logits = ours(input_ids=ids, labels=ids, return_dict=False)
         assert torch.equal(logits, full) and loss.dim() == 0
-        for option in (dict(output_attentions=True), dict(vision_feature_layer=-3), dict(past_key_values=object())):
+        for option in (dict(vision_feature_layer=-3), dict(past_key_values=object())):
             with pytest.raises(TypeError, match=f"does not support \\['{next(iter(option))}'\\]"):
                 ours(input_ids=ids, **option)
         with pytest.raises(TypeError, match=r"unexpected arguments: \['lables'\]$"):  # a typo: named, not printed

@@ -166,6 +166,26 @@ def test_greedy_tokens_equal_sdpa(models):
     assert torch.equal(got, want)
 
 
+def test_generate_attentions_and_hidden_states_on_the_triton_path(models):
+    """generate(output_attentions, output_hidden_states) with "triton": the fused rope + cache-write
+    kernel feeds the written-out attention, and a layer's decode kernels (decode_forward) step
+    aside for a step that keeps its weights; every step's outputs equal the sdpa model's."""
+    config, sdpa, triton = models
+    triton = copy.deepcopy(triton).enable_decode_kernels()  # on CPU too
+    kw = dict(batch(config), max_new_tokens=3, eos_token_id=[], return_dict_in_generate=True,
+              output_attentions=True, output_hidden_states=True)
+    want, got = sdpa.generate(**kw), triton.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences) and len(got.attentions) == 3
+    real = kw["attention_mask"].bool()
+    for step, (ga, wa, gh, wh) in enumerate(zip(got.attentions, want.attentions, got.hidden_states, want.hidden_states)):
+        assert ga[0].shape == wa[0].shape == (2, config.text_config.num_attention_heads, 1 if step else real.shape[1],
+                                              real.shape[1] + step)
+        for g, w in zip(ga, wa):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+        for g, w in zip(gh, wh):
+            torch.testing.assert_close(g[real] if step == 0 else g, w[real] if step == 0 else w, atol=2e-4, rtol=0)
+
+
 def test_default_attention_is_auto_triton_on_cuda_sdpa_elsewhere(tmp_path, monkeypatch):
     """The default picks by where the tensors are, so .to("cuda") after a CPU load gets the kernels."""
     import llava_next.kernels as K
