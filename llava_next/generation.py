@@ -212,7 +212,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              no_repeat_ngram_size: int | None = None, min_p: float | None = None, max_time: float | None = None,
              typical_p: float | None = None, epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
              sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
-             forced_eos_token_id=None, prefix_allowed_tokens_fn=None,
+             forced_bos_token_id=None, forced_eos_token_id=None, remove_invalid_values: bool | None = None,
+             exponential_decay_length_penalty=None, prefix_allowed_tokens_fn=None,
              return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
              output_logits: bool | None = None, output_hidden_states: bool | None = None,
              output_attentions: bool | None = None, logits_processor=None, stopping_criteria=None,
@@ -226,7 +227,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length, the call's or there, caps
     prompt + new tokens; max_new_tokens wins over it). The other logits settings (min_p,
     typical_p, epsilon_cutoff, eta_cutoff, no_repeat_ngram_size, sequence_bias, bad_words_ids,
-    suppress_tokens, begin_suppress_tokens, forced_eos_token_id, renormalize_logits; the argument
+    suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
+    remove_invalid_values, exponential_decay_length_penalty, renormalize_logits; the argument
     prefix_allowed_tokens_fn) act as transformers' processors of those names, in its order
     (llava_next.logits_process). (transformers 5.24 lets an explicit None override its config:
     top_k=None is no top-k there, do_sample=None greedy, max_new_tokens=None its default length;
@@ -294,8 +296,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
      return_dict_in_generate, output_scores, output_logits, stop_strings, num_beams, length_penalty,
      early_stopping, renormalize_logits, no_repeat_ngram_size, min_p, max_time, typical_p, epsilon_cutoff, eta_cutoff,
-     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_eos_token_id,
-     output_hidden_states, output_attentions) = (
+     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
+     remove_invalid_values, exponential_decay_length_penalty, output_hidden_states, output_attentions) = (
         gen.value(name, given) for name, given in (
             ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
             ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
@@ -307,7 +309,10 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             ("min_p", min_p), ("max_time", max_time), ("typical_p", typical_p), ("epsilon_cutoff", epsilon_cutoff),
             ("eta_cutoff", eta_cutoff), ("sequence_bias", sequence_bias), ("bad_words_ids", bad_words_ids),
             ("suppress_tokens", suppress_tokens), ("begin_suppress_tokens", begin_suppress_tokens),
-            ("forced_eos_token_id", forced_eos_token_id), ("output_hidden_states", output_hidden_states),
+            ("forced_bos_token_id", forced_bos_token_id), ("forced_eos_token_id", forced_eos_token_id),
+            ("remove_invalid_values", remove_invalid_values),
+            ("exponential_decay_length_penalty", exponential_decay_length_penalty),
+            ("output_hidden_states", output_hidden_states),
             ("output_attentions", output_attentions)))
     cfg = model.config.text_config
     B, T = input_ids.shape
@@ -404,7 +409,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
         suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
-        forced_eos_token_id=forced_eos_token_id, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
+        remove_invalid_values=remove_invalid_values is True, exponential_decay_length_penalty=exponential_decay_length_penalty,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         rows_per_prompt=copies, eos_token_id=eos, prompt_length=T, max_length=T + max_new_tokens,
         min_new_tokens=min_new, padding=padding, processors=processors,
         # beam sampling keeps one more token than there are eos ids (2 without any), as transformers

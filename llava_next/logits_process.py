@@ -5,7 +5,8 @@ step as transformers calls its LogitsProcessorList: (ids (N, t), logits (N, V) f
 The steps run in transformers' order (its `_get_logits_processor`), each off at its default:
 
     sequence_bias, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
-    the eos ban before min_new_tokens / min_length, prefix_allowed_tokens_fn, forced_eos_token_id,
+    the eos ban before min_new_tokens / min_length, prefix_allowed_tokens_fn, forced_bos_token_id,
+    forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
     suppress_tokens, begin_suppress_tokens, a caller's logits_processor,
     with sampling only: temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
     and last renormalize_logits (a log-softmax).
@@ -40,7 +41,8 @@ class LogitsProcessing:
                  min_p: float | None = None, typical_p: float = 1.0, epsilon_cutoff: float = 0.0,
                  eta_cutoff: float = 0.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                  sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
-                 forced_eos_token_id=None, prefix_allowed_tokens_fn=None, rows_per_prompt: int = 1,
+                 forced_bos_token_id=None, forced_eos_token_id=None, remove_invalid_values: bool = False,
+                 exponential_decay_length_penalty=None, prefix_allowed_tokens_fn=None, rows_per_prompt: int = 1,
                  eos_token_id=(), prompt_length: int = 0, max_length: int | None = None,
                  min_new_tokens: int = 0, padding=None, processors=(), min_tokens_to_keep: int = 1,
                  renormalize: bool = False):
@@ -74,6 +76,9 @@ class LogitsProcessing:
             self.bad_words = SequenceBias({tuple(w): -INF for w in words}, "bad_words_ids") if words else None
         self.suppress = _id_tensor(suppress_tokens, "suppress_tokens")
         self.begin_suppress = _id_tensor(begin_suppress_tokens, "begin_suppress_tokens")
+        if forced_bos_token_id is not None and not _is_id(forced_bos_token_id):
+            raise ValueError(f"forced_bos_token_id must be a token id (an int >= 0), got {forced_bos_token_id!r}")
+        self.forced_bos = forced_bos_token_id
         self.forced_eos = _id_tensor(forced_eos_token_id, "forced_eos_token_id")
         if self.forced_eos is not None and not self.forced_eos.numel():
             raise ValueError("forced_eos_token_id must be a token id or a non-empty list of them, got []")
@@ -83,10 +88,22 @@ class LogitsProcessing:
                              "`suppress_tokens`: forcing a token while suppressing it leaves no token at the last "
                              "step. Remove the overlapping token(s) from either (to prevent an early eos, use "
                              "min_new_tokens instead).")
+        self.remove_invalid_values = remove_invalid_values
+        self.decay = exponential_decay_length_penalty
+        if self.decay is not None:
+            if (not isinstance(self.decay, (list, tuple)) or len(self.decay) != 2 or not _is_id(self.decay[0])
+                    or not isinstance(self.decay[1], numbers.Real)):
+                raise ValueError("exponential_decay_length_penalty must be (start_index, decay_factor): an int >= 0 "
+                                 f"and a number, got {self.decay!r}")
+            if not self.eos:
+                raise ValueError("exponential_decay_length_penalty raises the eos ids' scores, and there are none "
+                                 "(set eos_token_id)")
         if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
             raise TypeError(f"prefix_allowed_tokens_fn must be a callable, got {prefix_allowed_tokens_fn!r}")
         self.prefix_allowed_tokens_fn, self.rows_per_prompt = prefix_allowed_tokens_fn, rows_per_prompt
         self.T, self.max_length, self.min_new_tokens = prompt_length, max_length, min_new_tokens
+        # as transformers: a one-token prompt with a forced bos starts the suppression one later
+        self.begin_index = prompt_length + (prompt_length == 1 and forced_bos_token_id is not None)
         self.padding, self.processors = padding, list(processors)
         self.min_tokens_to_keep, self.renormalize = min_tokens_to_keep, renormalize
         self.device = None  # where the id tensors are: moved once, at the first call
@@ -119,18 +136,35 @@ class LogitsProcessing:
             scores = scores.index_fill(1, self.eos_ban, -INF)
         if self.prefix_allowed_tokens_fn is not None:
             scores = self._allowed_only(ids, scores)
+        if self.forced_bos is not None and t == 1:  # as transformers: only after a one-token prompt
+            scores = torch.full_like(scores, -INF)
+            scores[:, self.forced_bos] = 0
         if self.forced_eos is not None and self.max_length is not None and t == self.max_length - 1:
             scores = torch.full_like(scores, -INF)
             scores[:, self.forced_eos] = 0
+        if self.remove_invalid_values:  # nan -> 0, +-inf -> the dtype's largest finite values
+            finfo = torch.finfo(scores.dtype)
+            scores = torch.where(scores != scores, 0.0, scores).clamp(finfo.min, finfo.max)
+        if self.decay is not None and t > self.T + self.decay[0]:
+            scores = self._raise_eos(scores, t - self.T - self.decay[0])
         if self.suppress is not None:
             scores = _suppress(scores, self.suppress)
-        if self.begin_suppress is not None and t == self.T:
+        if self.begin_suppress is not None and t == self.begin_index:
             scores = _suppress(scores, self.begin_suppress)
         for processor in self.processors:
             scores = processor(ids, scores.clone() if scores is logits else scores)  # it may write in place
         if self.do_sample:
             scores = self._warp(scores)
         return scores.log_softmax(-1) if self.renormalize else scores
+
+    def _raise_eos(self, scores, steps: int):
+        """exponential_decay_length_penalty, `steps` tokens past its start: each eos score grows by
+        |score| * (factor ** steps - 1), an infinite one stays (transformers' ExponentialDecayLengthPenalty)."""
+        eos = scores[:, self.eos_ban]
+        raised = (eos.abs() * (pow(self.decay[1], steps) - 1)).masked_fill(~torch.isfinite(eos), 0.0)
+        penalties = torch.zeros_like(scores)
+        penalties[:, self.eos_ban] = raised
+        return scores + penalties
 
     def _allowed_only(self, ids, scores):
         """prefix_allowed_tokens_fn: each row keeps only the ids the function allows it; a prompt

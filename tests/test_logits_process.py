@@ -7,6 +7,7 @@ import torch
 from llava_next.logits_process import LogitsProcessing
 from tiny import hf_and_ours, prompt_ids
 
+INF = float("inf")
 V = 12
 # rows with repeats, so that multi-token sequences match somewhere; the last row is shortest-lived
 IDS = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5], [0, 4, 9, 4, 9, 11, 4, 9]])
@@ -83,6 +84,41 @@ def test_sequence_bias_ids_past_the_vocabulary_and_bad_arguments():
     assert (process(torch.cat([IDS, IDS[:, :1]], 1), torch.zeros(3, V)).argmax(-1) == 4).all()  # the forced eos
 
 
+def test_forced_bos_invalid_values_and_length_decay_as_transformers():
+    """forced_bos_token_id (only after a one-token prompt, where begin_suppress_tokens then starts
+    a token later), remove_invalid_values and exponential_decay_length_penalty (negative and
+    infinite eos scores included) bit for bit against transformers' processors, and not before
+    their step."""
+    from transformers.generation import logits_process as lp
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=g) * 3
+    logits[0, 2], logits[1, 5], logits[2, 2] = -4.0, -INF, INF
+    # the length penalty: from the 3rd new token on (prompt 3, so ids longer than 5) the eos scores grow
+    ours = LogitsProcessing(eos_token_id=[2, 5], prompt_length=3, exponential_decay_length_penalty=(2, 1.5))
+    want = lp.ExponentialDecayLengthPenalty((2, 1.5), [2, 5], 3)
+    for t in (5, 6, 8):
+        assert torch.equal(ours(IDS[:, :t], logits), want(IDS[:, :t], logits.clone()))
+    assert torch.equal(ours(IDS[:, :5], logits), logits) and not torch.equal(ours(IDS, logits), logits)
+    # invalid values
+    bad = logits.clone()
+    bad[0, 0], bad[1, 1] = float("nan"), -INF
+    got = LogitsProcessing(remove_invalid_values=True)(IDS, bad)
+    assert torch.equal(got, lp.InfNanRemoveLogitsProcessor()(IDS, bad.clone())) and torch.isfinite(got).all()
+    # a forced bos after a one-token prompt; begin_suppress_tokens then acts at the second new token
+    ours = LogitsProcessing(prompt_length=1, forced_bos_token_id=4, begin_suppress_tokens=[7])
+    first = ours(IDS[:, :1], logits)
+    assert torch.equal(first, lp.ForcedBOSTokenLogitsProcessor(4)(IDS[:, :1], logits.clone()))
+    assert torch.equal(ours(IDS[:, :2], logits), lp.SuppressTokensAtBeginLogitsProcessor([7], 2)(IDS[:, :2], logits))
+    assert torch.equal(LogitsProcessing(prompt_length=8, forced_bos_token_id=4)(IDS, logits), logits)
+    with pytest.raises(ValueError, match="exponential_decay_length_penalty must be"):
+        LogitsProcessing(eos_token_id=[2], exponential_decay_length_penalty=1.5)
+    with pytest.raises(ValueError, match="there are none"):
+        LogitsProcessing(exponential_decay_length_penalty=(1, 1.5))
+    with pytest.raises(ValueError, match="forced_bos_token_id must be a token id"):
+        LogitsProcessing(forced_bos_token_id=[1])
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return hf_and_ours(tmp_path_factory.mktemp("mistral"), "mistral")
@@ -116,6 +152,24 @@ def test_settings_together_in_generate_as_transformers(pair):
         got = ours.generate(**common, **kw)
         assert torch.equal(got, want), kw
         assert got[0, T] != free[0][0] and got[0, -1] == free[1][0], kw  # begin-suppressed; forced eos last
+
+
+def test_length_decay_and_invalid_values_in_generate_as_transformers(pair):
+    """exponential_decay_length_penalty ends the rows earlier than they would end, greedy and with
+    beams, as in transformers; remove_invalid_values rides along."""
+    hf, ours = pair
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 12])
+    T = ids.shape[1]
+    free = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])[:, T:]
+    eos = int(free[0, 10])  # a token the model picks late, which the penalty brings forward
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, remove_invalid_values=True,
+                  exponential_decay_length_penalty=(1, 4.0))
+    for kw in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
+        want, got = hf.generate(**common, **kw), ours.generate(**common, **kw)
+        assert torch.equal(got, want), kw
+        undecayed = ours.generate(**{**common, "exponential_decay_length_penalty": None}, **kw)
+        print(kw, "new tokens with the penalty:", got.shape[1] - T, "without:", undecayed.shape[1] - T)
+        assert got.shape[1] < undecayed.shape[1]  # it acted
 
 
 @pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False),
