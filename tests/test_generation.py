@@ -485,8 +485,8 @@ def test_generation_config_output_and_count_settings(pair, recwarn):
         assert not [w for w in recwarn if "does not implement" in str(w.message)]
         ours.generation_config.update(output_hidden_states=True)
         assert len(ours.generate(input_ids=ids, max_new_tokens=3).hidden_states) == 3
-        ours.generation_config.update(exponential_decay_length_penalty=(2, 1.5))  # not implemented: warned about
-        with pytest.warns(UserWarning, match="exponential_decay_length_penalty.*does not implement"):
+        ours.generation_config.update(guidance_scale=1.5)  # not implemented: warned about
+        with pytest.warns(UserWarning, match="guidance_scale.*does not implement"):
             ours.generate(input_ids=ids, max_new_tokens=3)
     finally:
         ours.generation_config = type(ours.generation_config)(**saved)
