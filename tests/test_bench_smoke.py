@@ -34,6 +34,7 @@ def test_gpu_check_ab_variants_run(tmp_path):
     GPU's minutes."""
     import re
     import shlex
+    from concurrent.futures import ThreadPoolExecutor
 
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     loop = re.search(r'for v in ((?:"[^"]*"\s*(?:\\\n\s*)?)+); do', script)  # the list may continue on a line
@@ -42,11 +43,15 @@ def test_gpu_check_ab_variants_run(tmp_path):
     assert ["--no-decode-kernels"] in variants and ["--no-flash-tma"] in variants and ["--pdl"] in variants
     assert ["--vision-graph"] in variants
     assert len(variants) == 8 and variants[0] == []  # "as committed" first: the baseline of the others
-    for i, extra in enumerate(variants):
-        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--preset", "tiny",
-                              "--new-tokens", "2", "--runs", "1", "--batches", "1", "--no-hf",
-                              "--out", str(tmp_path / f"ab_{i}.json"), *extra],
-                             capture_output=True, text=True, timeout=300)
+    def bench(i, extra):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--preset", "tiny",
+                               "--new-tokens", "2", "--runs", "1", "--batches", "1", "--no-hf",
+                               "--out", str(tmp_path / f"ab_{i}.json"), *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:  # two at a time: most of each run is importing torch
+        runs = list(pool.map(bench, range(len(variants)), variants))
+    for i, (extra, run) in enumerate(zip(variants, runs)):
         assert run.returncode == 0, (extra, run.stderr[-2000:])
         if extra == ["--vision-graph"]:
             assert json.loads((tmp_path / f"ab_{i}.json").read_text())["kernel_experiments"]["vision_graph"] is True
