@@ -134,7 +134,11 @@ def resolve_attn_implementation(name: str | None, device=None) -> str:
     if name is None:
         return "auto" if importlib.util.find_spec("triton") is not None else "sdpa"
     if name not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"attn_implementation={name!r} is not one of {sorted(ATTENTION_FUNCTIONS)}")
+        hint = ""
+        if isinstance(name, str) and name.startswith(("flash_attention", "flex_attention", "paged")):
+            hint = (f" ({name!r} names a transformers backend; llava-next's own flash attention is 'triton', "
+                    "which the default, 'auto', uses on CUDA)")
+        raise ValueError(f"attn_implementation={name!r} is not one of {sorted(ATTENTION_FUNCTIONS)}{hint}")
     if name == "triton":
         from .kernels import triton_available
 

@@ -955,3 +955,13 @@ def test_config_attributes_transformers_code_reads(saved):
     assert ours.text_config.initializer_range == cfg["text_config"]["initializer_range"]  # unmodelled, still readable
     with pytest.raises(AttributeError):
         ours.text_config.no_such_setting
+
+
+def test_unknown_attn_implementation_is_named(saved):
+    """A transformers backend name (flash_attention_2, ...) fails at load with the name of ours."""
+    _, folder = saved
+    with pytest.raises(ValueError, match="'flash_attention_2' names a transformers backend; llava-next's own flash "
+                                         "attention is 'triton'"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match=r"'sdpa ' is not one of \['auto', 'eager', 'sdpa', 'triton'\]$"):
+        LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa ")
