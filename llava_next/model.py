@@ -499,6 +499,25 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.vision_tower.cuda_graphs = VisionTowerGraphs(max_graphs, max_tiles) if enabled else None
         return self
 
+    def set_attn_implementation(self, attn_implementation: str | None) -> None:
+        """transformers' method: this instance's attention from now on ("auto", "triton", "sdpa",
+        "eager"; None: the default), in every layer of both towers, with the fused small kernels
+        that follow it. Vision CUDA graphs captured so far are dropped (they replay the old path);
+        a GraphedDecode captured before must be captured again."""
+        if not isinstance(attn_implementation, (str, type(None))):
+            raise TypeError(f"set_attn_implementation takes one name for both towers, got {attn_implementation!r}")
+        name = resolve_attn_implementation(attn_implementation, self.device)
+        for module in self.modules():
+            if type(module).__module__.startswith("llava_next."):  # our layers, not a wrapper's
+                if hasattr(module, "attn_fn"):
+                    module.attn_fn = ATTENTION_FUNCTIONS[name]
+                if hasattr(module, "kernels"):
+                    module.kernels = name
+        self.attn_implementation = name
+        graphs = self.vision_tower.cuda_graphs
+        if graphs is not None:
+            self.vision_tower.cuda_graphs = VisionTowerGraphs(graphs.max_graphs, graphs.max_tiles)
+
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):
         """transformers-shaped generation; see `llava_next.generation.generate` for the arguments."""
         from .generation import generate

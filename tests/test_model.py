@@ -965,3 +965,33 @@ def test_unknown_attn_implementation_is_named(saved):
         LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match=r"'sdpa ' is not one of \['auto', 'eager', 'sdpa', 'triton'\]$"):
         LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa ")
+
+
+def test_set_attn_implementation_switches_every_layer(saved):
+    """model.set_attn_implementation(name) (transformers' method) gives what loading with that
+    name gives, in both towers; an unknown name or a per-tower dict is refused."""
+    from llava_next.attention import ATTENTION_FUNCTIONS
+
+    hf, folder = saved
+    ids, mask = prompt_ids(hf.config, [[(45, 80)], [(150, 40)]], [3, 9])
+    pv, sizes = image_inputs(hf.config, [(45, 80), (150, 40)])
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa")
+    for name in ("eager", "sdpa"):
+        model.set_attn_implementation(name)
+        loaded = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=name)
+        assert model.attn_implementation == name
+        fns = {m.attn_fn for m in model.modules() if hasattr(m, "attn_fn")}
+        assert fns == {ATTENTION_FUNCTIONS[name]} and len([m for m in model.modules() if hasattr(m, "attn_fn")]) == (
+            hf.config.vision_config.num_hidden_layers + hf.config.text_config.num_hidden_layers)
+        with torch.no_grad():
+            assert torch.equal(model(**kw).logits, loaded(**kw).logits)
+    old = model.enable_vision_cuda_graphs(max_tiles=7).vision_tower.cuda_graphs
+    model.set_attn_implementation(None)
+    graphs = model.vision_tower.cuda_graphs
+    assert graphs is not old and graphs.max_tiles == 7 and not graphs.graphs  # captured ones replay the old path
+    assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {model.attn_implementation}
+    with pytest.raises(ValueError, match="is not one of"):
+        model.set_attn_implementation("fast")
+    with pytest.raises(TypeError, match="one name for both towers"):
+        model.set_attn_implementation({"text_config": "sdpa"})
