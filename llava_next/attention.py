@@ -135,9 +135,9 @@ def resolve_attn_implementation(name: str | None, device=None) -> str:
         return "auto" if importlib.util.find_spec("triton") is not None else "sdpa"
     if name not in ATTENTION_FUNCTIONS:
         hint = ""
-        if isinstance(name, str) and name.startswith(("flash_attention", "flex_attention", "paged")):
-            hint = (f" ({name!r} names a transformers backend; llava-next's own flash attention is 'triton', "
-                    "which the default, 'auto', uses on CUDA)")
+        if isinstance(name, str) and (name.startswith(("flash_attention", "flex_attention", "paged")) or "/" in name):
+            hint = (f" ({name!r} names a transformers backend or hub kernel; llava-next's own flash attention is "
+                    "'triton', which the default, 'auto', uses on CUDA)")
         raise ValueError(f"attn_implementation={name!r} is not one of {sorted(ATTENTION_FUNCTIONS)}{hint}")
     if name == "triton":
         from .kernels import triton_available

@@ -66,9 +66,14 @@ class StepOutputs:
     def decode_step(self, model, cache):
         """A decode step (token (N, 1), pos) -> logits (N, vocab) that keeps its outputs. It writes at
         an int position (one host sync a step), so the weights span the keys written so far, as
-        transformers' do, not the whole static cache."""
+        transformers' do, not the whole static cache; with a sliding window only the last `window`
+        of them (the ones visible), as transformers' sliding-window cache holds."""
+        window = model.config.text_config.attention_window
+
         def step(token, pos):
             out = model(input_ids=token, cache=cache, cache_pos=int(pos), **self.forward_options())
+            if out.attentions is not None and window:
+                out.attentions = tuple(a[..., -window:] for a in out.attentions)
             self.add(out)
             return out.logits[:, -1].float()
         return step
@@ -255,7 +260,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     .hidden_states / .attentions hold one tuple per new token, of the forward that chose it, as
     transformers gives them: the prompt's forward first (num_layers + 1 hidden states (N, T, C);
     num_layers attention weights (N, heads, T, T)), then each decode step's ((N, 1, C); (N, heads,
-    1, keys so far)). Keeping them decodes eagerly (no CUDA graph; the attention runs written out,
+    1, keys so far), at most the sliding window's). Keeping them decodes eagerly (no CUDA graph; the attention runs written out,
     see forward), and a long prompt's weights are large: heads * T * T per layer and row.
     logits_processor / stopping_criteria: a callable or a list of callables, called as
     transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):

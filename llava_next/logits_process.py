@@ -91,13 +91,11 @@ class LogitsProcessing:
         self.remove_invalid_values = remove_invalid_values
         self.decay = exponential_decay_length_penalty
         if self.decay is not None:
-            if (not isinstance(self.decay, (list, tuple)) or len(self.decay) != 2 or not _is_id(self.decay[0])
-                    or not isinstance(self.decay[1], numbers.Real)):
-                raise ValueError("exponential_decay_length_penalty must be (start_index, decay_factor): an int >= 0 "
-                                 f"and a number, got {self.decay!r}")
-            if not self.eos:
-                raise ValueError("exponential_decay_length_penalty raises the eos ids' scores, and there are none "
-                                 "(set eos_token_id)")
+            if (not isinstance(self.decay, (list, tuple)) or len(self.decay) != 2
+                    or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in self.decay)):
+                raise ValueError("exponential_decay_length_penalty must be (start_index, decay_factor), two numbers, "
+                                 f"got {self.decay!r}")
+            self.decay_start = self.decay[0] + prompt_length  # transformers' regulation_start
         if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
             raise TypeError(f"prefix_allowed_tokens_fn must be a callable, got {prefix_allowed_tokens_fn!r}")
         self.prefix_allowed_tokens_fn, self.rows_per_prompt = prefix_allowed_tokens_fn, rows_per_prompt
@@ -145,8 +143,8 @@ class LogitsProcessing:
         if self.remove_invalid_values:  # nan -> 0, +-inf -> the dtype's largest finite values
             finfo = torch.finfo(scores.dtype)
             scores = torch.where(scores != scores, 0.0, scores).clamp(finfo.min, finfo.max)
-        if self.decay is not None and t > self.T + self.decay[0]:
-            scores = self._raise_eos(scores, t - self.T - self.decay[0])
+        if self.decay is not None and t > self.decay_start:
+            scores = self._raise_eos(scores, t - self.decay_start)
         if self.suppress is not None:
             scores = _suppress(scores, self.suppress)
         if self.begin_suppress is not None and t == self.begin_index:

@@ -266,13 +266,14 @@ class LlavaNextForConditionalGeneration(nn.Module):
         the labels they predict), a tensor of indices those positions. num_items_in_batch (as
         transformers' Trainer passes it with gradient accumulation): the loss is the sum over the
         scored labels divided by it, not their mean. output_hidden_states=True (None or left out:
-        the config's, else False; transformers reads an explicit None as False) adds
+        config.text_config's, else False, as transformers 5.24 reads it, which ignores the top-level
+        config's and reads an explicit None as False) adds
         `hidden_states`, the language model's num_layers + 1 hidden states (B, T, C) as
         transformers gives them: the embeddings with the image features written in, each layer's
         output, the last one after the final norm, all positions whatever logits_to_keep says; an
         int or a list of ints keeps those indices (negative ones count from the end) and puts None
         at the others, as transformers 5.24 does (which drops an index out of range, where this
-        raises). output_attentions=True (None: the config's, else False) adds `attentions`, one
+        raises). output_attentions=True (None: config.text_config's, else False) adds `attentions`, one
         (B, num_heads, T, Tk) tensor per layer: the softmax weights as transformers' eager attention
         gives them (a left-pad query spreads evenly over every key), Tk the keys attended to
         (past + T with an int cache_pos; the cache's max_length for a tensor one, unwritten keys 0).
@@ -325,10 +326,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
         if not torch.is_tensor(cache_pos) and kv_mask is not None and bool(kv_mask.all()):
             kv_mask = None  # no padding: lets attention take its plain causal path
         if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+            output_hidden_states = getattr(self.config.text_config, "output_hidden_states", False)
         states = [] if output_hidden_states is not False and output_hidden_states is not None else None
         if output_attentions is None:
-            output_attentions = getattr(self.config, "output_attentions", False)
+            output_attentions = getattr(self.config.text_config, "output_attentions", False)
         if not isinstance(output_attentions, bool):  # not an index, as output_hidden_states takes
             raise ValueError(f"output_attentions must be True or False, got {output_attentions!r}")
         attentions = [] if output_attentions else None

@@ -461,6 +461,22 @@ def test_generate_hidden_states_and_attentions_match_transformers(pair, mode):
     assert not hasattr(ours.generate(**{**kw, "return_dict_in_generate": False}), "hidden_states")  # as transformers
 
 
+def test_generate_attentions_with_a_sliding_window_as_transformers(tmp_path):
+    """With a sliding window, each decode step's weights cover the last `window` keys, as
+    transformers' sliding-window cache holds them (the prompt's forward covers all of it)."""
+    hf = hf_checkpoint(tmp_path, "mistral", **SMALL, sliding_window=6)
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask = prompt_ids(hf.config, [[], []], [5, 9])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[], do_sample=False,
+              return_dict_in_generate=True, output_attentions=True)
+    want, got = hf.generate(**kw), ours.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert [a[0].shape[-1] for a in got.attentions] == [a[0].shape[-1] for a in want.attentions] == [10, 6, 6, 6]
+    for ga, wa in zip(got.attentions, want.attentions):
+        for g, w in zip(ga, wa):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
 def test_generate_step_outputs_errors(pair):
     _, ours = pair
     ids = torch.ones(1, 3, dtype=torch.long)

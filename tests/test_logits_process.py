@@ -111,10 +111,13 @@ def test_forced_bos_invalid_values_and_length_decay_as_transformers():
     assert torch.equal(first, lp.ForcedBOSTokenLogitsProcessor(4)(IDS[:, :1], logits.clone()))
     assert torch.equal(ours(IDS[:, :2], logits), lp.SuppressTokensAtBeginLogitsProcessor([7], 2)(IDS[:, :2], logits))
     assert torch.equal(LogitsProcessing(prompt_length=8, forced_bos_token_id=4)(IDS, logits), logits)
+    # a float start, and no eos ids at all (generate passes them as a long tensor), run in transformers too
+    for start, eos in ((1.5, [2]), (1, [])):
+        ours = LogitsProcessing(eos_token_id=eos, prompt_length=3, exponential_decay_length_penalty=(start, 1.5))
+        assert torch.equal(ours(IDS, logits), lp.ExponentialDecayLengthPenalty((start, 1.5), torch.tensor(eos, dtype=torch.long), 3)(
+            IDS, logits.clone()))
     with pytest.raises(ValueError, match="exponential_decay_length_penalty must be"):
         LogitsProcessing(eos_token_id=[2], exponential_decay_length_penalty=1.5)
-    with pytest.raises(ValueError, match="there are none"):
-        LogitsProcessing(exponential_decay_length_penalty=(1, 1.5))
     with pytest.raises(ValueError, match="forced_bos_token_id must be a token id"):
         LogitsProcessing(forced_bos_token_id=[1])
 

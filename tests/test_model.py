@@ -41,6 +41,19 @@ def compare(hf, folder, image_sizes_per_row, text_lens=None, attn="sdpa", seed=0
     return diff
 
 
+def assert_default_from_text_config(hf, ours, kw, option):
+    """A call that leaves `option` out takes config.text_config's, as transformers 5.24 does,
+    which ignores the top-level config's."""
+    for where in ("top", "text"):
+        given = []
+        for model in (hf, ours):
+            config = model.config if where == "top" else model.config.text_config
+            setattr(config, option, True)
+            given.append(bool(getattr(model(**kw), option.replace("output_", ""), None)))
+            setattr(config, option, False)
+        assert given == [where == "text"] * 2, (where, given)
+
+
 @pytest.mark.parametrize("family", ["mistral", "vicuna", "yi"])
 def test_hidden_states_match_transformers(tmp_path, family):
     """output_hidden_states: the language model's num_layers + 1 hidden states, equal to
@@ -71,9 +84,7 @@ def test_hidden_states_match_transformers(tmp_path, family):
         assert len(states) == len(got) and "hidden_states" not in ours(**kw)
         with pytest.raises(ValueError, match="indices into the"):
             ours(**kw, output_hidden_states=len(got))
-        ours.config.output_hidden_states = True  # transformers reads the config when the call leaves it out
-        assert len(ours(**kw).hidden_states) == len(got)
-        del ours.config.output_hidden_states
+        assert_default_from_text_config(hf, ours, kw, "output_hidden_states")
         # a cached prompt, then one step: the step's hidden states are the full forward's last column
         T = ids.shape[1]
         step = torch.tensor([[11], [12]])
@@ -114,9 +125,7 @@ def test_attentions_match_transformers(tmp_path, family):
         assert "attentions" not in ours(**kw)
         with pytest.raises(ValueError, match="True or False"):
             ours(**kw, output_attentions=1)
-        ours.config.output_attentions = True  # transformers reads the config when the call leaves it out
-        assert len(ours(**kw).attentions) == len(got)
-        del ours.config.output_attentions
+        assert_default_from_text_config(hf, ours, kw, "output_attentions")
         # a cached prompt, then one step with an int and one with a tensor cache_pos
         T = ids.shape[1]
         step = torch.tensor([[11], [12]])
@@ -960,9 +969,10 @@ def test_config_attributes_transformers_code_reads(saved):
 def test_unknown_attn_implementation_is_named(saved):
     """A transformers backend name (flash_attention_2, ...) fails at load with the name of ours."""
     _, folder = saved
-    with pytest.raises(ValueError, match="'flash_attention_2' names a transformers backend; llava-next's own flash "
-                                         "attention is 'triton'"):
-        LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="flash_attention_2")
+    for name in ("flash_attention_2", "kernels-community/flash-attn3"):
+        with pytest.raises(ValueError, match=f"'{name}' names a transformers backend or hub kernel; llava-next's own "
+                                             "flash attention is 'triton'"):
+            LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=name)
     with pytest.raises(ValueError, match=r"'sdpa ' is not one of \['auto', 'eager', 'sdpa', 'triton'\]$"):
         LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa ")
 
