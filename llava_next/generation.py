@@ -21,6 +21,7 @@ import torch
 from .beam_search import beam_search
 from .compat import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .kv_cache import KVCache
+from . import logits_process
 from .logits_process import LogitsProcessing
 from .language import runs_python_per_call
 
@@ -290,6 +291,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     fuse_projections=False leaves the model as it is; so does passing a GraphedDecode, whose
     capture already fixed the layout.
     """
+    given = dict(locals())  # the call's arguments by name (before any other local exists)
     if kwargs:
         raise TypeError(f"generate() does not support {sorted(kwargs)}")
     if not use_cache:
@@ -298,27 +300,17 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     gen.warn_unimplemented(stacklevel=_user_stacklevel())
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the processor's output)")
-    (do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, min_length, num_return_sequences,
-     return_dict_in_generate, output_scores, output_logits, stop_strings, num_beams, length_penalty,
-     early_stopping, renormalize_logits, no_repeat_ngram_size, min_p, max_time, typical_p, epsilon_cutoff, eta_cutoff,
-     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
-     remove_invalid_values, exponential_decay_length_penalty, output_hidden_states, output_attentions) = (
-        gen.value(name, given) for name, given in (
-            ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-            ("repetition_penalty", repetition_penalty), ("min_new_tokens", min_new_tokens),
-            ("min_length", min_length), ("num_return_sequences", num_return_sequences),
-            ("return_dict_in_generate", return_dict_in_generate), ("output_scores", output_scores),
-            ("output_logits", output_logits), ("stop_strings", stop_strings), ("num_beams", num_beams),
-            ("length_penalty", length_penalty), ("early_stopping", early_stopping),
-            ("renormalize_logits", renormalize_logits), ("no_repeat_ngram_size", no_repeat_ngram_size),
-            ("min_p", min_p), ("max_time", max_time), ("typical_p", typical_p), ("epsilon_cutoff", epsilon_cutoff),
-            ("eta_cutoff", eta_cutoff), ("sequence_bias", sequence_bias), ("bad_words_ids", bad_words_ids),
-            ("suppress_tokens", suppress_tokens), ("begin_suppress_tokens", begin_suppress_tokens),
-            ("forced_bos_token_id", forced_bos_token_id), ("forced_eos_token_id", forced_eos_token_id),
-            ("remove_invalid_values", remove_invalid_values),
-            ("exponential_decay_length_penalty", exponential_decay_length_penalty),
-            ("output_hidden_states", output_hidden_states),
-            ("output_attentions", output_attentions)))
+
+    def setting(name):  # the call's value, else generation_config's, else transformers' default
+        return gen.value(name, given[name])
+
+    do_sample, num_beams, n_seq = setting("do_sample"), setting("num_beams"), setting("num_return_sequences")
+    min_new_tokens, min_length, max_time = setting("min_new_tokens"), setting("min_length"), setting("max_time")
+    length_penalty, early_stopping = setting("length_penalty"), setting("early_stopping")
+    stop_strings, return_dict_in_generate = setting("stop_strings"), setting("return_dict_in_generate")
+    output_scores, output_logits = setting("output_scores"), setting("output_logits")
+    output_hidden_states, output_attentions = setting("output_hidden_states"), setting("output_attentions")
+    # (the logits settings are read the same way where LogitsProcessing is built, below)
     cfg = model.config.text_config
     B, T = input_ids.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, gen, T)
@@ -326,7 +318,6 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if (min_new_tokens or 0) < 0 or (min_length or 0) < 0:
         raise ValueError(f"min_new_tokens and min_length must be >= 0, got {min_new_tokens} and {min_length}")
-    n_seq = num_return_sequences
     if not isinstance(n_seq, numbers.Integral) or n_seq < 1:
         raise ValueError(f"num_return_sequences must be an int >= 1, got {n_seq!r}")
     if not isinstance(num_beams, numbers.Integral) or num_beams < 1:
@@ -410,18 +401,11 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(copies)  # (N,)
     padding = torch.arange(T + max_new_tokens, device=device)[None, :] < first_real[:, None]  # (N, T + max_new)
     process = LogitsProcessing(
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
-        suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
-        forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
-        remove_invalid_values=remove_invalid_values is True, exponential_decay_length_penalty=exponential_decay_length_penalty,
-        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        **{name: setting(name) for name in logits_process.SETTINGS}, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         rows_per_prompt=copies, eos_token_id=eos, prompt_length=T, max_length=T + max_new_tokens,
         min_new_tokens=min_new, padding=padding, processors=processors,
         # beam sampling keeps one more token than there are eos ids (2 without any), as transformers
-        min_tokens_to_keep=(2 if eos_unset else len(eos) + 1) if beams else 1,
-        renormalize=renormalize_logits is True)  # as there: only True
+        min_tokens_to_keep=(2 if eos_unset else len(eos) + 1) if beams else 1)
     if streamer is not None and N != 1:
         raise ValueError("a streamer needs a batch of one prompt and num_return_sequences=1")
     required = cuda_graph is not None  # asked for explicitly: a failed capture raises

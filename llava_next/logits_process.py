@@ -22,6 +22,12 @@ import torch
 import torch.nn.functional as F
 
 INF = float("inf")
+# generate()'s settings that LogitsProcessing takes under their own names (generate passes each
+# as the call gives it, else as generation_config has it, else transformers' default)
+SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+            "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids", "suppress_tokens",
+            "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+            "exponential_decay_length_penalty", "renormalize_logits")
 
 
 class LogitsProcessing:
@@ -45,7 +51,7 @@ class LogitsProcessing:
                  exponential_decay_length_penalty=None, prefix_allowed_tokens_fn=None, rows_per_prompt: int = 1,
                  eos_token_id=(), prompt_length: int = 0, max_length: int | None = None,
                  min_new_tokens: int = 0, padding=None, processors=(), min_tokens_to_keep: int = 1,
-                 renormalize: bool = False):
+                 renormalize_logits: bool = False):
         if top_k < 0:
             raise ValueError(f"top_k must be a positive int (or 0: no top-k), got {top_k}")
         if do_sample and temperature <= 0:
@@ -88,7 +94,7 @@ class LogitsProcessing:
                              "`suppress_tokens`: forcing a token while suppressing it leaves no token at the last "
                              "step. Remove the overlapping token(s) from either (to prevent an early eos, use "
                              "min_new_tokens instead).")
-        self.remove_invalid_values = remove_invalid_values
+        self.remove_invalid_values = remove_invalid_values is True  # as transformers: only True
         self.decay = exponential_decay_length_penalty
         if self.decay is not None:
             if (not isinstance(self.decay, (list, tuple)) or len(self.decay) != 2
@@ -103,7 +109,8 @@ class LogitsProcessing:
         # as transformers: a one-token prompt with a forced bos starts the suppression one later
         self.begin_index = prompt_length + (prompt_length == 1 and forced_bos_token_id is not None)
         self.padding, self.processors = padding, list(processors)
-        self.min_tokens_to_keep, self.renormalize = min_tokens_to_keep, renormalize
+        self.min_tokens_to_keep = min_tokens_to_keep
+        self.renormalize = renormalize_logits is True  # as transformers: only True
         self.device = None  # where the id tensors are: moved once, at the first call
 
     def _move_to(self, device, V: int):
