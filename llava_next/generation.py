@@ -211,7 +211,8 @@ def choose(scores, do_sample, generator=None):
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, *,
              max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int | None = None,
              min_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             top_h: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None,
              num_return_sequences: int | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
              generator=None, use_cache: bool = True, num_beams: int | None = None,
              length_penalty: float | None = None, early_stopping=None, renormalize_logits: bool | None = None,
@@ -231,7 +232,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     Settings left out or None come from `model.generation_config` (a checkpoint's
     generation_config.json), else transformers' defaults: greedy, temperature 1, top_k 50 (0: no
     top-k), top_p 1, no repetition penalty, 20 new tokens (a max_length, the call's or there, caps
-    prompt + new tokens; max_new_tokens wins over it). The other logits settings (min_p,
+    prompt + new tokens; max_new_tokens wins over it). The other logits settings (top_h, min_p,
     typical_p, epsilon_cutoff, eta_cutoff, no_repeat_ngram_size, sequence_bias, bad_words_ids,
     suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
     remove_invalid_values, exponential_decay_length_penalty, renormalize_logits; the argument
@@ -261,8 +262,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     .hidden_states / .attentions hold one tuple per new token, of the forward that chose it, as
     transformers gives them: the prompt's forward first (num_layers + 1 hidden states (N, T, C);
     num_layers attention weights (N, heads, T, T)), then each decode step's ((N, 1, C); (N, heads,
-    1, keys so far), at most the sliding window's). Keeping them decodes eagerly (no CUDA graph; the attention runs written out,
-    see forward), and a long prompt's weights are large: heads * T * T per layer and row.
+    1, keys so far), at most the sliding window's). Keeping them decodes eagerly (no CUDA graph;
+    the attention runs written out, see forward), and a long prompt's weights are large: heads *
+    T * T per layer and row.
     logits_processor / stopping_criteria: a callable or a list of callables, called as
     transformers calls its LogitsProcessorList / StoppingCriteriaList (whose objects work here):
     processor(input_ids (N, T + n), scores (N, vocab)) -> scores, where transformers runs it: after

@@ -21,7 +21,7 @@ SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_
             "early_stopping", "renormalize_logits", "no_repeat_ngram_size", "min_p", "max_time",
             "typical_p", "epsilon_cutoff", "eta_cutoff", "sequence_bias", "bad_words_ids", "suppress_tokens",
             "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-            "exponential_decay_length_penalty", "output_hidden_states", "output_attentions")
+            "exponential_decay_length_penalty", "output_hidden_states", "output_attentions", "top_h")
 # transformers' values for settings nobody set (GenerationConfig._get_default_generation_params,
 # 5.24); an unimplemented setting holding its default changes nothing.
 HF_DEFAULTS = dict(
@@ -39,7 +39,7 @@ NO_EFFECT = {"transformers_version", "_from_model_config", "decoder_start_token_
              "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
              "assistant_lookbehind", "target_lookbehind"}
 # Other names transformers' GenerationConfig has (all None until set): read as None here too.
-OTHER_NAMES = {"top_h", "force_words_ids", "token_healing", "guidance_scale", "watermarking_config",
+OTHER_NAMES = {"force_words_ids", "token_healing", "guidance_scale", "watermarking_config",
                "penalty_alpha", "dola_layers", "constraints"}
 KNOWN = set(SETTINGS) | set(HF_DEFAULTS) | NO_EFFECT | OTHER_NAMES
 

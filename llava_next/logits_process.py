@@ -8,7 +8,7 @@ The steps run in transformers' order (its `_get_logits_processor`), each off at 
     the eos ban before min_new_tokens / min_length, prefix_allowed_tokens_fn, forced_bos_token_id,
     forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
     suppress_tokens, begin_suppress_tokens, a caller's logits_processor,
-    with sampling only: temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
+    with sampling only: temperature, top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
     and last renormalize_logits (a log-softmax).
 
 Beam search calls the same object on log-probabilities.
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 INF = float("inf")
 # generate()'s settings that LogitsProcessing takes under their own names (generate passes each
 # as the call gives it, else as generation_config has it, else transformers' default)
-SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
-            "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids", "suppress_tokens",
-            "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+SETTINGS = ("do_sample", "temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+            "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids",
+            "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
             "exponential_decay_length_penalty", "renormalize_logits")
 
 
@@ -43,7 +43,8 @@ class LogitsProcessing:
     than there are eos ids, as transformers does).
     The logits passed in are never written to."""
 
-    def __init__(self, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    def __init__(self, *, do_sample: bool = False, temperature: float = 1.0, top_h: float | None = None,
+                 top_k: int = 0, top_p: float = 1.0,
                  min_p: float | None = None, typical_p: float = 1.0, epsilon_cutoff: float = 0.0,
                  eta_cutoff: float = 0.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                  sequence_bias=None, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
@@ -58,6 +59,8 @@ class LogitsProcessing:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if not 0 <= top_p <= 1:
             raise ValueError(f"top_p must be in [0, 1] (0: the most likely token only), got {top_p}")
+        if top_h is not None and not 0 < top_h <= 1:
+            raise ValueError(f"top_h must be in (0, 1], got {top_h}")
         if min_p is not None and not 0 <= min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {min_p}")
         if repetition_penalty <= 0:
@@ -70,6 +73,7 @@ class LogitsProcessing:
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1) (0: off), got {value}")
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        self.top_h = top_h
         self.min_p = min_p
         self.typical_p, self.epsilon_cutoff, self.eta_cutoff = typical_p, epsilon_cutoff, eta_cutoff
         self.repetition_penalty, self.no_repeat_ngram_size = repetition_penalty, no_repeat_ngram_size
@@ -192,6 +196,8 @@ class LogitsProcessing:
         keep = self.min_tokens_to_keep
         if self.temperature != 1.0:
             scores = scores / self.temperature
+        if self.top_h is not None:
+            scores = _top_h(scores, self.top_h)
         if self.top_k:
             kth = torch.topk(scores, min(max(self.top_k, keep), scores.shape[-1])).values[:, -1:]
             scores = scores.masked_fill(scores < kth, -INF)
@@ -293,6 +299,18 @@ def _ban_repeated_ngrams(ids, scores, n: int):
 
 def _suppress(scores, ids):
     return torch.where(torch.isin(torch.arange(scores.shape[-1], device=scores.device), ids), -INF, scores)
+
+
+def _top_h(scores, top_h: float, candidates: int = 100):
+    """Top-H sampling (transformers' TopHLogitsWarper): of the `candidates` likeliest tokens, keep
+    them likeliest first while their summed entropy terms -p log p stay within top_h times the
+    entropy of those candidates' distribution; the likeliest always stays."""
+    top, order = torch.topk(scores, min(candidates, scores.shape[-1]), dim=-1)  # (N, n) best first
+    dist = torch.distributions.Categorical(logits=top)
+    keep = torch.cumsum(-dist.probs * torch.log(dist.probs), dim=-1) <= (dist.entropy() * top_h)[:, None]
+    keep[:, 0] = True
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, keep)
+    return scores.masked_fill(~kept, -INF)
 
 
 def _typical(scores, mass: float, keep: int):

@@ -446,7 +446,8 @@ def test_generate_hidden_states_and_attentions_match_transformers(pair, mode):
     N = got.sequences.shape[0] * mode.get("num_beams", 1)
     layers = hf.config.text_config.num_hidden_layers
     assert len(got.hidden_states) == len(got.attentions) == len(want.attentions) == new
-    for step, (gh, wh, ga, wa) in enumerate(zip(got.hidden_states, want.hidden_states, got.attentions, want.attentions)):
+    steps = zip(got.hidden_states, want.hidden_states, got.attentions, want.attentions)
+    for step, (gh, wh, ga, wa) in enumerate(steps):
         t = T if step == 0 else 1
         assert len(gh) == layers + 1 and len(ga) == layers
         assert gh[0].shape == (N, t, hf.config.text_config.hidden_size) and ga[0].shape == (N, 4, t, T + step)

@@ -23,12 +23,14 @@ def transformers_processor(name, value, keep):
         "begin_suppress_tokens": lambda: lp.SuppressTokensAtBeginLogitsProcessor(value, begin_index=8),
         "forced_eos_token_id": lambda: lp.ForcedEOSTokenLogitsProcessor(9, value),
         "typical_p": lambda: lp.TypicalLogitsWarper(value, min_tokens_to_keep=keep),
+        "top_h": lambda: lp.TopHLogitsWarper(value),
         "epsilon_cutoff": lambda: lp.EpsilonLogitsWarper(value, min_tokens_to_keep=keep),
         "eta_cutoff": lambda: lp.EtaLogitsWarper(value, min_tokens_to_keep=keep),
     }[name]()
 
 
-WARPERS = [("typical_p", 0.5), ("typical_p", 0.95), ("epsilon_cutoff", 0.05), ("eta_cutoff", 0.02)]
+WARPERS = [("typical_p", 0.5), ("typical_p", 0.95), ("epsilon_cutoff", 0.05), ("eta_cutoff", 0.02), ("top_h", 0.4),
+           ("top_h", 0.9)]
 CASES = [
     ("sequence_bias", {(3,): -2.0, (2, 3): 4.0, (5, 5, 7): 1.5, (9, 4): -1.0, (4, 9, 11): 0.5}, 1),
     ("sequence_bias", [[[2, 1], 3.0], [[7], 10.0]], 1),  # transformers' list form
@@ -68,7 +70,7 @@ def test_sequence_bias_ids_past_the_vocabulary_and_bad_arguments():
                          (dict(top_p=1.5), "top_p must be in"), (dict(min_p=2.0), "min_p must be in"),
                          (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
                          (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be"),
-                         (dict(typical_p=0.0), "typical_p must be in")):
+                         (dict(typical_p=0.0), "typical_p must be in"), (dict(top_h=0.0), "top_h must be in")):
         with pytest.raises(ValueError, match=message):
             LogitsProcessing(**bad)
     with pytest.raises(ValueError, match="eta_cutoff must be in"):
@@ -114,8 +116,8 @@ def test_forced_bos_invalid_values_and_length_decay_as_transformers():
     # a float start, and no eos ids at all (generate passes them as a long tensor), run in transformers too
     for start, eos in ((1.5, [2]), (1, [])):
         ours = LogitsProcessing(eos_token_id=eos, prompt_length=3, exponential_decay_length_penalty=(start, 1.5))
-        assert torch.equal(ours(IDS, logits), lp.ExponentialDecayLengthPenalty((start, 1.5), torch.tensor(eos, dtype=torch.long), 3)(
-            IDS, logits.clone()))
+        want = lp.ExponentialDecayLengthPenalty((start, 1.5), torch.tensor(eos, dtype=torch.long), 3)
+        assert torch.equal(ours(IDS, logits), want(IDS, logits.clone()))
     with pytest.raises(ValueError, match="exponential_decay_length_penalty must be"):
         LogitsProcessing(eos_token_id=[2], exponential_decay_length_penalty=1.5)
     with pytest.raises(ValueError, match="forced_bos_token_id must be a token id"):
@@ -148,7 +150,8 @@ def test_settings_together_in_generate_as_transformers(pair):
                   bad_words_ids=[[free[1][1]], [free[0][3], free[0][4]]], suppress_tokens=[free[1][3]],
                   begin_suppress_tokens=[free[0][0]], forced_eos_token_id=free[1][0])
     for kw in (dict(do_sample=False), dict(num_beams=3, do_sample=False),
-               dict(do_sample=True, temperature=0.3, top_k=0, typical_p=0.9, epsilon_cutoff=3e-5, eta_cutoff=3e-4)):
+               dict(do_sample=True, temperature=0.3, top_h=0.95, top_k=0, typical_p=0.9, epsilon_cutoff=3e-5,
+                    eta_cutoff=3e-4)):
         torch.manual_seed(1)
         want = hf.generate(**common, **kw)
         torch.manual_seed(1)

@@ -129,8 +129,8 @@ def test_attentions_match_transformers(tmp_path, family):
         # a cached prompt, then one step with an int and one with a tensor cache_pos
         T = ids.shape[1]
         step = torch.tensor([[11], [12]])
-        full = ours(input_ids=torch.cat([ids, step], 1), attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
-                    pixel_values=pv, image_sizes=sizes, output_attentions=True).attentions
+        longer = dict(kw, input_ids=torch.cat([ids, step], 1), attention_mask=torch.cat([mask, torch.ones_like(step)], 1))
+        full = ours(**longer, output_attentions=True).attentions
         cache = KVCache.for_model(ours, 2, T + 3)
         for pos in (T, torch.tensor(T)):
             cache.reset()
