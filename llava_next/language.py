@@ -140,9 +140,10 @@ class LlamaAttention(nn.Module):
         rules = dict(causal=True, q_offset=q_offset, kv_mask=kv_mask, sliding_window=self.sliding_window)
         if output_attentions:
             y, weights = eager_attention(q, k, v, **rules, return_weights=True)  # (B, nh, T, hd), (B, nh, T, Tk)
-            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim), weights
-        y = self.attn_fn(q, k, v, **rules)  # (B, nh, T, hd)
-        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        else:
+            y = self.attn_fn(q, k, v, **rules)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return (y, weights) if output_attentions else y
 
 
 class LlamaMLP(nn.Module):
