@@ -21,16 +21,19 @@ import torch
 from .beam_search import beam_search
 from .compat import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .kv_cache import KVCache
-from . import logits_process
-from .logits_process import LogitsProcessing
+from .logits_process import SETTINGS as LOGITS_SETTINGS, LogitsProcessing
 from .language import runs_python_per_call
+
+
+# Whatever the model's config asks for by default: generation's own forwards return the logits only.
+NO_EXTRA_OUTPUTS = dict(output_hidden_states=False, output_attentions=False)
 
 
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache, keep=None, copies: int = 1):
     """Run the whole prompt; returns the last position's logits (B, vocab) in fp32. `keep`: a
     StepOutputs that keeps the forward's hidden states / attention weights, each row `copies` times."""
-    options = keep.forward_options() if keep is not None else dict(output_hidden_states=False)
+    options = keep.forward_options() if keep is not None else NO_EXTRA_OUTPUTS
     out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                 image_sizes=image_sizes, cache=cache, cache_pos=0, logits_to_keep=1, **options)
     if keep is not None:
@@ -41,7 +44,7 @@ def prefill(model, input_ids, attention_mask, pixel_values, image_sizes, cache, 
 @torch.no_grad()
 def decode_one_token(model, token, cache, cache_pos):
     """token (B, 1), cache_pos 0-d long tensor -> logits (B, vocab) in fp32. Static shapes."""
-    out = model(input_ids=token, cache=cache, cache_pos=cache_pos, output_hidden_states=False)
+    out = model(input_ids=token, cache=cache, cache_pos=cache_pos, **NO_EXTRA_OUTPUTS)
     return out.logits[:, -1].float()
 
 
@@ -403,7 +406,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     first_real = (attention_mask[:, -T:] != 0).int().argmax(1).repeat_interleave(copies)  # (N,)
     padding = torch.arange(T + max_new_tokens, device=device)[None, :] < first_real[:, None]  # (N, T + max_new)
     process = LogitsProcessing(
-        **{name: setting(name) for name in logits_process.SETTINGS}, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        **{name: setting(name) for name in LOGITS_SETTINGS}, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         rows_per_prompt=copies, eos_token_id=eos, prompt_length=T, max_length=T + max_new_tokens,
         min_new_tokens=min_new, padding=padding, processors=processors,
         # beam sampling keeps one more token than there are eos ids (2 without any), as transformers

@@ -478,6 +478,21 @@ def test_generate_attentions_with_a_sliding_window_as_transformers(tmp_path):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
 
+def test_generate_ignores_the_configs_output_options(pair, monkeypatch):
+    """config.text_config.output_attentions / output_hidden_states (forward's defaults) do not make
+    generate()'s own forwards form weights or keep states: only its output settings do."""
+    import llava_next.language
+
+    _, ours = pair
+    ids = torch.ones(1, 3, dtype=torch.long)
+    want = ours.generate(input_ids=ids, max_new_tokens=3)
+    monkeypatch.setattr(ours.config.text_config, "output_attentions", True, raising=False)
+    monkeypatch.setattr(ours.config.text_config, "output_hidden_states", True, raising=False)
+    monkeypatch.setattr(llava_next.language, "eager_attention", lambda *a, **k: pytest.fail("weights formed"))
+    got = ours.generate(input_ids=ids, max_new_tokens=3, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want) and got.attentions is None and got.hidden_states is None
+
+
 def test_generate_step_outputs_errors(pair):
     _, ours = pair
     ids = torch.ones(1, 3, dtype=torch.long)
