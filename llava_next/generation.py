@@ -424,8 +424,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         graphed = isinstance(cuda_graph, GraphedDecode)
         if device.type == "cuda" and fuse_projections and not graphed:
             model.fuse_projections()  # q/k/v and gate/up as one product each; a no-op once done
-        if graphed or (cuda_graph and device.type == "cuda"):
-            step = cuda_graph if graphed else GraphedDecode(model, N, T + max_new_tokens, fuse_projections)
+        if graphed:  # the caller's graph, captured before this call, and its cache
+            step = cuda_graph
             if not step.fits(model, N, T + max_new_tokens):
                 raise ValueError(f"the GraphedDecode was captured for batch {step.cache.batch_size} and "
                                  f"{step.cache.max_length} positions ({step.cache.k.dtype}, {step.cache.k.device}); "
