@@ -303,6 +303,19 @@ def _version(package):
     return version(package)
 
 
+def _git_commit():
+    """The code measured: the checkout's commit (+"-dirty" with uncommitted changes), None without git."""
+    import subprocess
+
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        return run("rev-parse", "--short=7", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no")
+                                                        else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 _T0 = time.perf_counter()
 
 
@@ -416,7 +429,8 @@ def main():
     copy_bw = copy_bandwidth(device)
     spec = spec_bandwidth(card)
 
-    result = dict(card=card, date=datetime.date.today().isoformat(), preset=args.preset, dtype=str(dtype),
+    result = dict(card=card, date=datetime.date.today().isoformat(), commit=_git_commit(), preset=args.preset,
+                  dtype=str(dtype),
                   attn=ours.attn_implementation, cuda_graph=device.type == "cuda" and not args.no_graph,
                   fused_projections=args.fuse, kernel_experiments=experiments, image=list(args.image),
                   new_tokens=args.new_tokens,

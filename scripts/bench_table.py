@@ -40,7 +40,8 @@ def render(results: list[dict]) -> str:
             flags.append("projections not fused")
         if r.get("kernel_experiments"):
             flags.append("experiment: " + ", ".join(f"{k}={v}" for k, v in r["kernel_experiments"].items()))
-        preset = r["preset"] + (f" ({'; '.join(flags)})" if flags else "")
+        preset = (r["preset"] + (f" @{r['commit']}" if r.get("commit") else "")  # the code measured
+                  + (f" ({'; '.join(flags)})" if flags else ""))
         lines.append(
             f"| {r['card']} | {r['date']} | {preset} | {f(o['ttft_ms'])} / {f(h.get('ttft_ms'))} "
             f"| {f(dec.get(1), '.2f')} ({f(tps, '.0f')}), {f(hdec.get(1), '.2f')} "
@@ -54,7 +55,7 @@ def render_kernels(runs: list[dict]) -> str:
     out = []
     for run in runs:
         m = run["meta"]
-        out += ["", f"Kernels on {m['device']} ({m['dtype'].replace('torch.', '')}, torch {m['torch']}); "
+        out += ["", f"Kernels on {m['device']} ({run['file']}: {m['dtype'].replace('torch.', '')}, torch {m['torch']}); "
                     "ratio = baseline time / ours:", "",
                 "| kernel | shape | ours | baseline | ratio | note |", "|---|---|---|---|---|---|"]
         for r in run["rows"]:
@@ -77,7 +78,7 @@ def main():
     kernels = []
     for path in sorted(glob.glob(os.path.join(args.results, "kernels", "*.json"))):
         with open(path) as f:
-            kernels.append(json.load(f))
+            kernels.append({**json.load(f), "file": os.path.basename(path)})  # card and date, as bench_kernels names it
     text = open(args.readme, encoding="utf-8").read()
     if START not in text or END not in text:
         raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
