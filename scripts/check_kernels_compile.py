@@ -182,9 +182,9 @@ def main():
             rk._rope_kv_write_kernel,
             dict(Q="*bf16", K="*bf16", V="*bf16", PosIds="*i64", InvFreq="*fp32", KCache="*bf16", VCache="*bf16",
                  QOut="*bf16", CachePos="*i64"),
-            dict(POS_FROM_PTR=True, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_F=64), 4, pdl=pdl))
+            dict(POS_FROM_PTR=True, BLOCK_T=1, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_F=64), 4, pdl=pdl))
         report("rms_norm bf16 N4096" + tag, compile_kernel(
-            rn._rms_norm_kernel, dict(X="*bf16", W="*bf16", Y="*bf16"), dict(BLOCK_N=4096), 16, pdl=pdl))
+            rn._rms_norm_kernel, dict(X="*bf16", W="*bf16", Y="*bf16"), dict(BLOCK_M=1, BLOCK_N=4096), 16, pdl=pdl))
     dl._sm_count = _sm_count_h100  # the configs ask the device; compile as for an H100 / H200
     linear(1, 14336, 4096, gated=True)  # mistral-7b gate/up with the SiLU-mul
     linear(1, 14336, 4096, gated=True, pdl=True)

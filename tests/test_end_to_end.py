@@ -76,14 +76,34 @@ def test_cli_generate_sampling_flags(tiny):
     assert run.returncode == 0, run.stderr
 
 
-def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path):
-    """Sampling flags left out come from generation_config.json, as in model.generate(); a flag wins."""
+def cli_in_process(capsys, *args):
+    """llava_next.cli.main(args) in this process, as `cli` runs it in a new one, without a new
+    interpreter's seconds of imports: (returncode, stdout, stderr). The RNG state is restored after."""
+    import types
+
+    import torch
+
+    from llava_next.cli import main
+
+    capsys.readouterr()  # drop what came before
+    with torch.random.fork_rng():
+        code = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def test_cli_takes_the_checkpoints_generation_settings(tiny, tmp_path, capsys):
+    """Sampling flags left out come from generation_config.json, as in model.generate(); a flag wins.
+    In process: seven runs of the CLI (the other CLI tests run it as `python -m llava_next.cli`)."""
+    import functools
     import json
     import shutil
 
     import torch
 
     from llava_next import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    cli = functools.partial(cli_in_process, capsys)
 
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny, folder)

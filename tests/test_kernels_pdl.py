@@ -133,6 +133,6 @@ def test_pdl_is_really_on_where_it_can_be(monkeypatch):
     args = pdl.pdl_args(x)
     assert args == dict(USE_PDL=True, launch_pdl=True)
     kernel = sys.modules["llava_next.kernels.rms_norm"]._rms_norm_kernel[(3,)](
-        x, w, y, x.stride(0), y.stride(0), 256, 1e-5, BLOCK_N=256, num_warps=1, **args)
+        x, w, y, x.stride(0), y.stride(0), 3, 256, 1e-5, BLOCK_M=1, BLOCK_N=256, num_warps=1, **args)
     assert kernel.metadata.launch_pdl and "griddepcontrol.wait" in kernel.asm["ptx"]
     torch.testing.assert_close(y, rms_norm(x, w, 1e-5))

@@ -27,9 +27,14 @@ TOL = {**TOL, torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}  # elementwise ops
 # ---------------------------------------------------------------- rope_kv_write
 
 
+@pytest.mark.parametrize("block_t", [1, 16], ids=lambda n: f"{n}tok")  # tokens a program: GPU's, interpreter's
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,D,cache_pos", [(1, 64, 17), (7, 40, 0), (7, 128, 5), (129, 64, 0)])
-def test_rope_kv_write_matches_reference(T, D, cache_pos, dtype):
+def test_rope_kv_write_matches_reference(T, D, cache_pos, dtype, block_t, monkeypatch):
+    import sys
+
+    # the package binds the name rope_kv_write to the function, so the module comes from sys.modules
+    monkeypatch.setattr(sys.modules["llava_next.kernels.rope_kv_write"], "_tokens_per_program", lambda device: block_t)
     B, Hq, Hkv, Tmax = 2, 6, 3, 160
     q, k, v = qkv_views(B, T, Hq, Hkv, D, dtype)
     # row 1 is left-padded by 3: its positions are shifted; row 0 sits deep in a long context
@@ -97,9 +102,13 @@ def test_rope_kv_write_errors():
 # ---------------------------------------------------------------- rms_norm
 
 
+@pytest.mark.parametrize("block_m", [1, 16], ids=lambda n: f"{n}rows")  # rows a program: GPU's, interpreter's
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 40), (2, 7, 129), (2, 3, 4096)])
-def test_rms_norm_matches_reference(shape, dtype):
+@pytest.mark.parametrize("shape", [(1, 40), (2, 7, 129), (2, 3, 4096), (37, 40)])
+def test_rms_norm_matches_reference(shape, dtype, block_m, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules["llava_next.kernels.rms_norm"], "_rows_per_program", lambda device: block_m)
     g = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(shape, generator=g)).to(DEVICE, dtype)
     w = torch.randn(shape[-1], generator=g).to(DEVICE, dtype)
