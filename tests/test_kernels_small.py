@@ -34,7 +34,7 @@ def test_rope_kv_write_matches_reference(T, D, cache_pos, dtype, block_t, monkey
     import sys
 
     # the package binds the name rope_kv_write to the function, so the module comes from sys.modules
-    monkeypatch.setattr(sys.modules["llava_next.kernels.rope_kv_write"], "_tokens_per_program", lambda device: block_t)
+    monkeypatch.setattr(sys.modules["llava_next.kernels.rope_kv_write"], "rows_per_program", lambda device: block_t)
     B, Hq, Hkv, Tmax = 2, 6, 3, 160
     q, k, v = qkv_views(B, T, Hq, Hkv, D, dtype)
     # row 1 is left-padded by 3: its positions are shifted; row 0 sits deep in a long context
@@ -108,7 +108,7 @@ def test_rope_kv_write_errors():
 def test_rms_norm_matches_reference(shape, dtype, block_m, monkeypatch):
     import sys
 
-    monkeypatch.setattr(sys.modules["llava_next.kernels.rms_norm"], "_rows_per_program", lambda device: block_m)
+    monkeypatch.setattr(sys.modules["llava_next.kernels.rms_norm"], "rows_per_program", lambda device: block_m)
     g = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(shape, generator=g)).to(DEVICE, dtype)
     w = torch.randn(shape[-1], generator=g).to(DEVICE, dtype)

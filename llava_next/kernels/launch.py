@@ -1,4 +1,4 @@
-"""Which GPU a kernel runs on.
+"""Which GPU a kernel runs on, and how many rows a row-wise kernel's program takes.
 
 Triton launches a kernel on the *current* CUDA device and that device's current stream, not on
 the device its tensors are on (torch ops go by the tensors). With a model on cuda:1 in a process
@@ -28,3 +28,10 @@ def on_tensor_device(launcher):
         return launcher(*args, **kwargs)
 
     return run
+
+
+def rows_per_program(device: torch.device) -> int:
+    """The rows (or tokens) one program of a row-wise kernel (rms_norm, rope_kv_write) takes: 1 on
+    a GPU, the layout timed there; 16 in the interpreter, which runs each tl op as Python once
+    per program, so 16x fewer programs run 16x fewer Python ops."""
+    return 1 if device.type == "cuda" else 16

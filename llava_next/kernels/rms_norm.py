@@ -6,15 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_tensor_device
+from .launch import on_tensor_device, rows_per_program
 from .pdl import pdl_args, wait_for_previous_kernel
 
-# One program per BLOCK_M rows, each whole row (N <= 64K) one tile, so x is read once and y
-# written once. BLOCK_M is 1 on a GPU; the interpreter runs each tl op as Python, once per
-# program, so there a program takes 16 rows. The statistics are fp32; the normalized row is
-# rounded to x's dtype *before* the weight multiply, as in transformers, and the product is
-# formed in fp32 and rounded to the output dtype (torch's type promotion of weight and x), which
-# reproduces torch's low-precision mul.
+# One program per BLOCK_M rows (launch.rows_per_program: 1 on a GPU, 16 in the interpreter), each
+# whole row (N <= 64K) one tile, so x is read once and y written once. The statistics are fp32;
+# the normalized row is rounded to x's dtype *before* the weight multiply, as in transformers,
+# and the product is formed in fp32 and rounded to the output dtype (torch's type promotion of
+# weight and x), which reproduces torch's low-precision mul.
 
 
 @triton.jit
@@ -37,11 +36,6 @@ def _rms_norm_kernel(
     tl.store(Y + rows[:, None] * stride_ym + offs[None, :], (w[None, :] * h).to(Y.dtype.element_ty), mask=mask)
 
 
-def _rows_per_program(device: torch.device) -> int:
-    """BLOCK_M: 1 on a GPU (the timed layout), 16 in the interpreter (16x fewer Python-run ops)."""
-    return 1 if device.type == "cuda" else 16
-
-
 @on_tensor_device
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., N) with a contiguous last dim, weight (N,). Returns weight * normalize(x), in the
@@ -60,7 +54,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2.shape[0] == 0:
         return y.view(x.shape)
     block_n = triton.next_power_of_2(N)
-    block_m = _rows_per_program(x.device)
+    block_m = rows_per_program(x.device)
     _rms_norm_kernel[(triton.cdiv(x2.shape[0], block_m),)](
         x2, weight, y, x2.stride(0), y.stride(0), x2.shape[0], N, float(eps),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=min(16, max(1, block_n // 256)), **pdl_args(x),

@@ -11,14 +11,14 @@ import triton
 import triton.language as tl
 
 from .flash_attention import check_devices
-from .launch import on_tensor_device
+from .launch import on_tensor_device, rows_per_program
 from .pdl import pdl_args, wait_for_previous_kernel
 
 # One program per (batch row, BLOCK_T tokens): all heads of those tokens at once, as a
 # (tokens, heads, D/2) tile of first halves x1 and one of second halves x2:
 #     out1 = x1 cos - x2 sin,   out2 = x2 cos + x1 sin.
-# On a GPU BLOCK_T is 1 (timed: 2.1 TB/s for a 3000-token prompt on an H100); the interpreter
-# runs each tl op as Python, once per program, so there a program takes 16 tokens.
+# BLOCK_T is launch.rows_per_program: 1 on a GPU (timed: 2.1 TB/s for a 3000-token prompt on an
+# H100), 16 in the interpreter.
 # The angle is position * inv_freq in fp32, the same product transformers forms. GPU sin/cos may
 # lower to the fast approximate instructions, which are only accurate near [-pi, pi], while the
 # angles reach thousands of radians; so the angle is first reduced modulo 2 pi (Cody-Waite: 2 pi
@@ -107,11 +107,6 @@ def _rope_kv_write_kernel(
     tl.store(vc_ptrs + HALF * stride_vcd, v2.to(VCache.dtype.element_ty), mask=mask_k)
 
 
-def _tokens_per_program(device: torch.device) -> int:
-    """BLOCK_T: 1 on a GPU (the timed layout), 16 in the interpreter (16x fewer Python-run ops)."""
-    return 1 if device.type == "cuda" else 16
-
-
 @on_tensor_device
 def rope_kv_write(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, *, attention_scaling: float = 1.0):
     """Rotate q and k, write rotated k and raw v into the caches at cache_pos.., return rotated q.
@@ -127,7 +122,7 @@ def rope_kv_write(q, k, v, position_ids, inv_freq, k_cache, v_cache, cache_pos, 
     if B * T == 0:
         return q_rot
     inv_freq = inv_freq.to(torch.float32).contiguous()  # the kernel reads it with unit stride
-    block_t = _tokens_per_program(q.device)
+    block_t = rows_per_program(q.device)
     _rope_kv_write_kernel[(triton.cdiv(T, block_t), B)](
         q, k, v, position_ids, inv_freq, k_cache, v_cache, q_rot,
         pos_t if pos_t is not None else position_ids,
